@@ -1,0 +1,26 @@
+//! narpipe: push Nix build results into binary caches.
+//!
+//! Modules, from the bottom up (each layer uses only the ones below it):
+//! - formats (pure, no IO): [`nixbase32`], [`hash`], [`store_path`], [`narinfo`],
+//!   [`cache_info`], [`signing`], [`nar`] (the NAR writer), [`pipe`] (line framing)
+//! - adapters: [`compress`]
+//! - IO edges, independent of each other: [`resolve`] (input → store path), [`nix`]
+//!   (runs the Nix CLI), [`cache`] (the binary cache through `object_store`)
+//! - orchestration: [`upload`] (one path), [`daemon`] (the whole uploader)
+//!
+//! The binaries `upload` and `send` are thin: arguments, logging, signals, exit codes.
+
+pub mod cache;
+pub mod cache_info;
+pub mod compress;
+pub mod daemon;
+pub mod hash;
+pub mod nar;
+pub mod narinfo;
+pub mod nix;
+pub mod nixbase32;
+pub mod pipe;
+pub mod resolve;
+pub mod signing;
+pub mod store_path;
+pub mod upload;

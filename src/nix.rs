@@ -1,0 +1,279 @@
+//! The one place that runs Nix's command-line tools.
+//!
+//! Every call is batched (a spawn costs 30–60 ms): validity of many paths, outputs of
+//! many derivations, path info of whole closures, each in one process. A failing call
+//! becomes an error carrying its argv and stderr; a dropped call kills its child.
+//!
+//! `nix path-info --json` prints an array of objects with a `path` field up to Nix
+//! 2.18 and an object keyed by path from 2.19 on; both are read:
+//! ```text
+//! [{"path":"/nix/store/…-b","narHash":"sha256-4JgD…","narSize":176,
+//!   "references":["/nix/store/…-a"],"deriver":"/nix/store/…-b.drv","signatures":[…]}]
+//! ```
+
+use std::collections::HashSet;
+use std::process::Stdio;
+
+use serde::Deserialize;
+
+use crate::hash::Sha256;
+use crate::store_path::{StoreDir, StorePath};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("`{argv}` failed ({status}): {stderr}")]
+    Failed {
+        argv: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("cannot read the output of `{argv}`: {reason}")]
+    Output { argv: String, reason: String },
+}
+
+/// What the store's database says about one valid path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathInfo {
+    pub path: StorePath,
+    pub nar_hash: Sha256,
+    pub nar_size: u64,
+    /// Sorted; may include `path` itself.
+    pub references: Vec<StorePath>,
+    pub deriver: Option<StorePath>,
+    pub sigs: Vec<String>,
+    pub ca: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Nix {
+    store_dir: StoreDir,
+}
+
+/// Paths per process: keeps argv well under ARG_MAX.
+const ARGS_PER_CALL: usize = 2000;
+
+impl Nix {
+    pub fn new(store_dir: StoreDir) -> Self {
+        Nix { store_dir }
+    }
+
+    pub fn store_dir(&self) -> &StoreDir {
+        &self.store_dir
+    }
+
+    async fn run(&self, program: &str, args: &[&str], paths: &[String]) -> Result<Vec<u8>, Error> {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .args(paths)
+            .env("NIX_STORE_DIR", self.store_dir.as_str())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let out = cmd.output().await.map_err(|source| Error::Spawn {
+            program: program.to_string(),
+            source,
+        })?;
+        if !out.status.success() {
+            return Err(Error::Failed {
+                argv: argv_text(program, args, paths),
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(out.stdout)
+    }
+
+    fn abs(&self, paths: &[StorePath]) -> Vec<String> {
+        paths.iter().map(|p| self.store_dir.display(p)).collect()
+    }
+
+    /// The subset of `paths` that the store does not hold as valid paths.
+    pub async fn invalid(&self, paths: &[StorePath]) -> Result<HashSet<StorePath>, Error> {
+        let mut invalid = HashSet::new();
+        for chunk in paths.chunks(ARGS_PER_CALL) {
+            let out = self
+                .run(
+                    "nix-store",
+                    &["--check-validity", "--print-invalid"],
+                    &self.abs(chunk),
+                )
+                .await?;
+            for line in String::from_utf8_lossy(&out).lines() {
+                if let Ok(p) = self.store_dir.parse(line.trim()) {
+                    invalid.insert(p);
+                }
+            }
+        }
+        Ok(invalid)
+    }
+
+    /// The output paths of valid derivations (built or not).
+    pub async fn outputs(&self, drvs: &[StorePath]) -> Result<Vec<StorePath>, Error> {
+        let mut outs = Vec::new();
+        for chunk in drvs.chunks(ARGS_PER_CALL) {
+            let out = self
+                .run("nix-store", &["--query", "--outputs"], &self.abs(chunk))
+                .await?;
+            for line in String::from_utf8_lossy(&out).lines() {
+                match self.store_dir.parse(line.trim()) {
+                    Ok(p) => outs.push(p),
+                    Err(e) => {
+                        return Err(Error::Output {
+                            argv: "nix-store --query --outputs".into(),
+                            reason: e.to_string(),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(outs)
+    }
+
+    /// Path info for the closures of `roots`, which must all be valid non-derivation
+    /// paths (Nix would try to build or substitute anything else).
+    pub async fn closure(&self, roots: &[StorePath]) -> Result<Vec<PathInfo>, Error> {
+        let args = [
+            "--extra-experimental-features",
+            "nix-command",
+            "path-info",
+            "--json",
+            "--recursive",
+        ];
+        let mut seen = HashSet::new();
+        let mut infos = Vec::new();
+        for chunk in roots.chunks(ARGS_PER_CALL) {
+            let paths = self.abs(chunk);
+            let out = self.run("nix", &args, &paths).await?;
+            let parsed = parse_path_info(&out, &self.store_dir).map_err(|reason| Error::Output {
+                argv: argv_text("nix", &args, &paths),
+                reason,
+            })?;
+            for info in parsed {
+                if seen.insert(info.path.clone()) {
+                    infos.push(info);
+                }
+            }
+        }
+        Ok(infos)
+    }
+}
+
+fn argv_text(program: &str, args: &[&str], paths: &[String]) -> String {
+    let mut s = std::iter::once(program)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    match paths {
+        [] => {}
+        [one] => s.push_str(&format!(" {one}")),
+        [first, ..] => s.push_str(&format!(" {first} (+{} more)", paths.len() - 1)),
+    }
+    s
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawInfo {
+    path: Option<String>,
+    nar_hash: Option<String>,
+    nar_size: Option<u64>,
+    #[serde(default)]
+    references: Vec<String>,
+    deriver: Option<String>,
+    #[serde(default)]
+    signatures: Vec<String>,
+    ca: Option<String>,
+}
+
+/// Parses `nix path-info --json` output of any Nix version; invalid paths are skipped.
+pub fn parse_path_info(json: &[u8], store_dir: &StoreDir) -> Result<Vec<PathInfo>, String> {
+    let value: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    let entries: Vec<(Option<String>, serde_json::Value)> = match value {
+        serde_json::Value::Array(a) => a.into_iter().map(|v| (None, v)).collect(),
+        serde_json::Value::Object(o) => o.into_iter().map(|(k, v)| (Some(k), v)).collect(),
+        _ => return Err("neither a JSON array nor an object".into()),
+    };
+    let parse_path = |s: &str| {
+        if s.starts_with('/') {
+            store_dir.parse(s)
+        } else {
+            StorePath::from_base_name(s)
+        }
+        .map_err(|e| e.to_string())
+    };
+    let mut infos = Vec::new();
+    for (key, v) in entries {
+        if v.is_null() {
+            continue;
+        }
+        let raw: RawInfo = serde_json::from_value(v).map_err(|e| e.to_string())?;
+        let (Some(nar_hash), Some(nar_size)) = (raw.nar_hash, raw.nar_size) else {
+            continue; // {"path": …, "valid": false}
+        };
+        let path = key.or(raw.path).ok_or("an entry without a path")?;
+        let mut references = raw
+            .references
+            .iter()
+            .map(|r| parse_path(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        references.sort();
+        infos.push(PathInfo {
+            path: parse_path(&path)?,
+            nar_hash: nar_hash.parse().map_err(|e: crate::hash::Error| e.to_string())?,
+            nar_size,
+            references,
+            deriver: raw.deriver.as_deref().map(parse_path).transpose()?,
+            sigs: raw.signatures,
+            ca: raw.ca,
+        });
+    }
+    Ok(infos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sd() -> StoreDir {
+        StoreDir::new("/nix/store").unwrap()
+    }
+
+    #[test]
+    fn parses_nix_2_8_array_form() {
+        // `nix path-info --json -r` (Nix 2.8), plus an invalid path.
+        let json = br#"[{"path":"/nix/store/9ngqiqshf9l3pfc47n2pgw5z7w61rc18-probe-b","narHash":"sha256-4JgDGgE9EPFbkHdVI/m9Y4vSW6mhjWaVKjDybevmvMk=","narSize":176,"references":["/nix/store/9pc5sns34dywilnljxzmgx3hf9w9p0cf-probe-a"],"deriver":"/nix/store/7drwf6mw4n8jfpzysa0hvi5sm1gp8v3j-probe-b.drv","registrationTime":1795311174,"ultimate":true,"signatures":["k:abc"]},
+            {"path":"/nix/store/00000000000000000000000000000000-x","valid":false}]"#;
+        let infos = parse_path_info(json, &sd()).unwrap();
+        assert_eq!(infos.len(), 1);
+        let b = &infos[0];
+        assert_eq!(b.path.name(), "probe-b");
+        assert_eq!(b.nar_size, 176);
+        assert_eq!(b.references.len(), 1);
+        assert_eq!(b.deriver.as_ref().unwrap().name(), "probe-b.drv");
+        assert_eq!(b.sigs, ["k:abc"]);
+        assert_eq!(b.nar_hash.to_sri(), "sha256-4JgDGgE9EPFbkHdVI/m9Y4vSW6mhjWaVKjDybevmvMk=");
+    }
+
+    #[test]
+    fn parses_object_form_of_newer_nix() {
+        let json = br#"{"/nix/store/9pc5sns34dywilnljxzmgx3hf9w9p0cf-probe-a":{"narHash":"sha256:0bx1rx8nqlb5d43d5m8rq7m4qwa9ai2565br3igxhy8aiz0609ha","narSize":120,"references":[],"deriver":null,"ca":"fixed:r:sha256:0bx1rx8nqlb5d43d5m8rq7m4qwa9ai2565br3igxhy8aiz0609ha"},
+            "/nix/store/00000000000000000000000000000000-x":null}"#;
+        let infos = parse_path_info(json, &sd()).unwrap();
+        assert_eq!(infos.len(), 1);
+        assert_eq!(infos[0].path.name(), "probe-a");
+        assert!(infos[0].deriver.is_none());
+        assert!(infos[0].ca.is_some());
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(parse_path_info(b"not json", &sd()).is_err());
+        assert!(parse_path_info(br#"[{"path":"/etc/x","narHash":"sha256:0bx1rx8nqlb5d43d5m8rq7m4qwa9ai2565br3igxhy8aiz0609ha","narSize":1}]"#, &sd()).is_err());
+    }
+}
