@@ -1,0 +1,202 @@
+//! Helpers for integration tests: real Nix, real binaries, temp dirs, processes killed on drop.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const UPLOAD: &str = env!("CARGO_BIN_EXE_upload");
+pub const SEND: &str = env!("CARGO_BIN_EXE_send");
+
+/// Nix without substituters (no waiting on DNS) and with the new CLI.
+pub const NIX_CONFIG: &str = "substituters =\nexperimental-features = nix-command";
+
+pub fn nix(program: &str) -> Command {
+    let mut c = Command::new(program);
+    c.env("NIX_CONFIG", NIX_CONFIG);
+    c
+}
+
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A word no earlier run used, so built paths are new to every cache.
+pub fn unique(tag: &str) -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    format!("{tag}-{}-{nanos}", std::process::id())
+}
+
+/// Writes a Nix expression for a small closure: `n` paths in a chain plus a diamond,
+/// each with `bytes` of content, and builds it. Returns the root store path.
+pub fn build_closure(dir: &Path, tag: &str, n: usize, bytes: usize) -> String {
+    let expr = closure_expr(tag, n, bytes);
+    let file = dir.join(format!("{tag}.nix"));
+    std::fs::write(&file, expr).unwrap();
+    run_ok(nix("nix-build").arg(&file).arg("--no-out-link").arg("--quiet"))
+        .trim()
+        .to_string()
+}
+
+pub fn closure_expr(tag: &str, n: usize, bytes: usize) -> String {
+    let word = unique(tag);
+    format!(
+        r#"let
+  mk = name: deps: derivation {{
+    inherit name deps;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    args = [ "-c" ''
+      mkdir -p $out/bin $out/share/empty
+      echo ${{name}} > $out/name
+      head -c {bytes} /dev/urandom > $out/share/blob
+      printf '#!/bin/sh\necho hi\n' > $out/bin/hi; chmod +x $out/bin/hi
+      ln -s ../name $out/bin/link
+      for d in $deps; do echo $d >> $out/deps; done
+    '' ];
+  }};
+  chain = builtins.foldl' (acc: i: [ (mk "{word}-${{toString i}}" acc) ] ++ acc) [] (builtins.genList (i: i) {n});
+  left = mk "{word}-left" chain;
+  right = mk "{word}-right" chain;
+in mk "{word}-root" [ left right ]
+"#
+    )
+}
+
+pub fn closure_of(path: &str) -> Vec<String> {
+    run_ok(nix("nix-store").args(["-qR", path]))
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+pub struct Keys {
+    pub secret: PathBuf,
+    pub public: String,
+}
+
+/// A fresh key pair named `name`; files are unique per call.
+pub fn keygen(dir: &Path, name: &str) -> Keys {
+    let stem = unique(name);
+    let secret = dir.join(format!("{stem}.sk"));
+    let public = dir.join(format!("{stem}.pk"));
+    run_ok(nix("nix-store").arg("--generate-binary-cache-key").arg(name).arg(&secret).arg(&public));
+    Keys {
+        secret,
+        public: std::fs::read_to_string(public).unwrap().trim().to_string(),
+    }
+}
+
+/// `nix copy --from file://CACHE --to FRESH PATH` with only `public_key` trusted.
+pub fn nix_copy_from(cache: &Path, path: &str, fresh: &Path, public_key: &str) -> Output {
+    nix("nix")
+        .arg("copy")
+        .arg("--from")
+        .arg(format!("file://{}", cache.display()))
+        .arg("--to")
+        .arg(fresh)
+        .arg(path)
+        .arg("--option")
+        .arg("trusted-public-keys")
+        .arg(public_key)
+        .output()
+        .unwrap()
+}
+
+/// Asserts real Nix substitutes every path of `root`'s closure from `cache`.
+pub fn assert_substitutes(cache: &Path, root: &str, public_key: &str, scratch: &Path) {
+    let fresh = scratch.join(unique("fresh"));
+    let out = nix_copy_from(cache, root, &fresh, public_key);
+    assert!(
+        out.status.success(),
+        "nix copy from {} failed: {}",
+        cache.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for p in closure_of(root) {
+        let rel = p.trim_start_matches('/');
+        assert!(fresh.join(rel).exists(), "{p} missing from the fresh store");
+    }
+}
+
+pub fn narinfo_count(cache: &Path) -> usize {
+    std::fs::read_dir(cache)
+        .map(|d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .map(|e| e.file_name().to_string_lossy().ends_with(".narinfo"))
+                    .unwrap_or(false)
+            })
+            .count()
+        })
+        .unwrap_or(0)
+}
+
+pub fn mkfifo(path: &Path) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        Proc(cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}")))
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), sig).unwrap();
+    }
+
+    /// Waits up to `limit` for exit; panics if it does not come.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                return st;
+            }
+            assert!(start.elapsed() < limit, "process did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// upload reading `fifo`, writing to `cache`, signing with `key`; stderr to `log`.
+pub fn upload_daemon(fifo: &Path, cache: &Path, key: &Path, log: &Path) -> Proc {
+    Proc::spawn(
+        Command::new(UPLOAD)
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .arg("--input")
+            .arg(fifo)
+            .arg("--secret-key-file")
+            .arg(key)
+            .arg(format!("file://{}", cache.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap()),
+    )
+}
+
+pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}

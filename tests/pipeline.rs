@@ -1,0 +1,286 @@
+//! The whole path of a store path through narpipe, judged by real Nix.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+fn upload_oneshot(cache: &Path, key: &Path, paths: &[String]) -> std::process::Output {
+    let mut child = Command::new(UPLOAD)
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .arg("--secret-key-file")
+        .arg(key)
+        .arg(format!("file://{}", cache.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        for p in paths {
+            writeln!(stdin, "{p}").unwrap();
+        }
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn oneshot_closure_is_substitutable_signed_and_not_uploaded_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-test-1");
+    let other = keygen(tmp.path(), "narpipe-test-1"); // same name, other key
+    let root = build_closure(tmp.path(), "oneshot", 4, 3000);
+    let closure = closure_of(&root);
+    assert_eq!(closure.len(), 7);
+    let cache = tmp.path().join("cache");
+
+    let out = upload_oneshot(&cache, &keys.secret, &closure);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "upload failed: {log}");
+    assert_eq!(log.matches("uploaded /nix/store/").count(), 7, "{log}");
+    assert_eq!(narinfo_count(&cache), 7);
+    let info = std::fs::read_to_string(cache.join("nix-cache-info")).unwrap();
+    assert!(info.contains("StoreDir: /nix/store") && info.contains("Priority: 40"), "{info}");
+
+    assert_substitutes(&cache, &root, &keys.public, tmp.path());
+    let fresh = tmp.path().join("fresh-other-key");
+    let wrong = nix_copy_from(&cache, &root, &fresh, &other.public);
+    assert!(!wrong.status.success(), "nix copy succeeded with the wrong key");
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("lacks a valid signature"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+
+    // Second run: nothing uploaded, nothing rewritten.
+    let before: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().modified().unwrap())
+        .collect();
+    let out = upload_oneshot(&cache, &keys.secret, &closure);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(log.matches("uploaded /nix/store/").count(), 0, "{log}");
+    assert!(log.contains("0 uploaded"), "{log}");
+    let after: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().modified().unwrap())
+        .collect();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn only_the_root_is_enough_and_every_compression_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-test-2");
+    let root = build_closure(tmp.path(), "compressions", 2, 20000);
+    for comp in ["zstd", "xz", "none"] {
+        let cache = tmp.path().join(format!("cache-{comp}"));
+        let out = Command::new(UPLOAD)
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .args(["--compression", comp, "--secret-key-file"])
+            .arg(&keys.secret)
+            .arg(&cache)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                // A ./result-style symlink to the root, outside the store.
+                let link = tmp.path().join(format!("result-{comp}"));
+                std::os::unix::fs::symlink(&root, &link).unwrap();
+                writeln!(c.stdin.take().unwrap(), "{}", link.display()).unwrap();
+                c.wait_with_output()
+            })
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let ext = match comp {
+            "zstd" => ".nar.zst",
+            "xz" => ".nar.xz",
+            _ => ".nar",
+        };
+        let nars: Vec<String> = std::fs::read_dir(cache.join("nar"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(nars.len(), closure_of(&root).len());
+        assert!(nars.iter().all(|n| n.ends_with(ext) && !n.ends_with(&format!("{ext}.zst"))), "{nars:?}");
+        assert_substitutes(&cache, &root, &keys.public, tmp.path());
+    }
+}
+
+fn send(fifo: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(SEND).arg("-o").arg(fifo).args(args).output().unwrap()
+}
+
+#[test]
+fn daemon_serves_several_sends_then_drains_on_sighup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-test-3");
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    let cache = tmp.path().join("cache");
+    let log = tmp.path().join("upload.log");
+    let mut daemon = upload_daemon(&fifo, &cache, &keys.secret, &log);
+    let roots: Vec<String> = (0..3)
+        .map(|i| build_closure(tmp.path(), &format!("daemon{i}"), 2, 1000))
+        .collect();
+    for (i, root) in roots.iter().enumerate() {
+        let out = send(&fifo, &[root]);
+        assert!(out.status.success(), "send {i}: {}", String::from_utf8_lossy(&out.stderr));
+        // Between sends, the daemon is still up (a closed writer is no EOF for it).
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(daemon.0.try_wait().unwrap().is_none(), "upload exited after send {i}");
+    }
+    // Garbage between valid paths is reported and the daemon goes on.
+    let out = send(&fifo, &["/etc/passwd"]);
+    assert!(!out.status.success(), "send accepted a path outside the store");
+    std::fs::write(tmp.path().join("garbage"), b"").unwrap();
+    {
+        use std::io::Write;
+        let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        w.write_all(b"not a path\n/nix/store/../etc/passwd\n").unwrap();
+    }
+    let late = build_closure(tmp.path(), "daemon-late", 1, 100);
+    assert!(send(&fifo, &[&late]).status.success());
+    daemon.signal(Signal::SIGHUP);
+    let status = daemon.wait_exit(Duration::from_secs(120));
+    let text = std::fs::read_to_string(&log).unwrap();
+    // Rejected input makes the exit code 1, but everything valid was uploaded.
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("rejected input \"not a path\""), "{text}");
+    assert!(text.contains("/nix/store/../etc/passwd"), "{text}");
+    for root in roots.iter().chain([&late]) {
+        assert_substitutes(&cache, root, &keys.public, tmp.path());
+    }
+}
+
+#[test]
+fn send_finish_drains_after_the_paths_sent_before_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-test-4");
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    let cache = tmp.path().join("cache");
+    let log = tmp.path().join("upload.log");
+    let mut daemon = upload_daemon(&fifo, &cache, &keys.secret, &log);
+    let root = build_closure(tmp.path(), "finish", 3, 50_000);
+    let out = send(&fifo, &["--finish", &root]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = daemon.wait_exit(Duration::from_secs(120));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    assert_substitutes(&cache, &root, &keys.public, tmp.path());
+}
+
+#[test]
+fn post_build_hook_pushes_what_nix_build_builds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-test-5");
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    let cache = tmp.path().join("cache");
+    let log = tmp.path().join("upload.log");
+    let mut daemon = upload_daemon(&fifo, &cache, &keys.secret, &log);
+    let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/post-build-hook");
+    let expr = tmp.path().join("hooked.nix");
+    std::fs::write(&expr, closure_expr("hooked", 2, 500)).unwrap();
+    let out = run_ok(
+        nix("nix-build")
+            .arg(&expr)
+            .arg("--no-out-link")
+            .arg("--option")
+            .arg("post-build-hook")
+            .arg(&hook)
+            .env("NARPIPE_PIPE", &fifo)
+            .env("NARPIPE_SEND", SEND),
+    );
+    let root = out.trim().to_string();
+    // Each built derivation was queued by the hook; finish and check.
+    assert!(send(&fifo, &["--finish"]).status.success());
+    let status = daemon.wait_exit(Duration::from_secs(120));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    assert_substitutes(&cache, &root, &keys.public, tmp.path());
+}
+
+#[test]
+fn send_never_hangs_without_a_reader_and_refuses_regular_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    let root = build_closure(tmp.path(), "noreader", 0, 10);
+    let start = Instant::now();
+    let out = send(&fifo, &["--timeout", "1", &root]);
+    let waited = start.elapsed();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no upload is reading"), "{err}");
+    assert!(waited < Duration::from_secs(5), "send waited {waited:?}");
+
+    let file = tmp.path().join("regular");
+    std::fs::write(&file, b"").unwrap();
+    let out = send(&file, &[&root]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a named pipe"));
+    assert_eq!(std::fs::read(&file).unwrap(), b"");
+
+    let missing = tmp.path().join("missing");
+    let out = send(&missing, &[&root]);
+    assert!(!out.status.success());
+    assert!(!missing.exists(), "send created a file in the pipe's place");
+}
+
+#[test]
+fn configuration_errors_exit_2_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["ftp://example/cache".into()], "ftp://example/cache"),
+        (vec!["relative/cache".into()], "relative/cache"),
+        (
+            vec![
+                "--secret-key-file".into(),
+                tmp.path().join("nope.sk").display().to_string(),
+                tmp.path().join("c").display().to_string(),
+            ],
+            "nope.sk",
+        ),
+        (
+            vec!["--compression".into(), "bzip2".into(), tmp.path().join("c").display().to_string()],
+            "bzip2",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = Command::new(UPLOAD).args(&args).stdin(Stdio::null()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    // A cache made for another store directory is refused.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("nix-cache-info"), "StoreDir: /gnu/store\n").unwrap();
+    let out = Command::new(UPLOAD).arg(&other).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/gnu/store"));
+}
+
+#[test]
+fn invalid_and_unbuilt_paths_fail_with_their_name_and_exit_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-test-6");
+    let cache = tmp.path().join("cache");
+    let good = build_closure(tmp.path(), "mixed", 0, 10);
+    let ghost = "/nix/store/00000000000000000000000000000000-never-built".to_string();
+    let out = upload_oneshot(&cache, &keys.secret, &[ghost.clone(), good.clone()]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains(&format!("failed {ghost}")), "{log}");
+    assert_substitutes(&cache, &good, &keys.public, tmp.path());
+}
