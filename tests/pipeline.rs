@@ -284,3 +284,49 @@ fn invalid_and_unbuilt_paths_fail_with_their_name_and_exit_1() {
     assert!(log.contains(&format!("failed {ghost}")), "{log}");
     assert_substitutes(&cache, &good, &keys.public, tmp.path());
 }
+
+#[test]
+fn sigterm_stops_promptly_and_leaves_no_partial_object() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-test-7");
+    let word = unique("big");
+    let big = build_expr(
+        tmp.path(),
+        "big",
+        &format!(
+            r#"derivation {{ name = "{word}"; system = builtins.currentSystem; builder = "/bin/sh";
+                PATH = "/usr/bin:/bin"; args = [ "-c" "head -c 24000000 /dev/urandom > $out" ]; }}"#
+        ),
+    );
+    let cache = tmp.path().join("cache");
+    let log = tmp.path().join("upload.log");
+    let input = tmp.path().join("input");
+    std::fs::write(&input, format!("{big}\n")).unwrap();
+    let mut up = Proc::spawn(
+        Command::new(UPLOAD)
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .args(["--compression", "xz", "--compression-level", "0", "--secret-key-file"])
+            .arg(&keys.secret)
+            .arg("--input")
+            .arg(&input)
+            .arg(&cache)
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    // Wait until the multipart upload of the NAR is under way.
+    wait_until(Duration::from_secs(60), "a multipart upload to start", || {
+        std::fs::read_dir(cache.join("nar"))
+            .map(|d| d.count() > 0)
+            .unwrap_or(false)
+    });
+    up.signal(Signal::SIGTERM);
+    let status = up.wait_exit(Duration::from_secs(30));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("1 unfinished"), "{text}");
+    assert_eq!(narinfo_count(&cache), 0);
+    let left: Vec<_> = std::fs::read_dir(cache.join("nar"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -155,7 +155,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let (cfg, input) = match start(&args).await {
             Ok(v) => v,
             Err(e) => {
@@ -175,5 +175,8 @@ fn main() -> ExitCode {
         } else {
             ExitCode::from(1)
         }
-    })
+    });
+    // A NAR reader still on a blocking thread stops at its next chunk; don't wait longer.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }

@@ -37,7 +37,11 @@ pub fn unique(tag: &str) -> String {
 /// Writes a Nix expression for a small closure: `n` paths in a chain plus a diamond,
 /// each with `bytes` of content, and builds it. Returns the root store path.
 pub fn build_closure(dir: &Path, tag: &str, n: usize, bytes: usize) -> String {
-    let expr = closure_expr(tag, n, bytes);
+    build_expr(dir, tag, &closure_expr(tag, n, bytes))
+}
+
+/// Builds a Nix expression file and returns the output path.
+pub fn build_expr(dir: &Path, tag: &str, expr: &str) -> String {
     let file = dir.join(format!("{tag}.nix"));
     std::fs::write(&file, expr).unwrap();
     run_ok(nix("nix-build").arg(&file).arg("--no-out-link").arg("--quiet"))
