@@ -19,8 +19,7 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{
     Attribute, Attributes, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions,
-    PutPayload,
-    WriteMultipart,
+    PutPayload, WriteMultipart,
 };
 use tokio_util::task::TaskTracker;
 
@@ -39,7 +38,7 @@ pub enum Error {
         url: String,
         op: &'static str,
         key: String,
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
 }
 
@@ -112,7 +111,7 @@ impl Cache {
             url: self.url.clone(),
             op,
             key: key.to_string(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -142,10 +141,18 @@ impl Cache {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.err("get", rel, e)),
         };
-        res.bytes().await.map(Some).map_err(|e| self.err("get", rel, e))
+        res.bytes()
+            .await
+            .map(Some)
+            .map_err(|e| self.err("get", rel, e))
     }
 
-    pub async fn put(&self, rel: &str, data: Bytes, content_type: &'static str) -> Result<(), Error> {
+    pub async fn put(
+        &self,
+        rel: &str,
+        data: Bytes,
+        content_type: &'static str,
+    ) -> Result<(), Error> {
         self.store
             .put_opts(
                 &self.key(rel),
@@ -158,7 +165,12 @@ impl Cache {
     }
 
     /// Puts `data` unless `rel` exists; returns whether it was written.
-    pub async fn create(&self, rel: &str, data: Bytes, content_type: &'static str) -> Result<bool, Error> {
+    pub async fn create(
+        &self,
+        rel: &str,
+        data: Bytes,
+        content_type: &'static str,
+    ) -> Result<bool, Error> {
         match self
             .store
             .put_opts(
@@ -295,7 +307,12 @@ mod tests {
         assert_eq!(c.url(), format!("file://{}", d.display()));
         assert!(d.is_dir());
         assert!(Cache::open(d.to_str().unwrap()).is_ok());
-        for bad in ["relative/dir", "file://relative", "ftp://x/y", "file:///tmp/x?compression=zstd"] {
+        for bad in [
+            "relative/dir",
+            "file://relative",
+            "ftp://x/y",
+            "file:///tmp/x?compression=zstd",
+        ] {
             let e = Cache::open(bad).unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }
@@ -338,8 +355,14 @@ mod tests {
     async fn create_does_not_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         let c = Cache::open(dir.path().to_str().unwrap()).unwrap();
-        assert!(c.create("x", Bytes::from_static(b"1"), "text/plain").await.unwrap());
-        assert!(!c.create("x", Bytes::from_static(b"2"), "text/plain").await.unwrap());
+        assert!(c
+            .create("x", Bytes::from_static(b"1"), "text/plain")
+            .await
+            .unwrap());
+        assert!(!c
+            .create("x", Bytes::from_static(b"2"), "text/plain")
+            .await
+            .unwrap());
         assert_eq!(c.get("x").await.unwrap().unwrap(), &b"1"[..]);
         assert!(c.get("missing").await.unwrap().is_none());
         assert!(!c.exists("missing").await.unwrap());

@@ -86,7 +86,9 @@ mod tests {
 
     #[tokio::test]
     async fn zstd_output_decodes_back() {
-        let data: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let data: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         let mut enc = Compression::Zstd.encoder(std::io::Cursor::new(data.clone()), Some(3));
         let mut out = Vec::new();
         enc.read_to_end(&mut out).await.unwrap();

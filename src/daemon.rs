@@ -183,7 +183,11 @@ pub async fn prepare(cfg: &Config) -> Result<(), Error> {
     let fresh = CacheInfo::new(&ours, cfg.priority).to_string();
     let created = cfg
         .cache
-        .create("nix-cache-info", Bytes::from(fresh), "text/x-nix-cache-info")
+        .create(
+            "nix-cache-info",
+            Bytes::from(fresh),
+            "text/x-nix-cache-info",
+        )
         .await?;
     if !created {
         let text = cfg.cache.get("nix-cache-info").await?.unwrap_or_default();
@@ -356,7 +360,11 @@ pub async fn run(cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
             }
         }
     }
-    shared.cfg.cache.finish_cleanups(Duration::from_secs(5)).await;
+    shared
+        .cfg
+        .cache
+        .finish_cleanups(Duration::from_secs(5))
+        .await;
     let s = &shared.stats;
     Summary {
         uploaded: s.uploaded.load(Relaxed),
@@ -370,7 +378,12 @@ pub async fn run(cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
     }
 }
 
-async fn read_input(input: Input, shared: Arc<Shared>, tx: mpsc::Sender<Item>, drain: CancellationToken) {
+async fn read_input(
+    input: Input,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Item>,
+    drain: CancellationToken,
+) {
     let mut splitter = LineSplitter::new(pipe::PIPE_BUF);
     let mut buf = vec![0u8; 64 * 1024];
     let mut frames = Vec::new();
@@ -485,7 +498,10 @@ async fn deliver(shared: &Shared, frames: &mut Vec<Frame>, tx: &mpsc::Sender<Ite
 /// Resolves a batch of roots to the paths the cache lacks and starts their tasks.
 async fn process_batch(shared: &Arc<Shared>, roots: Vec<StorePath>, tasks: &mut JoinSet<()>) {
     let mut seen = HashSet::new();
-    let roots: Vec<StorePath> = roots.into_iter().filter(|p| seen.insert(p.clone())).collect();
+    let roots: Vec<StorePath> = roots
+        .into_iter()
+        .filter(|p| seen.insert(p.clone()))
+        .collect();
     let (drvs, paths): (Vec<_>, Vec<_>) = roots.into_iter().partition(|p| p.is_derivation());
 
     // A root whose narinfo exists has its whole closure in the cache (the invariant
@@ -620,7 +636,11 @@ fn spawn_in_dependency_order(shared: &Arc<Shared>, infos: Vec<PathInfo>, tasks: 
 
 enum Outcome {
     Skipped,
-    Uploaded { nar: u64, file: u64, compression: Compression },
+    Uploaded {
+        nar: u64,
+        file: u64,
+        compression: Compression,
+    },
 }
 
 async fn path_task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, tx: watch::Sender<Status>) {
@@ -636,7 +656,11 @@ async fn path_task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, tx: watc
             info!("skipped {shown} (already in the cache)");
             Status::Done
         }
-        Ok(Outcome::Uploaded { nar, file, compression }) => {
+        Ok(Outcome::Uploaded {
+            nar,
+            file,
+            compression,
+        }) => {
             shared.stats.uploaded.fetch_add(1, Relaxed);
             shared.stats.nar_bytes.fetch_add(*nar, Relaxed);
             shared.stats.file_bytes.fetch_add(*file, Relaxed);

@@ -75,7 +75,10 @@ fn node<W: Write>(path: &Path, out: &mut W, buf: &mut [u8]) -> io::Result<()> {
     } else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{} is not a regular file, directory or symlink", path.display()),
+            format!(
+                "{} is not a regular file, directory or symlink",
+                path.display()
+            ),
         ));
     }
     token(out, b")")
@@ -126,7 +129,10 @@ mod tests {
     #[test]
     fn tokens_are_padded_to_eight() {
         assert_eq!(tok(b""), [0u8; 8]);
-        assert_eq!(tok(b"("), [1, 0, 0, 0, 0, 0, 0, 0, b'(', 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            tok(b"("),
+            [1, 0, 0, 0, 0, 0, 0, 0, b'(', 0, 0, 0, 0, 0, 0, 0]
+        );
         assert_eq!(tok(b"12345678").len(), 16);
     }
 
@@ -137,7 +143,15 @@ mod tests {
         fs::write(&f, b"hello\n").unwrap();
         fs::set_permissions(&f, fs::Permissions::from_mode(0o444)).unwrap();
         let mut want = Vec::new();
-        for t in [&b"nix-archive-1"[..], b"(", b"type", b"regular", b"contents", b"hello\n", b")"] {
+        for t in [
+            &b"nix-archive-1"[..],
+            b"(",
+            b"type",
+            b"regular",
+            b"contents",
+            b"hello\n",
+            b")",
+        ] {
             want.extend(tok(t));
         }
         assert_eq!(nar(&f), want);
@@ -171,11 +185,29 @@ mod tests {
             want.extend(tok(t));
         }
         open_entry(&mut want, b"link");
-        for t in [&b"("[..], b"type", b"symlink", b"target", b"nowhere", b")", b")"] {
+        for t in [
+            &b"("[..],
+            b"type",
+            b"symlink",
+            b"target",
+            b"nowhere",
+            b")",
+            b")",
+        ] {
             want.extend(tok(t));
         }
         open_entry(&mut want, b"x");
-        for t in [&b"("[..], b"type", b"regular", b"executable", b"", b"contents", b"", b")", b")"] {
+        for t in [
+            &b"("[..],
+            b"type",
+            b"regular",
+            b"executable",
+            b"",
+            b"contents",
+            b"",
+            b")",
+            b")",
+        ] {
             want.extend(tok(t));
         }
         want.extend(tok(b")"));
@@ -191,7 +223,9 @@ mod tests {
         let out = nar(dir.path());
         let pos = |n: &str| {
             let t = tok(n.as_bytes());
-            out.windows(t.len()).position(|w| w == t.as_slice()).unwrap()
+            out.windows(t.len())
+                .position(|w| w == t.as_slice())
+                .unwrap()
         };
         let order = ["B", "Z", "_", "a", "b", "ä"];
         for w in order.windows(2) {

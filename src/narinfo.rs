@@ -142,9 +142,7 @@ impl FromStr for NarInfo {
                 "References" => {
                     info.references = value.split_whitespace().map(str::to_string).collect()
                 }
-                "Deriver" if value != "unknown-deriver" => {
-                    info.deriver = Some(value.to_string())
-                }
+                "Deriver" if value != "unknown-deriver" => info.deriver = Some(value.to_string()),
                 "Deriver" => {}
                 "System" => info.system = Some(value.to_string()),
                 "Sig" => info.sigs.push(value.to_string()),
@@ -263,12 +261,13 @@ Deriver: n7wsi22m77azhfv9fnlp9vgc2js3xsfz-probe-a.drv
     #[test]
     fn errors_name_the_field() {
         let no_size = FROM_NIX_COPY.replace("NarSize: 224\n", "");
-        assert_eq!(
-            no_size.parse::<NarInfo>(),
-            Err(Error::Missing("NarSize"))
-        );
+        assert_eq!(no_size.parse::<NarInfo>(), Err(Error::Missing("NarSize")));
         let bad = FROM_NIX_COPY.replace("NarSize: 224", "NarSize: lots");
-        assert!(bad.parse::<NarInfo>().unwrap_err().to_string().contains("NarSize"));
+        assert!(bad
+            .parse::<NarInfo>()
+            .unwrap_err()
+            .to_string()
+            .contains("NarSize"));
         assert!(matches!(
             "garbage".parse::<NarInfo>(),
             Err(Error::BadLine(_))

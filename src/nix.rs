@@ -150,10 +150,11 @@ impl Nix {
         for chunk in roots.chunks(ARGS_PER_CALL) {
             let paths = self.abs(chunk);
             let out = self.run("nix", &args, &paths).await?;
-            let parsed = parse_path_info(&out, &self.store_dir).map_err(|reason| Error::Output {
-                argv: argv_text("nix", &args, &paths),
-                reason,
-            })?;
+            let parsed =
+                parse_path_info(&out, &self.store_dir).map_err(|reason| Error::Output {
+                    argv: argv_text("nix", &args, &paths),
+                    reason,
+                })?;
             for info in parsed {
                 if seen.insert(info.path.clone()) {
                     infos.push(info);
@@ -225,7 +226,9 @@ pub fn parse_path_info(json: &[u8], store_dir: &StoreDir) -> Result<Vec<PathInfo
         references.sort();
         infos.push(PathInfo {
             path: parse_path(&path)?,
-            nar_hash: nar_hash.parse().map_err(|e: crate::hash::Error| e.to_string())?,
+            nar_hash: nar_hash
+                .parse()
+                .map_err(|e: crate::hash::Error| e.to_string())?,
             nar_size,
             references,
             deriver: raw.deriver.as_deref().map(parse_path).transpose()?,
@@ -257,7 +260,10 @@ mod tests {
         assert_eq!(b.references.len(), 1);
         assert_eq!(b.deriver.as_ref().unwrap().name(), "probe-b.drv");
         assert_eq!(b.sigs, ["k:abc"]);
-        assert_eq!(b.nar_hash.to_sri(), "sha256-4JgDGgE9EPFbkHdVI/m9Y4vSW6mhjWaVKjDybevmvMk=");
+        assert_eq!(
+            b.nar_hash.to_sri(),
+            "sha256-4JgDGgE9EPFbkHdVI/m9Y4vSW6mhjWaVKjDybevmvMk="
+        );
     }
 
     #[test]

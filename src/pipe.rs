@@ -47,7 +47,10 @@ pub fn pack<L: AsRef<[u8]>>(lines: &[L]) -> Result<Vec<Vec<u8>>, TooLong> {
 pub enum Frame {
     Line(Vec<u8>),
     /// A line longer than the limit; its first bytes, for the error message.
-    TooLong { prefix: Vec<u8>, len: usize },
+    TooLong {
+        prefix: Vec<u8>,
+        len: usize,
+    },
 }
 
 /// Splits a byte stream into lines of at most `max` bytes. An overlong line is
@@ -179,7 +182,9 @@ mod tests {
         let got = split_all(&pieces, 10);
         assert_eq!(got.len(), 3);
         assert_eq!(got[0], Frame::Line(b"ok1".to_vec()));
-        assert!(matches!(&got[1], Frame::TooLong { len: 50, prefix } if prefix.len() <= PREFIX_LEN));
+        assert!(
+            matches!(&got[1], Frame::TooLong { len: 50, prefix } if prefix.len() <= PREFIX_LEN)
+        );
         assert_eq!(got[2], Frame::Line(b"ok2".to_vec()));
     }
 

@@ -120,7 +120,9 @@ mod tests {
         let link = dir.path().join("result");
         symlink(store.join(format!("{H}-out")), &link).unwrap();
         assert_eq!(
-            resolve(link.to_str().unwrap().as_bytes(), &sd).unwrap().name(),
+            resolve(link.to_str().unwrap().as_bytes(), &sd)
+                .unwrap()
+                .name(),
             "out"
         );
         let outside = dir.path().join("elsewhere");

@@ -100,8 +100,7 @@ impl FromStr for PublicKey {
             got: bytes.len(),
             want: 32,
         })?;
-        let key =
-            VerifyingKey::from_bytes(&arr).map_err(|_| Error::Base64(name.to_string()))?;
+        let key = VerifyingKey::from_bytes(&arr).map_err(|_| Error::Base64(name.to_string()))?;
         Ok(PublicKey {
             name: name.to_string(),
             key,
@@ -170,7 +169,11 @@ mod tests {
         assert_eq!("nocolon".parse::<SecretKey>().unwrap_err(), Error::NoName);
         assert!(matches!(
             PK.parse::<SecretKey>().unwrap_err(),
-            Error::Length { want: 64, got: 32, .. }
+            Error::Length {
+                want: 64,
+                got: 32,
+                ..
+            }
         ));
         assert!(matches!(
             "k:!!!".parse::<SecretKey>().unwrap_err(),

@@ -168,7 +168,10 @@ mod tests {
             s.reduce("/nix/store/../etc/passwd"),
             Err(Error::DotComponent(_))
         ));
-        assert!(matches!(s.reduce("/etc/passwd"), Err(Error::NotInStore { .. })));
+        assert!(matches!(
+            s.reduce("/etc/passwd"),
+            Err(Error::NotInStore { .. })
+        ));
         assert!(matches!(
             s.reduce("/nix/storex/xav0pws0268idny9wi60ylqqiyryzfz6-a"),
             Err(Error::NotInStore { .. })
@@ -184,9 +187,15 @@ mod tests {
         ] {
             assert!(matches!(s.reduce(bad), Err(Error::BadName(_))), "{bad}");
         }
-        let long = format!("/nix/store/xav0pws0268idny9wi60ylqqiyryzfz6-{}", "a".repeat(212));
+        let long = format!(
+            "/nix/store/xav0pws0268idny9wi60ylqqiyryzfz6-{}",
+            "a".repeat(212)
+        );
         assert!(s.reduce(&long).is_err());
-        let ok = format!("/nix/store/xav0pws0268idny9wi60ylqqiyryzfz6-{}", "a".repeat(211));
+        let ok = format!(
+            "/nix/store/xav0pws0268idny9wi60ylqqiyryzfz6-{}",
+            "a".repeat(211)
+        );
         assert!(s.reduce(&ok).is_ok());
     }
 

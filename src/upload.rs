@@ -155,7 +155,11 @@ pub async fn upload_nar(
         });
     }
     let file_hash = Sha256(file_hasher.finalize().into());
-    let url = format!("nar/{}{}", file_hash.to_nix32(), compression.nar_extension());
+    let url = format!(
+        "nar/{}{}",
+        file_hash.to_nix32(),
+        compression.nar_extension()
+    );
     writer.commit(&url).await?;
     Ok(NarFile {
         url,
@@ -167,7 +171,12 @@ pub async fn upload_nar(
 
 /// The narinfo for `info` whose NAR is `nar`, signed with `keys` (a store signature by
 /// a key of the same name is replaced, others are kept).
-pub fn narinfo(store_dir: &StoreDir, info: &PathInfo, nar: &NarFile, keys: &[SecretKey]) -> NarInfo {
+pub fn narinfo(
+    store_dir: &StoreDir,
+    info: &PathInfo,
+    nar: &NarFile,
+    keys: &[SecretKey],
+) -> NarInfo {
     let mut n = NarInfo {
         store_path: store_dir.display(&info.path),
         url: nar.url.clone(),
@@ -226,7 +235,9 @@ mod tests {
         let (sd, info) = info_for(&store, name);
         let cache = Cache::open(dir.path().join("cache").to_str().unwrap()).unwrap();
 
-        let nar = upload_nar(&cache, &sd, &info, Compression::Zstd, None).await.unwrap();
+        let nar = upload_nar(&cache, &sd, &info, Compression::Zstd, None)
+            .await
+            .unwrap();
         assert!(nar.url.starts_with("nar/") && nar.url.ends_with(".nar.zst"));
         let stored = cache.get(&nar.url).await.unwrap().unwrap();
         assert_eq!(stored.len() as u64, nar.file_size);
@@ -244,7 +255,9 @@ mod tests {
     }
 
     fn key_verifies(ni: &NarInfo) -> bool {
-        let pk: crate::signing::PublicKey = "test1:HmBqKaZJF6mbv0muW5tFBjUwQ8oJzoupVuWiqfmfSVk=".parse().unwrap();
+        let pk: crate::signing::PublicKey = "test1:HmBqKaZJF6mbv0muW5tFBjUwQ8oJzoupVuWiqfmfSVk="
+            .parse()
+            .unwrap();
         ni.sigs.iter().any(|s| pk.verifies(&ni.fingerprint(), s))
     }
 
@@ -258,7 +271,9 @@ mod tests {
         let (sd, info) = info_for(&store, name);
         std::fs::write(store.join(name), b"tampered").unwrap();
         let cache = Cache::open(dir.path().join("cache").to_str().unwrap()).unwrap();
-        let err = upload_nar(&cache, &sd, &info, Compression::None, None).await.unwrap_err();
+        let err = upload_nar(&cache, &sd, &info, Compression::None, None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Mismatch { .. }), "{err}");
         assert!(err.to_string().contains(name));
         let nar_dir = dir.path().join("cache/nar");

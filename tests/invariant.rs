@@ -105,7 +105,11 @@ fn no_narinfo_is_visible_before_its_nar_and_its_references() {
         }
     }
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     done.store(true, Ordering::SeqCst);
     let events = watcher.join().unwrap();
 
@@ -117,8 +121,13 @@ fn no_narinfo_is_visible_before_its_nar_and_its_references() {
         .collect();
     let mut checked = 0;
     for (i, name) in events.iter().enumerate() {
-        let Some(hash) = name.strip_suffix(".narinfo") else { continue };
-        let info: NarInfo = std::fs::read_to_string(cache.join(name)).unwrap().parse().unwrap();
+        let Some(hash) = name.strip_suffix(".narinfo") else {
+            continue;
+        };
+        let info: NarInfo = std::fs::read_to_string(cache.join(name))
+            .unwrap()
+            .parse()
+            .unwrap();
         let nar_at = when.get(info.url.as_str()).copied();
         assert!(
             nar_at.is_some_and(|t| t < i),

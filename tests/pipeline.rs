@@ -46,12 +46,18 @@ fn oneshot_closure_is_substitutable_signed_and_not_uploaded_twice() {
     assert_eq!(log.matches("uploaded /nix/store/").count(), 7, "{log}");
     assert_eq!(narinfo_count(&cache), 7);
     let info = std::fs::read_to_string(cache.join("nix-cache-info")).unwrap();
-    assert!(info.contains("StoreDir: /nix/store") && info.contains("Priority: 40"), "{info}");
+    assert!(
+        info.contains("StoreDir: /nix/store") && info.contains("Priority: 40"),
+        "{info}"
+    );
 
     assert_substitutes(&cache, &root, &keys.public, tmp.path());
     let fresh = tmp.path().join("fresh-other-key");
     let wrong = nix_copy_from(&cache, &root, &fresh, &other.public);
-    assert!(!wrong.status.success(), "nix copy succeeded with the wrong key");
+    assert!(
+        !wrong.status.success(),
+        "nix copy succeeded with the wrong key"
+    );
     assert!(
         String::from_utf8_lossy(&wrong.stderr).contains("lacks a valid signature"),
         "{}",
@@ -99,7 +105,11 @@ fn only_the_root_is_enough_and_every_compression_works() {
                 c.wait_with_output()
             })
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let ext = match comp {
             "zstd" => ".nar.zst",
             "xz" => ".nar.xz",
@@ -110,13 +120,22 @@ fn only_the_root_is_enough_and_every_compression_works() {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(nars.len(), closure_of(&root).len());
-        assert!(nars.iter().all(|n| n.ends_with(ext) && !n.ends_with(&format!("{ext}.zst"))), "{nars:?}");
+        assert!(
+            nars.iter()
+                .all(|n| n.ends_with(ext) && !n.ends_with(&format!("{ext}.zst"))),
+            "{nars:?}"
+        );
         assert_substitutes(&cache, &root, &keys.public, tmp.path());
     }
 }
 
 fn send(fifo: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(SEND).arg("-o").arg(fifo).args(args).output().unwrap()
+    Command::new(SEND)
+        .arg("-o")
+        .arg(fifo)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -133,19 +152,30 @@ fn daemon_serves_several_sends_then_drains_on_sighup() {
         .collect();
     for (i, root) in roots.iter().enumerate() {
         let out = send(&fifo, &[root]);
-        assert!(out.status.success(), "send {i}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "send {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // Between sends, the daemon is still up (a closed writer is no EOF for it).
         std::thread::sleep(Duration::from_millis(100));
-        assert!(daemon.0.try_wait().unwrap().is_none(), "upload exited after send {i}");
+        assert!(
+            daemon.0.try_wait().unwrap().is_none(),
+            "upload exited after send {i}"
+        );
     }
     // Garbage between valid paths is reported and the daemon goes on.
     let out = send(&fifo, &["/etc/passwd"]);
-    assert!(!out.status.success(), "send accepted a path outside the store");
+    assert!(
+        !out.status.success(),
+        "send accepted a path outside the store"
+    );
     std::fs::write(tmp.path().join("garbage"), b"").unwrap();
     {
         use std::io::Write;
         let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
-        w.write_all(b"not a path\n/nix/store/../etc/passwd\n").unwrap();
+        w.write_all(b"not a path\n/nix/store/../etc/passwd\n")
+            .unwrap();
     }
     let late = build_closure(tmp.path(), "daemon-late", 1, 100);
     assert!(send(&fifo, &[&late]).status.success());
@@ -172,7 +202,11 @@ fn send_finish_drains_after_the_paths_sent_before_it() {
     let mut daemon = upload_daemon(&fifo, &cache, &keys.secret, &log);
     let root = build_closure(tmp.path(), "finish", 3, 50_000);
     let out = send(&fifo, &["--finish", &root]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status = daemon.wait_exit(Duration::from_secs(120));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "{text}");
@@ -252,12 +286,20 @@ fn configuration_errors_exit_2_before_any_work() {
             "nope.sk",
         ),
         (
-            vec!["--compression".into(), "bzip2".into(), tmp.path().join("c").display().to_string()],
+            vec![
+                "--compression".into(),
+                "bzip2".into(),
+                tmp.path().join("c").display().to_string(),
+            ],
             "bzip2",
         ),
     ];
     for (args, needle) in cases {
-        let out = Command::new(UPLOAD).args(&args).stdin(Stdio::null()).output().unwrap();
+        let out = Command::new(UPLOAD)
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
@@ -266,7 +308,11 @@ fn configuration_errors_exit_2_before_any_work() {
     let other = tmp.path().join("other");
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("nix-cache-info"), "StoreDir: /gnu/store\n").unwrap();
-    let out = Command::new(UPLOAD).arg(&other).stdin(Stdio::null()).output().unwrap();
+    let out = Command::new(UPLOAD)
+        .arg(&other)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/gnu/store"));
 }
@@ -305,7 +351,13 @@ fn sigterm_stops_promptly_and_leaves_no_partial_object() {
     let mut up = Proc::spawn(
         Command::new(UPLOAD)
             .env("NIX_CONFIG", NIX_CONFIG)
-            .args(["--compression", "xz", "--compression-level", "0", "--secret-key-file"])
+            .args([
+                "--compression",
+                "xz",
+                "--compression-level",
+                "0",
+                "--secret-key-file",
+            ])
             .arg(&keys.secret)
             .arg("--input")
             .arg(&input)
@@ -313,11 +365,15 @@ fn sigterm_stops_promptly_and_leaves_no_partial_object() {
             .stderr(std::fs::File::create(&log).unwrap()),
     );
     // Wait until the multipart upload of the NAR is under way.
-    wait_until(Duration::from_secs(60), "a multipart upload to start", || {
-        std::fs::read_dir(cache.join("nar"))
-            .map(|d| d.count() > 0)
-            .unwrap_or(false)
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "a multipart upload to start",
+        || {
+            std::fs::read_dir(cache.join("nar"))
+                .map(|d| d.count() > 0)
+                .unwrap_or(false)
+        },
+    );
     up.signal(Signal::SIGTERM);
     let status = up.wait_exit(Duration::from_secs(30));
     let text = std::fs::read_to_string(&log).unwrap();

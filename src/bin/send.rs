@@ -111,7 +111,10 @@ fn write_chunk(fd: &OwnedFd, chunk: &[u8], deadline: Instant, shown: &str) -> Re
                 }
                 let ms = left.as_millis().min(i32::MAX as u128) as i32;
                 let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
-                match poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
+                match poll(
+                    &mut fds,
+                    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+                ) {
                     Ok(_) | Err(Errno::EINTR) => {}
                     Err(e) => bail!("waiting for {shown}: {e}"),
                 }

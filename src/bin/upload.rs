@@ -95,10 +95,16 @@ fn config(args: &Args) -> Result<Config> {
         keys.push(key);
     }
     if let (Some(level), Compression::Zstd) = (args.compression_level, args.compression) {
-        anyhow::ensure!((1..=19).contains(&level), "--compression-level {level}: zstd takes 1–19");
+        anyhow::ensure!(
+            (1..=19).contains(&level),
+            "--compression-level {level}: zstd takes 1–19"
+        );
     }
     if let (Some(level), Compression::Xz) = (args.compression_level, args.compression) {
-        anyhow::ensure!((0..=9).contains(&level), "--compression-level {level}: xz takes 0–9");
+        anyhow::ensure!(
+            (0..=9).contains(&level),
+            "--compression-level {level}: xz takes 0–9"
+        );
     }
     let jobs = args
         .jobs
@@ -148,7 +154,10 @@ async fn start(args: &Args) -> Result<(Config, Input)> {
 fn main() -> ExitCode {
     let args = Args::parse();
     let _ = log::set_logger(&Logger).map(|()| log::set_max_level(log::LevelFilter::Info));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

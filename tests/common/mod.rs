@@ -18,7 +18,9 @@ pub fn nix(program: &str) -> Command {
 }
 
 pub fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
@@ -30,7 +32,10 @@ pub fn run_ok(cmd: &mut Command) -> String {
 
 /// A word no earlier run used, so built paths are new to every cache.
 pub fn unique(tag: &str) -> String {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("{tag}-{}-{nanos}", std::process::id())
 }
 
@@ -44,9 +49,14 @@ pub fn build_closure(dir: &Path, tag: &str, n: usize, bytes: usize) -> String {
 pub fn build_expr(dir: &Path, tag: &str, expr: &str) -> String {
     let file = dir.join(format!("{tag}.nix"));
     std::fs::write(&file, expr).unwrap();
-    run_ok(nix("nix-build").arg(&file).arg("--no-out-link").arg("--quiet"))
-        .trim()
-        .to_string()
+    run_ok(
+        nix("nix-build")
+            .arg(&file)
+            .arg("--no-out-link")
+            .arg("--quiet"),
+    )
+    .trim()
+    .to_string()
 }
 
 pub fn closure_expr(tag: &str, n: usize, bytes: usize) -> String {
@@ -92,7 +102,13 @@ pub fn keygen(dir: &Path, name: &str) -> Keys {
     let stem = unique(name);
     let secret = dir.join(format!("{stem}.sk"));
     let public = dir.join(format!("{stem}.pk"));
-    run_ok(nix("nix-store").arg("--generate-binary-cache-key").arg(name).arg(&secret).arg(&public));
+    run_ok(
+        nix("nix-store")
+            .arg("--generate-binary-cache-key")
+            .arg(name)
+            .arg(&secret)
+            .arg(&public),
+    );
     Keys {
         secret,
         public: std::fs::read_to_string(public).unwrap().trim().to_string(),
@@ -153,7 +169,10 @@ pub struct Proc(pub Child);
 
 impl Proc {
     pub fn spawn(cmd: &mut Command) -> Proc {
-        Proc(cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}")))
+        Proc(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}")),
+        )
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -167,11 +186,13 @@ impl Proc {
             if let Some(st) = self.0.try_wait().unwrap() {
                 return st;
             }
-            assert!(start.elapsed() < limit, "process did not exit within {limit:?}");
+            assert!(
+                start.elapsed() < limit,
+                "process did not exit within {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-
 }
 
 impl Drop for Proc {
