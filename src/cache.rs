@@ -13,15 +13,21 @@
 //! ever sees a partial object; an abandoned multipart upload is aborted.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use object_store::aws::AmazonS3Builder;
+use object_store::gcp::{GcpCredential, GoogleCloudStorageBuilder};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{
-    Attribute, Attributes, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions,
-    PutPayload, WriteMultipart,
+    Attribute, Attributes, BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode,
+    PutMultipartOptions, PutOptions, PutPayload, RetryConfig, StaticCredentialProvider,
+    WriteMultipart,
 };
 use tokio_util::task::TaskTracker;
+
+use crate::cache_url::{self, CacheUrl};
 
 /// NARs whose compressed size fits here are uploaded with one put.
 pub const SMALL_NAR: usize = 8 << 20;
@@ -31,22 +37,54 @@ const PARTS_IN_FLIGHT: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cache URL {url:?}: {reason}")]
-    BadUrl { url: String, reason: String },
-    #[error("cache {url}: {op} {key}: {source}")]
+    #[error(transparent)]
+    BadUrl(#[from] cache_url::Error),
+    #[error("cache {url}: {reason}")]
+    Setup { url: String, reason: String },
+    /// The object_store error is shown, not chained: its text already holds its causes.
+    #[error("cache {url}: {op} {key}: {cause}")]
     Backend {
         url: String,
         op: &'static str,
         key: String,
-        source: Box<object_store::Error>,
+        cause: Box<object_store::Error>,
     },
+}
+
+impl Error {
+    /// What a failed request most likely means, for start-up messages.
+    pub fn diagnosis(&self) -> Option<&'static str> {
+        let Error::Backend { cause, .. } = self else {
+            return None;
+        };
+        let text = format!("{cause:?}");
+        Some(match **cause {
+            object_store::Error::Unauthenticated { .. }
+            | object_store::Error::PermissionDenied { .. } => "the credentials were rejected",
+            _ if text.contains("NoSuchBucket") => "the bucket does not exist",
+            _ if text.contains("SignatureDoesNotMatch")
+                || text.contains("InvalidAccessKeyId")
+                || text.contains("AccessDenied") =>
+            {
+                "the credentials were rejected"
+            }
+            object_store::Error::NotFound { .. } => "the bucket does not exist",
+            _ if text.contains("onnect") || text.contains("dns") || text.contains("imed out") => {
+                "the endpoint cannot be reached"
+            }
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Clone)]
 pub struct Cache {
     store: Arc<dyn ObjectStore>,
     prefix: Option<Path>,
+    /// For logs: no credentials in it.
     url: String,
+    /// As given, to open the same cache again with other settings.
+    raw: String,
     /// Whether the backend keeps Content-Type (the local filesystem doesn't).
     attributes: bool,
     cleanups: TaskTracker,
@@ -58,39 +96,145 @@ impl std::fmt::Debug for Cache {
     }
 }
 
+/// Transient failures (5xx, throttling, resets, timeouts) are retried with exponential
+/// backoff and jitter by object_store itself.
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(15),
+            base: 2.0,
+        },
+        max_retries: 10,
+        retry_timeout: Duration::from_secs(180),
+    }
+}
+
+/// For the start-up check: say quickly that the endpoint is unreachable.
+fn probe_retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig::default(),
+        max_retries: 1,
+        retry_timeout: Duration::from_secs(10),
+    }
+}
+
+fn client_options(connect: Duration) -> ClientOptions {
+    ClientOptions::new()
+        .with_connect_timeout(connect)
+        .with_timeout(Duration::from_secs(300))
+}
+
 impl Cache {
-    /// Opens `file:///abs/dir` or a plain absolute path, creating the folder.
+    /// Opens a cache URL (see [`crate::cache_url`]). Contacts nothing yet, except that
+    /// a local folder is created.
     pub fn open(url: &str) -> Result<Self, Error> {
-        let bad = |reason: &str| Error::BadUrl {
-            url: url.to_string(),
-            reason: reason.to_string(),
+        Self::open_with(url, retry_config(), client_options(Duration::from_secs(10)))
+    }
+
+    /// The same cache with few retries and short timeouts, for start-up checks.
+    pub fn probe(&self) -> Result<Self, Error> {
+        Self::open_with(&self.raw, probe_retry_config(), client_options(Duration::from_secs(3)))
+    }
+
+    fn open_with(url: &str, retry: RetryConfig, client: ClientOptions) -> Result<Self, Error> {
+        let parsed: CacheUrl = url.parse()?;
+        let shown = parsed.to_string();
+        let setup = |reason: String| Error::Setup {
+            url: shown.clone(),
+            reason,
         };
-        let dir = if let Some(rest) = url.strip_prefix("file://") {
-            if rest.contains('?') {
-                return Err(bad("file:// caches take no parameters"));
-            }
-            rest
-        } else if url.starts_with('/') {
-            url
-        } else if let Some((scheme, _)) = url.split_once("://") {
-            return Err(bad(&format!(
-                "unsupported scheme {scheme}:// (this build supports file://)"
-            )));
-        } else {
-            return Err(bad("want file:///absolute/dir or an absolute path"));
-        };
-        if !dir.starts_with('/') {
-            return Err(bad("the folder must be an absolute path"));
-        }
-        std::fs::create_dir_all(dir).map_err(|e| bad(&format!("cannot create {dir}: {e}")))?;
-        let store = LocalFileSystem::new_with_prefix(dir)
-            .map_err(|e| bad(&e.to_string()))?
-            .with_automatic_cleanup(false);
+        let (store, prefix, attributes): (Arc<dyn ObjectStore>, Option<String>, bool) =
+            match &parsed {
+                CacheUrl::File { dir } => {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| setup(format!("cannot create {dir}: {e}")))?;
+                    let store = LocalFileSystem::new_with_prefix(dir)
+                        .map_err(|e| setup(e.to_string()))?
+                        .with_automatic_cleanup(false);
+                    (Arc::new(store), None, false)
+                }
+                CacheUrl::S3 {
+                    bucket,
+                    prefix,
+                    region,
+                    endpoint,
+                    profile,
+                } => {
+                    let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+                    let creds = aws_profile::resolve(profile.as_deref()).map_err(setup)?;
+                    if let Some(c) = &creds {
+                        b = b
+                            .with_access_key_id(&c.access_key_id)
+                            .with_secret_access_key(&c.secret_access_key);
+                        if let Some(t) = &c.session_token {
+                            b = b.with_token(t);
+                        }
+                    }
+                    let env_region = ["AWS_REGION", "AWS_DEFAULT_REGION"]
+                        .iter()
+                        .find_map(|v| std::env::var(v).ok().filter(|r| !r.is_empty()));
+                    let region = region
+                        .clone()
+                        .or(env_region)
+                        .or_else(|| creds.as_ref().and_then(|c| c.region.clone()))
+                        .unwrap_or_else(|| "us-east-1".to_string());
+                    b = b.with_region(region);
+                    let mut client = client;
+                    if let Some(ep) = endpoint {
+                        // MinIO, SeaweedFS, Ceph, R2…: path-style requests to the endpoint.
+                        b = b
+                            .with_endpoint(ep)
+                            .with_virtual_hosted_style_request(false);
+                        client = client.with_allow_http(ep.starts_with("http://"));
+                    }
+                    let store = b
+                        .with_retry(retry)
+                        .with_client_options(client)
+                        .build()
+                        .map_err(|e| setup(e.to_string()))?;
+                    (Arc::new(store), prefix.clone(), true)
+                }
+                CacheUrl::Gcs {
+                    bucket,
+                    prefix,
+                    service_account,
+                    endpoint,
+                    anonymous,
+                } => {
+                    let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
+                    if let Some(sa) = service_account {
+                        b = b.with_service_account_path(sa);
+                    }
+                    if let Some(ep) = endpoint {
+                        b = b.with_base_url(ep);
+                    }
+                    if *anonymous {
+                        // No token at all: not even a metadata-server look-up.
+                        b = b.with_credentials(Arc::new(StaticCredentialProvider::new(
+                            GcpCredential {
+                                bearer: String::new(),
+                            },
+                        )));
+                    }
+                    let client = match endpoint {
+                        Some(ep) if ep.starts_with("http://") => client.with_allow_http(true),
+                        _ => client,
+                    };
+                    let store = b
+                        .with_retry(retry)
+                        .with_client_options(client)
+                        .build()
+                        .map_err(|e| setup(e.to_string()))?;
+                    (Arc::new(store), prefix.clone(), true)
+                }
+            };
         Ok(Cache {
-            store: Arc::new(store),
-            prefix: None,
-            url: format!("file://{dir}"),
-            attributes: false,
+            store,
+            prefix: prefix.map(Path::from),
+            url: shown,
+            raw: url.to_string(),
+            attributes,
             cleanups: TaskTracker::new(),
         })
     }
@@ -111,7 +255,7 @@ impl Cache {
             url: self.url.clone(),
             op,
             key: key.to_string(),
-            source: Box::new(source),
+            cause: Box::new(source),
         }
     }
 
@@ -366,5 +510,85 @@ mod tests {
         assert_eq!(c.get("x").await.unwrap().unwrap(), &b"1"[..]);
         assert!(c.get("missing").await.unwrap().is_none());
         assert!(!c.exists("missing").await.unwrap());
+    }
+}
+
+/// AWS shared config profiles (`profile=` or `AWS_PROFILE`), which object_store does
+/// not read itself: keys from the credentials file, region from the config file.
+mod aws_profile {
+    use ini::Ini;
+
+    #[derive(Debug, PartialEq, Eq)]
+    pub struct Creds {
+        pub access_key_id: String,
+        pub secret_access_key: String,
+        pub session_token: Option<String>,
+        pub region: Option<String>,
+    }
+
+    fn home_file(env: &str, rel: &str) -> Option<std::path::PathBuf> {
+        std::env::var_os(env)
+            .map(Into::into)
+            .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(rel)))
+    }
+
+    /// Explicit `profile=` always wins; `AWS_PROFILE` only when no keys are in the
+    /// environment (as the AWS CLI does).
+    pub fn resolve(explicit: Option<&str>) -> Result<Option<Creds>, String> {
+        let from_env = std::env::var("AWS_PROFILE").ok().filter(|p| !p.is_empty());
+        let keys_in_env = std::env::var_os("AWS_ACCESS_KEY_ID").is_some();
+        let name = match (explicit, from_env) {
+            (Some(p), _) => p.to_string(),
+            (None, Some(p)) if !keys_in_env => p,
+            _ => return Ok(None),
+        };
+        let cred_file = home_file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials")
+            .ok_or("cannot locate the AWS credentials file (no HOME)")?;
+        let config_file = home_file("AWS_CONFIG_FILE", ".aws/config");
+        let creds = Ini::load_from_file(&cred_file)
+            .map_err(|e| format!("AWS profile {name:?}: cannot read {}: {e}", cred_file.display()))?;
+        let config = config_file.and_then(|f| Ini::load_from_file(f).ok());
+        from_ini(&name, &creds, config.as_ref())
+            .ok_or_else(|| format!("AWS profile {name:?} has no keys in {}", cred_file.display()))
+            .map(Some)
+    }
+
+    pub fn from_ini(name: &str, creds: &Ini, config: Option<&Ini>) -> Option<Creds> {
+        let sec = creds.section(Some(name))?;
+        let region = config.and_then(|c| {
+            let sec = if name == "default" {
+                c.section(Some("default"))
+            } else {
+                c.section(Some(format!("profile {name}")))
+            };
+            sec.and_then(|s| s.get("region")).map(str::to_string)
+        });
+        Some(Creds {
+            access_key_id: sec.get("aws_access_key_id")?.to_string(),
+            secret_access_key: sec.get("aws_secret_access_key")?.to_string(),
+            session_token: sec.get("aws_session_token").map(str::to_string),
+            region,
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn reads_keys_and_region_of_a_profile() {
+            let creds = Ini::load_from_str(
+                "[default]\naws_access_key_id = A\naws_secret_access_key = B\n\n[ci]\naws_access_key_id=C\naws_secret_access_key=D\naws_session_token=T\n",
+            )
+            .unwrap();
+            let config =
+                Ini::load_from_str("[default]\nregion = eu-west-1\n[profile ci]\nregion=us-west-2\n").unwrap();
+            let ci = from_ini("ci", &creds, Some(&config)).unwrap();
+            assert_eq!(ci.access_key_id, "C");
+            assert_eq!(ci.session_token.as_deref(), Some("T"));
+            assert_eq!(ci.region.as_deref(), Some("us-west-2"));
+            assert_eq!(from_ini("default", &creds, Some(&config)).unwrap().region.as_deref(), Some("eu-west-1"));
+            assert!(from_ini("missing", &creds, None).is_none());
+        }
     }
 }

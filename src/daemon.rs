@@ -51,6 +51,11 @@ pub enum Error {
     Nix(#[from] nix::Error),
     #[error(transparent)]
     Upload(#[from] upload::Error),
+    #[error("{diagnosis}: {cause}")]
+    Startup {
+        diagnosis: &'static str,
+        cause: cache::Error,
+    },
     #[error("the cache's nix-cache-info says StoreDir {cache}, but this store is {ours}")]
     StoreDirMismatch { cache: String, ours: String },
     #[error("cannot open input {path}: {source}")]
@@ -176,33 +181,48 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-/// Checks the cache before any work is accepted: reachable, and made for this store
-/// (creates nix-cache-info when missing).
+/// Checks the cache before any work is accepted: reachable, readable, writable, and
+/// made for this store (creates nix-cache-info when missing). Fails fast: few retries.
 pub async fn prepare(cfg: &Config) -> Result<(), Error> {
+    let probe = cfg.cache.probe()?;
+    let explain = |e: cache::Error| match e.diagnosis() {
+        Some(d) => Error::Startup {
+            diagnosis: d,
+            cause: e,
+        },
+        None => Error::Cache(e),
+    };
     let ours = cfg.store_dir.as_str().to_string();
-    let fresh = CacheInfo::new(&ours, cfg.priority).to_string();
-    let created = cfg
-        .cache
-        .create(
-            "nix-cache-info",
-            Bytes::from(fresh),
-            "text/x-nix-cache-info",
-        )
-        .await?;
-    if !created {
-        let text = cfg.cache.get("nix-cache-info").await?.unwrap_or_default();
-        let existing = CacheInfo::parse(&String::from_utf8_lossy(&text));
-        if let Some(theirs) = existing.store_dir {
-            if theirs != ours {
-                return Err(Error::StoreDirMismatch {
-                    cache: theirs,
-                    ours,
-                });
+    match probe.get("nix-cache-info").await.map_err(explain)? {
+        Some(text) => {
+            let existing = CacheInfo::parse(&String::from_utf8_lossy(&text));
+            if let Some(theirs) = existing.store_dir {
+                if theirs != ours {
+                    return Err(Error::StoreDirMismatch {
+                        cache: theirs,
+                        ours,
+                    });
+                }
             }
+            // Prove we may write before accepting paths (a hidden, tiny object).
+            probe
+                .put(WRITE_CHECK, Bytes::from_static(b"narpipe\n"), "text/plain")
+                .await
+                .map_err(explain)?;
+        }
+        None => {
+            let fresh = CacheInfo::new(&ours, cfg.priority).to_string();
+            probe
+                .create("nix-cache-info", Bytes::from(fresh), "text/x-nix-cache-info")
+                .await
+                .map_err(explain)?;
         }
     }
     Ok(())
 }
+
+/// Written at start when nix-cache-info already exists, to check write access.
+pub const WRITE_CHECK: &str = ".narpipe-write-check";
 
 enum Item {
     Root(StorePath),

@@ -12,6 +12,7 @@
 
 pub mod cache;
 pub mod cache_info;
+pub mod cache_url;
 pub mod compress;
 pub mod daemon;
 pub mod hash;

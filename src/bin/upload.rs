@@ -144,9 +144,7 @@ fn watch_signals(shutdown: Shutdown) -> Result<()> {
 
 async fn start(args: &Args) -> Result<(Config, Input)> {
     let cfg = config(args)?;
-    daemon::prepare(&cfg)
-        .await
-        .with_context(|| format!("cache {}", cfg.cache.url()))?;
+    daemon::prepare(&cfg).await?;
     let input = Input::open(&args.input).await?;
     Ok((cfg, input))
 }

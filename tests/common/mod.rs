@@ -1,6 +1,8 @@
 //! Helpers for integration tests: real Nix, real binaries, temp dirs, processes killed on drop.
 #![allow(dead_code)]
 
+pub mod servers;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

