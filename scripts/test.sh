@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_nix
+ensure_test_servers
 cargo fmt --all -- --check
 cargo test --locked "$@"
