@@ -134,7 +134,11 @@ impl Cache {
 
     /// The same cache with few retries and short timeouts, for start-up checks.
     pub fn probe(&self) -> Result<Self, Error> {
-        Self::open_with(&self.raw, probe_retry_config(), client_options(Duration::from_secs(3)))
+        Self::open_with(
+            &self.raw,
+            probe_retry_config(),
+            client_options(Duration::from_secs(3)),
+        )
     }
 
     fn open_with(url: &str, retry: RetryConfig, client: ClientOptions) -> Result<Self, Error> {
@@ -183,9 +187,7 @@ impl Cache {
                     let mut client = client;
                     if let Some(ep) = endpoint {
                         // MinIO, SeaweedFS, Ceph, R2…: path-style requests to the endpoint.
-                        b = b
-                            .with_endpoint(ep)
-                            .with_virtual_hosted_style_request(false);
+                        b = b.with_endpoint(ep).with_virtual_hosted_style_request(false);
                         client = client.with_allow_http(ep.starts_with("http://"));
                     }
                     let store = b
@@ -545,11 +547,20 @@ mod aws_profile {
         let cred_file = home_file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials")
             .ok_or("cannot locate the AWS credentials file (no HOME)")?;
         let config_file = home_file("AWS_CONFIG_FILE", ".aws/config");
-        let creds = Ini::load_from_file(&cred_file)
-            .map_err(|e| format!("AWS profile {name:?}: cannot read {}: {e}", cred_file.display()))?;
+        let creds = Ini::load_from_file(&cred_file).map_err(|e| {
+            format!(
+                "AWS profile {name:?}: cannot read {}: {e}",
+                cred_file.display()
+            )
+        })?;
         let config = config_file.and_then(|f| Ini::load_from_file(f).ok());
         from_ini(&name, &creds, config.as_ref())
-            .ok_or_else(|| format!("AWS profile {name:?} has no keys in {}", cred_file.display()))
+            .ok_or_else(|| {
+                format!(
+                    "AWS profile {name:?} has no keys in {}",
+                    cred_file.display()
+                )
+            })
             .map(Some)
     }
 
@@ -581,13 +592,21 @@ mod aws_profile {
                 "[default]\naws_access_key_id = A\naws_secret_access_key = B\n\n[ci]\naws_access_key_id=C\naws_secret_access_key=D\naws_session_token=T\n",
             )
             .unwrap();
-            let config =
-                Ini::load_from_str("[default]\nregion = eu-west-1\n[profile ci]\nregion=us-west-2\n").unwrap();
+            let config = Ini::load_from_str(
+                "[default]\nregion = eu-west-1\n[profile ci]\nregion=us-west-2\n",
+            )
+            .unwrap();
             let ci = from_ini("ci", &creds, Some(&config)).unwrap();
             assert_eq!(ci.access_key_id, "C");
             assert_eq!(ci.session_token.as_deref(), Some("T"));
             assert_eq!(ci.region.as_deref(), Some("us-west-2"));
-            assert_eq!(from_ini("default", &creds, Some(&config)).unwrap().region.as_deref(), Some("eu-west-1"));
+            assert_eq!(
+                from_ini("default", &creds, Some(&config))
+                    .unwrap()
+                    .region
+                    .as_deref(),
+                Some("eu-west-1")
+            );
             assert!(from_ini("missing", &creds, None).is_none());
         }
     }

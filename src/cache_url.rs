@@ -59,15 +59,17 @@ impl FromStr for CacheUrl {
             }
             .normalised());
         }
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| err("want file:///dir, s3://bucket, gs://bucket or an absolute path".into()))?;
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            err("want file:///dir, s3://bucket, gs://bucket or an absolute path".into())
+        })?;
         if scheme == "file" {
             if rest.contains('?') {
                 return Err(err("file:// caches take no parameters".into()));
             }
             if !rest.starts_with('/') {
-                return Err(err("the folder must be an absolute path (file:///dir)".into()));
+                return Err(err(
+                    "the folder must be an absolute path (file:///dir)".into()
+                ));
             }
             return Ok(CacheUrl::File {
                 dir: rest.trim_end_matches('/').to_string(),
@@ -121,8 +123,8 @@ impl FromStr for CacheUrl {
             } else {
                 format!("{}://{ep}", scheme_param.as_deref().unwrap_or("https"))
             };
-            let parsed = url::Url::parse(&full)
-                .map_err(|e| err(format!("endpoint {full:?}: {e}")))?;
+            let parsed =
+                url::Url::parse(&full).map_err(|e| err(format!("endpoint {full:?}: {e}")))?;
             if !matches!(parsed.scheme(), "http" | "https") {
                 return Err(err(format!("endpoint {full:?}: want http or https")));
             }
@@ -176,13 +178,14 @@ impl CacheUrl {
 /// The URL without credentials-bearing parameters, for logs.
 impl fmt::Display for CacheUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let loc = |f: &mut fmt::Formatter<'_>, scheme: &str, bucket: &str, prefix: &Option<String>| {
-            write!(f, "{scheme}://{bucket}")?;
-            if let Some(p) = prefix {
-                write!(f, "/{p}")?;
-            }
-            Ok(())
-        };
+        let loc =
+            |f: &mut fmt::Formatter<'_>, scheme: &str, bucket: &str, prefix: &Option<String>| {
+                write!(f, "{scheme}://{bucket}")?;
+                if let Some(p) = prefix {
+                    write!(f, "/{p}")?;
+                }
+                Ok(())
+            };
         match self {
             CacheUrl::File { dir } => write!(f, "file://{dir}"),
             CacheUrl::S3 {
@@ -227,8 +230,18 @@ mod tests {
 
     #[test]
     fn files() {
-        assert_eq!(parse("/srv/cache/"), CacheUrl::File { dir: "/srv/cache".into() });
-        assert_eq!(parse("file:///srv/cache"), CacheUrl::File { dir: "/srv/cache".into() });
+        assert_eq!(
+            parse("/srv/cache/"),
+            CacheUrl::File {
+                dir: "/srv/cache".into()
+            }
+        );
+        assert_eq!(
+            parse("file:///srv/cache"),
+            CacheUrl::File {
+                dir: "/srv/cache".into()
+            }
+        );
         assert!(reason("file://relative").contains("absolute"));
         assert!(reason("file:///x?compression=zstd").contains("no parameters"));
         assert!(reason("relative/dir").contains("want file://"));
@@ -262,7 +275,9 @@ mod tests {
     #[test]
     fn unknown_or_bad_parameters_are_named() {
         // nixcached's README example: parameters another tool understands.
-        let r = reason("s3://mybucket?endpoint=minio.example.com:8080&disableSSL=true&s3ForcePathStyle=true");
+        let r = reason(
+            "s3://mybucket?endpoint=minio.example.com:8080&disableSSL=true&s3ForcePathStyle=true",
+        );
         assert!(r.contains("\"disableSSL\""), "{r}");
         assert!(reason("s3://b?compression=zstd").contains("\"compression\""));
         assert!(reason("s3://b?region=a&region=b").contains("twice"));

@@ -213,7 +213,11 @@ pub async fn prepare(cfg: &Config) -> Result<(), Error> {
         None => {
             let fresh = CacheInfo::new(&ours, cfg.priority).to_string();
             probe
-                .create("nix-cache-info", Bytes::from(fresh), "text/x-nix-cache-info")
+                .create(
+                    "nix-cache-info",
+                    Bytes::from(fresh),
+                    "text/x-nix-cache-info",
+                )
                 .await
                 .map_err(explain)?;
         }

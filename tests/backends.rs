@@ -52,7 +52,10 @@ fn assert_closed(dir: &Path) -> usize {
             let info: NarInfo = std::fs::read_to_string(&p).unwrap().parse().unwrap();
             let nar = dir.join(&info.url);
             assert!(nar.exists(), "{} lacks its NAR {}", p.display(), info.url);
-            assert_eq!(std::fs::metadata(&nar).unwrap().len(), info.file_size.unwrap());
+            assert_eq!(
+                std::fs::metadata(&nar).unwrap().len(),
+                info.file_size.unwrap()
+            );
             for r in &info.references {
                 assert!(
                     dir.join(format!("{}.narinfo", &r[..32])).exists(),
@@ -80,7 +83,11 @@ fn s3_closure_with_a_multipart_nar_is_substitutable() {
     let out = run_upload(s3.upload_cmd(), &keys.secret, &url, &paths);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
-    assert_eq!(log.matches("uploaded /nix/store/").count(), paths.len(), "{log}");
+    assert_eq!(
+        log.matches("uploaded /nix/store/").count(),
+        paths.len(),
+        "{log}"
+    );
 
     let dest = tmp.path().join("mirror");
     let objects = mirror(&*s3.store("nixcache"), "some/prefix", &dest);
@@ -119,8 +126,16 @@ fn s3_start_up_errors_say_which_and_exit_2() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("the credentials were rejected"), "{err}");
 
-    let closed = format!("s3://nixcache?endpoint=http://127.0.0.1:{}", common::servers::free_port());
-    let out = s3.upload_cmd().arg(&closed).stdin(Stdio::null()).output().unwrap();
+    let closed = format!(
+        "s3://nixcache?endpoint=http://127.0.0.1:{}",
+        common::servers::free_port()
+    );
+    let out = s3
+        .upload_cmd()
+        .arg(&closed)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("the endpoint cannot be reached"), "{err}");
@@ -133,7 +148,10 @@ fn s3_start_up_errors_say_which_and_exit_2() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("unknown parameter \"s3ForcePathStyle\""), "{err}");
+    assert!(
+        err.contains("unknown parameter \"s3ForcePathStyle\""),
+        "{err}"
+    );
 
     // A profile from the AWS shared files.
     let home = tmp.path().join("home");
@@ -155,7 +173,11 @@ fn s3_start_up_errors_say_which_and_exit_2() {
         .env_remove("AWS_SECRET_ACCESS_KEY")
         .env("HOME", &home);
     let out = run_upload(cmd, &keys.secret, &format!("{url}&profile=ci"), &[root]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -175,9 +197,13 @@ fn gcs_closure_with_a_multipart_nar_is_substitutable() {
 
     let dest = tmp.path().join("mirror");
     let objects = mirror(&*gcs.store("gcache"), "pre", &dest);
-    assert!(objects.iter().any(|(n, ct)| n.ends_with(".narinfo")
-        && ct.as_deref() == Some("text/x-nix-narinfo")));
-    assert!(!objects.iter().any(|(n, _)| n.contains("tmp-")), "{objects:?}");
+    assert!(objects
+        .iter()
+        .any(|(n, ct)| n.ends_with(".narinfo") && ct.as_deref() == Some("text/x-nix-narinfo")));
+    assert!(
+        !objects.iter().any(|(n, _)| n.contains("tmp-")),
+        "{objects:?}"
+    );
     assert_eq!(assert_closed(&dest), paths.len());
     assert_substitutes(&dest, &root, &keys.public, tmp.path());
     assert_substitutes(&dest, &big, &keys.public, tmp.path());
@@ -236,7 +262,11 @@ fn three_uploaders_on_one_bucket_keep_it_consistent() {
         uploaded += log.matches("uploaded /nix/store/").count();
     }
     let all: HashSet<String> = roots.iter().flat_map(|r| closure_of(r)).collect();
-    assert!(uploaded >= all.len(), "only {uploaded} uploads for {} paths", all.len());
+    assert!(
+        uploaded >= all.len(),
+        "only {uploaded} uploads for {} paths",
+        all.len()
+    );
 
     let dest = tmp.path().join("mirror");
     mirror(&*s3.store("shared"), "c", &dest);

@@ -38,13 +38,19 @@ pub fn free_port() -> u16 {
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn wait_ready(what: &str, mut ready: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ready() {
-        assert!(start.elapsed() < Duration::from_secs(60), "{what} did not come up");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{what} did not come up"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -165,7 +171,16 @@ impl FakeGcs {
         let log = std::fs::File::create(dir.path().join("gcs.log")).unwrap();
         let server = Proc::spawn(
             Command::new(bin)
-                .args(["-scheme", "http", "-host", "127.0.0.1", "-backend", "memory", "-log-level", "error"])
+                .args([
+                    "-scheme",
+                    "http",
+                    "-host",
+                    "127.0.0.1",
+                    "-backend",
+                    "memory",
+                    "-log-level",
+                    "error",
+                ])
                 .arg("-port")
                 .arg(port.to_string())
                 .arg("-public-host")
@@ -194,7 +209,8 @@ impl FakeGcs {
         let probe = g.store(bucket);
         let rt = runtime();
         wait_ready("fake-gcs-server", || {
-            rt.block_on(probe.put(&"narpipe-ready".into(), "1".into())).is_ok()
+            rt.block_on(probe.put(&"narpipe-ready".into(), "1".into()))
+                .is_ok()
         });
         g
     }
@@ -204,9 +220,11 @@ impl FakeGcs {
             GoogleCloudStorageBuilder::new()
                 .with_bucket_name(bucket)
                 .with_base_url(&self.endpoint)
-                .with_credentials(std::sync::Arc::new(object_store::StaticCredentialProvider::new(
-                    object_store::gcp::GcpCredential { bearer: String::new() },
-                )))
+                .with_credentials(std::sync::Arc::new(
+                    object_store::StaticCredentialProvider::new(object_store::gcp::GcpCredential {
+                        bearer: String::new(),
+                    }),
+                ))
                 .with_client_options(object_store::ClientOptions::new().with_allow_http(true))
                 .build()
                 .unwrap(),
@@ -214,7 +232,10 @@ impl FakeGcs {
     }
 
     pub fn url(&self, bucket: &str, prefix: &str) -> String {
-        format!("gs://{bucket}/{prefix}?endpoint={}&anonymous=true", self.endpoint)
+        format!(
+            "gs://{bucket}/{prefix}?endpoint={}&anonymous=true",
+            self.endpoint
+        )
     }
 }
 
@@ -242,7 +263,12 @@ pub fn mirror(store: &dyn ObjectStore, prefix: &str, dest: &Path) -> Vec<(String
         let metas: Vec<_> = store.list(Some(&p)).try_collect().await.unwrap();
         let mut out = Vec::new();
         for m in metas {
-            let rel = m.location.as_ref().strip_prefix(&format!("{prefix}/")).unwrap().to_string();
+            let rel = m
+                .location
+                .as_ref()
+                .strip_prefix(&format!("{prefix}/"))
+                .unwrap()
+                .to_string();
             let got = store.get(&m.location).await.unwrap();
             let ct = got
                 .attributes
