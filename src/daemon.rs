@@ -7,13 +7,21 @@
 //! A path task uploads its NAR under the `--jobs` limit, then waits until every
 //! reference's narinfo is in the cache, then writes its own narinfo: at no moment does
 //! the cache hold a narinfo whose NAR or references are missing. Tasks are started in
-//! dependency order. One path's failure is logged and counted and fails only the paths
-//! that depend on it.
+//! dependency order. One path's failure is logged and fails only the paths that depend
+//! on it.
+//!
+//! Accepted roots are recorded in the [`Journal`] (when there is a state directory)
+//! before anything else happens to them, and retired only when their whole closure is in
+//! the cache, or when they can never be (not valid in the store). A root whose attempt
+//! fails is tried again with exponential backoff and jitter; after `max_attempts` it is
+//! reported and kept in the journal for the next start, without holding up the rest.
+//! Paths that `send` spooled while upload was away are picked up the same way.
 //!
 //! [`Shutdown`] is how the caller stops it: `drain` stops reading (after what is already
 //! in a pipe) and lets queued work finish; `stop` abandons work promptly.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,10 +36,12 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{self, Cache};
 use crate::cache_info::CacheInfo;
 use crate::compress::Compression;
+use crate::journal::{self, Journal, Pending};
 use crate::nix::{self, Nix, PathInfo};
 use crate::pipe::{self, Frame, LineSplitter};
 use crate::resolve;
 use crate::signing::SecretKey;
+use crate::spool;
 use crate::store_path::{StoreDir, StorePath};
 use crate::upload;
 
@@ -51,6 +61,8 @@ pub enum Error {
     Nix(#[from] nix::Error),
     #[error(transparent)]
     Upload(#[from] upload::Error),
+    #[error(transparent)]
+    Journal(#[from] journal::Error),
     #[error("{diagnosis}: {cause}")]
     Startup {
         diagnosis: &'static str,
@@ -79,6 +91,22 @@ pub struct Config {
     pub level: Option<i32>,
     pub jobs: usize,
     pub priority: u32,
+    /// The durable record of accepted roots; None: nothing survives a crash.
+    pub journal: Option<Arc<Mutex<Journal>>>,
+    /// Roots the journal held at open, replayed first.
+    pub pending: Vec<Pending>,
+    /// Where `send` leaves paths when upload is away; polled while running.
+    pub spool_dir: Option<PathBuf>,
+    /// Attempts per root before it is reported failed (and kept for the next start).
+    pub max_attempts: u32,
+}
+
+/// Opens the journal in `state_dir`, returning it with what it still holds.
+pub fn open_journal(
+    state_dir: &std::path::Path,
+) -> Result<(Arc<Mutex<Journal>>, Vec<Pending>), Error> {
+    let (j, pending) = Journal::open(state_dir)?;
+    Ok((Arc::new(Mutex::new(j)), pending))
 }
 
 /// Where paths come from.
@@ -125,6 +153,7 @@ struct Stats {
     skipped: AtomicU64,
     failed: AtomicU64,
     rejected: AtomicU64,
+    errors: AtomicU64,
     nar_bytes: AtomicU64,
     file_bytes: AtomicU64,
 }
@@ -133,9 +162,12 @@ struct Stats {
 pub struct Summary {
     pub uploaded: u64,
     pub skipped: u64,
+    /// Roots given up on (after every attempt) or that can never be uploaded.
     pub failed: u64,
     /// Input lines that were not store paths.
     pub rejected: u64,
+    /// Failed attempts at single paths (each retried).
+    pub errors: u64,
     pub nar_bytes: u64,
     pub file_bytes: u64,
     /// Paths abandoned by a stop.
@@ -161,6 +193,9 @@ impl std::fmt::Display for Summary {
             self.failed,
             self.rejected,
         )?;
+        if self.errors > 0 {
+            write!(f, ", {} errors retried", self.errors)?;
+        }
         if self.unfinished > 0 {
             write!(f, ", {} unfinished", self.unfinished)?;
         }
@@ -227,11 +262,6 @@ pub async fn prepare(cfg: &Config) -> Result<(), Error> {
 
 /// Written at start when nix-cache-info already exists, to check write access.
 pub const WRITE_CHECK: &str = ".narpipe-write-check";
-
-enum Item {
-    Root(StorePath),
-    Finish,
-}
 
 #[derive(Clone, Debug)]
 enum Status {
@@ -307,15 +337,75 @@ impl Shared {
         Ok(found)
     }
 
-    fn fail_root(&self, p: &StorePath, reason: &str) {
-        self.stats.failed.fetch_add(1, Relaxed);
-        error!("failed {}: {reason}", self.show(p));
+    /// Runs a journal operation off the async threads (it may fsync).
+    async fn journal_op(
+        &self,
+        op: impl FnOnce(&mut Journal) -> Result<(), journal::Error> + Send + 'static,
+    ) -> bool {
+        let Some(j) = self.cfg.journal.clone() else {
+            return true;
+        };
+        let res = tokio::task::spawn_blocking(move || op(&mut j.lock().unwrap())).await;
+        match res {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                error!("{e}");
+                false
+            }
+            Err(e) => {
+                error!("state journal: {e}");
+                false
+            }
+        }
+    }
+
+    /// Records roots as accepted (durably, when there is a journal).
+    async fn journal_accept(&self, roots: &[StorePath]) -> bool {
+        let paths: Vec<String> = roots.iter().map(|p| self.show(p)).collect();
+        self.journal_op(move |j| j.accept(&paths)).await
+    }
+
+    async fn journal_retire(&self, path: String) {
+        self.journal_op(move |j| j.retire(&path)).await;
+    }
+
+    async fn journal_fail(&self, path: String, reason: String) {
+        self.journal_op(move |j| j.fail(&path, &reason)).await;
     }
 }
 
-/// Runs until the input ends, `!finish` arrives, or `shutdown` says so.
-pub async fn run(cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
+/// What became of a root in one attempt.
+enum RootOutcome {
+    /// Its closure is in the cache.
+    Done,
+    /// It can never be uploaded (not valid in the store, garbage-collected): retire it.
+    Gone(String),
+    /// This attempt failed; try again later.
+    Failed(String),
+    /// Uploads are under way; these paths must all end Done.
+    Wait(Vec<(StorePath, watch::Receiver<Status>)>),
+}
+
+struct Outstanding {
+    attempts: u32,
+}
+
+/// Delay before attempt `n + 1` (n ≥ 1): exponential from 1 s, capped, ±25 % jitter.
+fn backoff(n: u32) -> Duration {
+    let base = 1000u64
+        .saturating_mul(1 << n.saturating_sub(1).min(6))
+        .min(60_000);
+    let jitter = fastrand::u64(0..=base / 2);
+    Duration::from_millis(base - base / 4 + jitter)
+}
+
+/// Runs until the input ends (or `send --finish`, or `shutdown.drain`) and every
+/// accepted path is in the cache or given up; `shutdown.stop` abandons work (it stays
+/// in the journal).
+pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
     let start = Instant::now();
+    let journal = std::mem::take(&mut cfg.pending);
+    let spool_dir = cfg.spool_dir.clone();
     let shared = Arc::new(Shared {
         nix: Nix::new(cfg.store_dir.clone()),
         jobs: Semaphore::new(cfg.jobs.max(1)),
@@ -331,58 +421,151 @@ pub async fn run(cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
         stop: shutdown.stop.clone(),
         cfg,
     });
-    let (tx, mut rx) = mpsc::channel::<Item>(4096);
+    let (tx, mut rx) = mpsc::channel::<Vec<StorePath>>(1024);
+    let input_done = CancellationToken::new();
     let reader = tokio::spawn(read_input(
         input,
         shared.clone(),
-        tx,
+        tx.clone(),
         shutdown.drain.clone(),
+        input_done.clone(),
     ));
+    let spooler = spool_dir.map(|dir| {
+        tokio::spawn(watch_spool(
+            dir,
+            shared.clone(),
+            tx.clone(),
+            input_done.clone(),
+        ))
+    });
+    drop(tx);
 
-    let mut tasks = JoinSet::new();
+    let (done_tx, mut done_rx) = mpsc::channel::<(StorePath, Result<(), String>)>(1024);
+    let mut outstanding: HashMap<StorePath, Outstanding> = HashMap::new();
+    let mut retries: Vec<(tokio::time::Instant, StorePath)> = Vec::new();
+    let mut batch: Vec<StorePath> = Vec::new();
+    let mut batch_deadline: Option<tokio::time::Instant> = None;
+    let mut input_open = true;
     let stop = shutdown.stop.clone();
-    let mut reading = true;
-    while reading {
-        let first = tokio::select! {
-            it = rx.recv() => it,
-            _ = stop.cancelled() => break,
-        };
-        let mut batch = Vec::new();
-        match first {
-            Some(Item::Root(p)) => batch.push(p),
-            Some(Item::Finish) | None => reading = false,
-        }
-        let deadline = tokio::time::Instant::now() + WINDOW;
-        while reading && batch.len() < MAX_BATCH {
-            tokio::select! {
-                it = rx.recv() => match it {
-                    Some(Item::Root(p)) => batch.push(p),
-                    Some(Item::Finish) | None => reading = false,
-                },
-                _ = tokio::time::sleep_until(deadline) => break,
+
+    // What an earlier run accepted and did not finish comes first.
+    for p in journal {
+        match shared.cfg.store_dir.parse(&p.path) {
+            Ok(sp) => {
+                if let Some(reason) = &p.failed {
+                    info!("retrying {} (failed before: {reason})", p.path);
+                } else {
+                    info!("resuming {}", p.path);
+                }
+                batch.push(sp);
+            }
+            Err(e) => {
+                warn!("dropping unreadable journal entry {:?}: {e}", p.path);
+                shared.journal_retire(p.path.clone()).await;
             }
         }
-        if batch.is_empty() {
+    }
+    if !batch.is_empty() {
+        batch_deadline = Some(tokio::time::Instant::now());
+    }
+
+    let mut tasks = JoinSet::new();
+    loop {
+        if !input_open && outstanding.is_empty() && batch.is_empty() {
+            break;
+        }
+        let next_retry = retries.iter().map(|(t, _)| *t).min();
+        let mut flush = false;
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            Some((root, result)) = done_rx.recv() => {
+                settle(&shared, &mut outstanding, &mut retries, root, result).await;
+            }
+            got = rx.recv(), if input_open => match got {
+                Some(roots) => {
+                    for r in roots {
+                        if !outstanding.contains_key(&r) && !batch.contains(&r) {
+                            batch.push(r);
+                        }
+                    }
+                    batch_deadline.get_or_insert_with(|| tokio::time::Instant::now() + WINDOW);
+                }
+                None => input_open = false,
+            },
+            _ = tokio::time::sleep_until(next_retry.unwrap_or_else(tokio::time::Instant::now)), if next_retry.is_some() => {
+                let now = tokio::time::Instant::now();
+                retries.retain(|(t, p)| {
+                    if *t <= now {
+                        batch.push(p.clone());
+                        false
+                    } else {
+                        true
+                    }
+                });
+                flush = true;
+            }
+            _ = tokio::time::sleep_until(batch_deadline.unwrap_or_else(tokio::time::Instant::now)), if batch_deadline.is_some() => flush = true,
+        }
+        if batch.is_empty() || !(flush || batch.len() >= MAX_BATCH || !input_open) {
             continue;
         }
-        tokio::select! {
-            _ = process_batch(&shared, batch, &mut tasks) => {}
+        batch_deadline = None;
+        let roots = std::mem::take(&mut batch);
+        for r in &roots {
+            outstanding
+                .entry(r.clone())
+                .or_insert(Outstanding { attempts: 0 });
+        }
+        let outcomes = tokio::select! {
+            o = process_batch(&shared, roots, &mut tasks) => o,
             _ = stop.cancelled() => break,
+        };
+        for (root, outcome) in outcomes {
+            match outcome {
+                RootOutcome::Done => {
+                    settle(&shared, &mut outstanding, &mut retries, root, Ok(())).await
+                }
+                RootOutcome::Failed(reason) => {
+                    settle(&shared, &mut outstanding, &mut retries, root, Err(reason)).await
+                }
+                RootOutcome::Gone(reason) => {
+                    shared.stats.failed.fetch_add(1, Relaxed);
+                    error!("failed {}: {reason}", shared.show(&root));
+                    outstanding.remove(&root);
+                    shared.journal_retire(shared.show(&root)).await;
+                }
+                RootOutcome::Wait(targets) => {
+                    let done_tx = done_tx.clone();
+                    tokio::spawn(async move {
+                        let mut result = Ok(());
+                        for (path, mut rx) in targets {
+                            let status = rx
+                                .wait_for(|s| !matches!(s, Status::Pending))
+                                .await
+                                .map(|s| s.clone())
+                                .unwrap_or(Status::Failed("abandoned".into()));
+                            if let Status::Failed(reason) = status {
+                                result = Err(format!("{path}: {reason}"));
+                                break;
+                            }
+                        }
+                        let _ = done_tx.send((root, result)).await;
+                    });
+                }
+            }
         }
         while tasks.try_join_next().is_some() {}
     }
     reader.abort();
-
-    let mut unfinished = 0;
-    loop {
-        tokio::select! {
-            r = tasks.join_next() => if r.is_none() { break },
-            _ = stop.cancelled() => {
-                unfinished = tasks.len() as u64;
-                tasks.shutdown().await;
-                break;
-            }
-        }
+    if let Some(s) = spooler {
+        s.abort();
+    }
+    let unfinished = outstanding.len() as u64;
+    if stop.is_cancelled() {
+        tasks.shutdown().await;
+    } else {
+        while tasks.join_next().await.is_some() {}
     }
     shared
         .cfg
@@ -395,6 +578,7 @@ pub async fn run(cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
         skipped: s.skipped.load(Relaxed),
         failed: s.failed.load(Relaxed),
         rejected: s.rejected.load(Relaxed),
+        errors: s.errors.load(Relaxed),
         nar_bytes: s.nar_bytes.load(Relaxed),
         file_bytes: s.file_bytes.load(Relaxed),
         unfinished,
@@ -402,12 +586,57 @@ pub async fn run(cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
     }
 }
 
+/// A root's attempt ended: retire it, or schedule another attempt, or give up for now.
+async fn settle(
+    shared: &Shared,
+    outstanding: &mut HashMap<StorePath, Outstanding>,
+    retries: &mut Vec<(tokio::time::Instant, StorePath)>,
+    root: StorePath,
+    result: Result<(), String>,
+) {
+    let shown = shared.show(&root);
+    match result {
+        Ok(()) => {
+            outstanding.remove(&root);
+            shared.journal_retire(shown).await;
+        }
+        Err(reason) => {
+            let max = shared.cfg.max_attempts.max(1);
+            let entry = outstanding
+                .entry(root.clone())
+                .or_insert(Outstanding { attempts: 0 });
+            entry.attempts += 1;
+            if entry.attempts < max {
+                let delay = backoff(entry.attempts);
+                warn!(
+                    "retrying {shown} in {:.1}s (attempt {} of {max} failed: {reason})",
+                    delay.as_secs_f64(),
+                    entry.attempts
+                );
+                retries.push((tokio::time::Instant::now() + delay, root));
+            } else {
+                outstanding.remove(&root);
+                shared.stats.failed.fetch_add(1, Relaxed);
+                let kept = if shared.cfg.journal.is_some() {
+                    "; kept in the state dir, retried on the next start"
+                } else {
+                    ""
+                };
+                error!("failed {shown} after {max} attempts: {reason}{kept}");
+                shared.journal_fail(shown, reason).await;
+            }
+        }
+    }
+}
+
 async fn read_input(
     input: Input,
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Item>,
+    tx: mpsc::Sender<Vec<StorePath>>,
     drain: CancellationToken,
+    input_done: CancellationToken,
 ) {
+    let _done = input_done.drop_guard();
     let mut splitter = LineSplitter::new(pipe::PIPE_BUF);
     let mut buf = vec![0u8; 64 * 1024];
     let mut frames = Vec::new();
@@ -449,7 +678,7 @@ async fn read_input(
 async fn read_stream<R: AsyncRead + Unpin>(
     mut r: R,
     shared: &Shared,
-    tx: &mpsc::Sender<Item>,
+    tx: &mpsc::Sender<Vec<StorePath>>,
     drain: &CancellationToken,
     mut splitter: LineSplitter,
     mut buf: Vec<u8>,
@@ -476,9 +705,32 @@ async fn read_stream<R: AsyncRead + Unpin>(
     deliver(shared, &mut frames, tx).await;
 }
 
-/// Turns frames into items; false once `!finish` was seen (stop reading).
-async fn deliver(shared: &Shared, frames: &mut Vec<Frame>, tx: &mpsc::Sender<Item>) -> bool {
-    for frame in frames.drain(..) {
+/// Parses frames into store paths, records them as accepted, and passes them on.
+/// Returns false once `!finish` was seen (stop reading) or the daemon stopped.
+async fn deliver(
+    shared: &Shared,
+    frames: &mut Vec<Frame>,
+    tx: &mpsc::Sender<Vec<StorePath>>,
+) -> bool {
+    let (roots, finish) = parse_frames(shared, frames.drain(..), true);
+    if !roots.is_empty() {
+        shared.journal_accept(&roots).await;
+        if tx.send(roots).await.is_err() {
+            return false;
+        }
+    }
+    !finish
+}
+
+/// Store paths from frames; bad input is reported and counted. The flag says whether
+/// `!finish` was among them (and commands are allowed at all).
+fn parse_frames(
+    shared: &Shared,
+    frames: impl Iterator<Item = Frame>,
+    commands: bool,
+) -> (Vec<StorePath>, bool) {
+    let mut roots = Vec::new();
+    for frame in frames {
         let line = match frame {
             Frame::Line(l) => l,
             Frame::TooLong { prefix, len } => {
@@ -495,9 +747,8 @@ async fn deliver(shared: &Shared, frames: &mut Vec<Frame>, tx: &mpsc::Sender<Ite
         if line.is_empty() {
             continue;
         }
-        if line == pipe::FINISH {
-            let _ = tx.send(Item::Finish).await;
-            return false;
+        if line == pipe::FINISH && commands {
+            return (roots, true);
         }
         if line.starts_with(b"!") {
             shared.stats.rejected.fetch_add(1, Relaxed);
@@ -505,113 +756,254 @@ async fn deliver(shared: &Shared, frames: &mut Vec<Frame>, tx: &mpsc::Sender<Ite
             continue;
         }
         match resolve::resolve(line, &shared.cfg.store_dir) {
-            Ok(p) => {
-                if tx.send(Item::Root(p)).await.is_err() {
-                    return false;
-                }
-            }
+            Ok(p) => roots.push(p),
             Err(e) => {
                 shared.stats.rejected.fetch_add(1, Relaxed);
                 warn!("rejected {e}");
             }
         }
     }
-    true
+    (roots, false)
 }
 
-/// Resolves a batch of roots to the paths the cache lacks and starts their tasks.
-async fn process_batch(shared: &Arc<Shared>, roots: Vec<StorePath>, tasks: &mut JoinSet<()>) {
-    let mut seen = HashSet::new();
-    let roots: Vec<StorePath> = roots
-        .into_iter()
-        .filter(|p| seen.insert(p.clone()))
-        .collect();
+const SPOOL_POLL: Duration = Duration::from_secs(1);
+
+/// Picks up what `send` spooled while upload was away: at start, every second, and
+/// once more when the input ends. A file is deleted only after its paths are recorded.
+async fn watch_spool(
+    dir: PathBuf,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Vec<StorePath>>,
+    input_done: CancellationToken,
+) {
+    loop {
+        let files = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || spool::list(&dir))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        };
+        match files {
+            Ok(files) => {
+                for f in files {
+                    let data = match tokio::fs::read(&f).await {
+                        Ok(d) => d,
+                        Err(e) => {
+                            warn!("cannot read spool file {}: {e}", f.display());
+                            continue;
+                        }
+                    };
+                    let mut splitter = LineSplitter::new(pipe::PIPE_BUF);
+                    let mut frames = Vec::new();
+                    splitter.push(&data, &mut frames);
+                    frames.extend(splitter.finish());
+                    let (roots, _) = parse_frames(&shared, frames.into_iter(), false);
+                    info!("picked up {} paths spooled in {}", roots.len(), f.display());
+                    if !roots.is_empty() {
+                        if !shared.journal_accept(&roots).await {
+                            continue; // keep the file: not recorded
+                        }
+                        if tx.send(roots).await.is_err() {
+                            return;
+                        }
+                    }
+                    if let Err(e) = tokio::fs::remove_file(&f).await {
+                        warn!("cannot remove spool file {}: {e}", f.display());
+                    }
+                }
+            }
+            Err(e) => warn!("cannot list the spool {}: {e}", dir.display()),
+        }
+        if input_done.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(SPOOL_POLL) => {}
+            _ = input_done.cancelled() => {}
+        }
+    }
+}
+
+/// Resolves a batch of roots to the paths the cache lacks, starts their tasks, and says
+/// what each root now waits for.
+async fn process_batch(
+    shared: &Arc<Shared>,
+    roots: Vec<StorePath>,
+    tasks: &mut JoinSet<()>,
+) -> Vec<(StorePath, RootOutcome)> {
+    let mut outcomes = Vec::new();
     let (drvs, paths): (Vec<_>, Vec<_>) = roots.into_iter().partition(|p| p.is_derivation());
 
     // A root whose narinfo exists has its whole closure in the cache (the invariant
     // we keep, and that `nix copy` keeps): no need to ask Nix about it.
-    let mut missing = absent_roots(shared, paths).await;
+    let mut missing = Vec::new();
+    for (p, present) in presence(shared, paths).await {
+        match present {
+            Ok(true) => {
+                shared.stats.skipped.fetch_add(1, Relaxed);
+                info!("skipped {} (already in the cache)", shared.show(&p));
+                outcomes.push((p, RootOutcome::Done));
+            }
+            Ok(false) => missing.push(p),
+            Err(e) => outcomes.push((p, RootOutcome::Failed(e.to_string()))),
+        }
+    }
+    let mut ask: Vec<StorePath> = missing.clone();
+    ask.extend(drvs.iter().cloned());
     let mut valid_drvs = Vec::new();
-    if !missing.is_empty() || !drvs.is_empty() {
-        let mut ask: Vec<StorePath> = missing.clone();
-        ask.extend(drvs.iter().cloned());
+    if !ask.is_empty() {
         match shared.nix.invalid(&ask).await {
             Ok(invalid) => {
-                for p in &invalid {
-                    shared.fail_root(
-                        p,
-                        "not a valid path in the store (not built, not registered, or garbage-collected)",
-                    );
+                for p in invalid.iter() {
+                    outcomes.push((
+                        p.clone(),
+                        RootOutcome::Gone(
+                            "not a valid path in the store (not built, not registered, or garbage-collected)"
+                                .into(),
+                        ),
+                    ));
                 }
                 missing.retain(|p| !invalid.contains(p));
                 valid_drvs = drvs.into_iter().filter(|p| !invalid.contains(p)).collect();
             }
             Err(e) => {
-                for p in ask {
-                    shared.fail_root(&p, &e.to_string());
-                }
-                return;
+                let reason = e.to_string();
+                outcomes.extend(
+                    ask.into_iter()
+                        .map(|p| (p, RootOutcome::Failed(reason.clone()))),
+                );
+                return outcomes;
             }
         }
     }
-    if !valid_drvs.is_empty() {
-        match drv_outputs(shared, &valid_drvs).await {
-            Ok(outs) => missing.extend(absent_roots(shared, outs).await),
+    // For each .drv root, the outputs it waits for.
+    let mut drv_targets: Vec<(StorePath, Vec<StorePath>)> = Vec::new();
+    for drv in valid_drvs {
+        let outs = match drv_outputs(shared, &drv).await {
+            Ok(outs) => outs,
             Err(e) => {
-                for d in &valid_drvs {
-                    shared.fail_root(d, &e.to_string());
-                }
+                outcomes.push((drv, RootOutcome::Failed(e.to_string())));
+                continue;
             }
+        };
+        if outs.is_empty() {
+            outcomes.push((
+                drv,
+                RootOutcome::Gone("none of its outputs is built".into()),
+            ));
+            continue;
+        }
+        let mut absent = Vec::new();
+        let mut failure = None;
+        for (o, present) in presence(shared, outs).await {
+            match present {
+                Ok(true) => {}
+                Ok(false) => absent.push(o),
+                Err(e) => failure = Some(e.to_string()),
+            }
+        }
+        if let Some(reason) = failure {
+            outcomes.push((drv, RootOutcome::Failed(reason)));
+        } else if absent.is_empty() {
+            shared.stats.skipped.fetch_add(1, Relaxed);
+            info!(
+                "skipped {} (its outputs are in the cache)",
+                shared.show(&drv)
+            );
+            outcomes.push((drv, RootOutcome::Done));
+        } else {
+            missing.extend(absent.iter().cloned());
+            drv_targets.push((drv, absent));
         }
     }
     if missing.is_empty() {
-        return;
+        return outcomes;
     }
+    missing.sort();
+    missing.dedup();
     let infos = match shared.nix.closure(&missing).await {
         Ok(i) => i,
         Err(e) => {
-            for p in &missing {
-                shared.fail_root(p, &e.to_string());
-            }
-            return;
+            let reason = e.to_string();
+            let drv_outs: HashSet<&StorePath> = drv_targets.iter().flat_map(|(_, o)| o).collect();
+            outcomes.extend(
+                missing
+                    .iter()
+                    .filter(|p| !drv_outs.contains(p))
+                    .map(|p| (p.clone(), RootOutcome::Failed(reason.clone()))),
+            );
+            outcomes.extend(
+                drv_targets
+                    .iter()
+                    .map(|(d, _)| (d.clone(), RootOutcome::Failed(reason.clone()))),
+            );
+            return outcomes;
         }
     };
-    spawn_in_dependency_order(shared, infos, tasks);
+    let watches = spawn_in_dependency_order(shared, infos, tasks);
+    // A target with no watch finished (or failed) already: its narinfo decides.
+    let wait_for = |targets: &[StorePath]| {
+        let mut waits = Vec::new();
+        for t in targets {
+            match watches.get(t) {
+                Some(rx) => waits.push((t.clone(), rx.clone())),
+                None if shared.known_present(t) => {}
+                None => {
+                    return RootOutcome::Failed(format!(
+                        "{} did not reach the cache",
+                        shared.show(t)
+                    ))
+                }
+            }
+        }
+        if waits.is_empty() {
+            RootOutcome::Done
+        } else {
+            RootOutcome::Wait(waits)
+        }
+    };
+    let drv_outs: HashSet<&StorePath> = drv_targets.iter().flat_map(|(_, o)| o).collect();
+    for p in &missing {
+        if !drv_outs.contains(p) {
+            outcomes.push((p.clone(), wait_for(std::slice::from_ref(p))));
+        }
+    }
+    for (drv, outs) in &drv_targets {
+        outcomes.push((drv.clone(), wait_for(outs)));
+    }
+    outcomes
 }
 
-/// The built outputs of valid derivations; unbuilt ones are reported.
-async fn drv_outputs(shared: &Shared, drvs: &[StorePath]) -> Result<Vec<StorePath>, Error> {
-    let outs = shared.nix.outputs(drvs).await?;
+/// The outputs of a valid derivation that are built; unbuilt ones are reported.
+async fn drv_outputs(shared: &Shared, drv: &StorePath) -> Result<Vec<StorePath>, Error> {
+    let outs = shared.nix.outputs(std::slice::from_ref(drv)).await?;
     let invalid = shared.nix.invalid(&outs).await?;
     for o in &invalid {
-        shared.fail_root(o, "output of a submitted .drv is not built");
+        warn!(
+            "output {} of {} is not built; not uploading it",
+            shared.show(o),
+            shared.show(drv)
+        );
     }
     Ok(outs.into_iter().filter(|o| !invalid.contains(o)).collect())
 }
 
-async fn absent_roots(shared: &Shared, roots: Vec<StorePath>) -> Vec<StorePath> {
-    let checks = roots.into_iter().map(|p| async move {
-        match shared.in_cache(&p).await {
-            Ok(true) => {
-                shared.stats.skipped.fetch_add(1, Relaxed);
-                info!("skipped {} (already in the cache)", shared.show(&p));
-                None
-            }
-            Ok(false) => Some(p),
-            Err(e) => {
-                shared.fail_root(&p, &e.to_string());
-                None
-            }
-        }
+/// Whether each path's narinfo is in the cache, checked concurrently.
+async fn presence(shared: &Shared, paths: Vec<StorePath>) -> Vec<(StorePath, Result<bool, Error>)> {
+    let checks = paths.into_iter().map(|p| async move {
+        let r = shared.in_cache(&p).await;
+        (p, r)
     });
-    futures::future::join_all(checks)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
+    futures::future::join_all(checks).await
 }
 
-fn spawn_in_dependency_order(shared: &Arc<Shared>, infos: Vec<PathInfo>, tasks: &mut JoinSet<()>) {
+/// Starts a task for every path of the closure that is neither known present nor
+/// under way, references first; returns a status watch for each path under way.
+fn spawn_in_dependency_order(
+    shared: &Arc<Shared>,
+    infos: Vec<PathInfo>,
+    tasks: &mut JoinSet<()>,
+) -> HashMap<StorePath, watch::Receiver<Status>> {
     let by_path: HashMap<StorePath, PathInfo> =
         infos.into_iter().map(|i| (i.path.clone(), i)).collect();
     let mut order = Vec::with_capacity(by_path.len());
@@ -656,6 +1048,10 @@ fn spawn_in_dependency_order(shared: &Arc<Shared>, infos: Vec<PathInfo>, tasks: 
         state.inflight.insert(p, rx);
         tasks.spawn(path_task(shared.clone(), info, deps, tx));
     }
+    by_path
+        .keys()
+        .filter_map(|p| state.inflight.get(p).map(|rx| (p.clone(), rx.clone())))
+        .collect()
 }
 
 enum Outcome {
@@ -698,7 +1094,7 @@ async fn path_task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, tx: watc
         }
         Err(Error::Interrupted) => Status::Failed("interrupted".into()),
         Err(e) => {
-            shared.stats.failed.fetch_add(1, Relaxed);
+            shared.stats.errors.fetch_add(1, Relaxed);
             error!("failed {shown}: {e}");
             Status::Failed(e.to_string().into())
         }

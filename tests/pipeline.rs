@@ -249,30 +249,43 @@ fn post_build_hook_pushes_what_nix_build_builds() {
 }
 
 #[test]
-fn send_never_hangs_without_a_reader_and_refuses_regular_files() {
+fn send_never_hangs_without_a_reader_spools_and_refuses_regular_files() {
     let tmp = tempfile::tempdir().unwrap();
     let fifo = tmp.path().join("fifo");
     mkfifo(&fifo);
+    let spool = tmp.path().join("spool");
+    let spool_arg = format!("--spool-dir={}", spool.display());
     let root = build_closure(tmp.path(), "noreader", 0, 10);
     let start = Instant::now();
-    let out = send(&fifo, &["--timeout", "1", &root]);
+    let out = send(&fifo, &["--timeout", "1", &spool_arg, &root]);
     let waited = start.elapsed();
-    assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no upload is reading"), "{err}");
+    // The build must go on: exit 0, with a warning, and the path kept in the spool.
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("no upload is reading") && err.contains("spooled"),
+        "{err}"
+    );
     assert!(waited < Duration::from_secs(5), "send waited {waited:?}");
+    let spooled = narpipe::spool::list(&spool).unwrap();
+    assert_eq!(spooled.len(), 1);
+    assert_eq!(
+        std::fs::read_to_string(&spooled[0]).unwrap(),
+        format!("{root}\n")
+    );
 
     let file = tmp.path().join("regular");
     std::fs::write(&file, b"").unwrap();
-    let out = send(&file, &[&root]);
+    let out = send(&file, &[&spool_arg, &root]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a named pipe"));
     assert_eq!(std::fs::read(&file).unwrap(), b"");
 
     let missing = tmp.path().join("missing");
-    let out = send(&missing, &[&root]);
-    assert!(!out.status.success());
+    let out = send(&missing, &[&spool_arg, &root]);
+    assert!(out.status.success());
     assert!(!missing.exists(), "send created a file in the pipe's place");
+    assert_eq!(narpipe::spool::list(&spool).unwrap().len(), 3);
 }
 
 #[test]

@@ -6,7 +6,10 @@
 //! send -o /run/narpipe.fifo --finish          # ask upload to drain and exit
 //! ```
 //! Never waits longer than --timeout, never creates the pipe, never blocks on a
-//! missing reader: a build must not hang on it. No async runtime, no cache client.
+//! missing reader: a build must not hang on it. When upload is not there (no reader,
+//! or the pipe stays full), the paths go to a new file in the spool directory, which
+//! upload picks up when it runs, and send exits 0 with a warning. No async runtime, no
+//! cache client.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
@@ -48,6 +51,14 @@ struct Args {
     #[arg(long, env = "NIX_STORE_DIR", default_value = "/nix/store")]
     store_dir: String,
 
+    /// Where paths go when upload cannot take them now (upload's STATE_DIR/spool).
+    #[arg(
+        long,
+        env = "NARPIPE_SPOOL_DIR",
+        default_value = "/var/lib/narpipe/spool"
+    )]
+    spool_dir: PathBuf,
+
     /// Store paths to upload.
     paths: Vec<String>,
 }
@@ -68,14 +79,32 @@ fn paths_from_env() -> Vec<String> {
     }
 }
 
+/// Why the pipe could not take the paths.
+enum Undelivered {
+    /// Upload is not there or not keeping up: spool.
+    Away(anyhow::Error),
+    /// The path is not a pipe at all: a configuration error (still spooled).
+    NotAPipe(anyhow::Error),
+}
+
 /// Opens the FIFO for writing without ever blocking: retries while no reader is there.
-fn open_pipe(path: &Path, deadline: Instant) -> Result<OwnedFd> {
+fn open_pipe(path: &Path, deadline: Instant) -> Result<OwnedFd, Undelivered> {
     let shown = path.display();
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("no pipe at {shown} (is `upload --input {shown}` running?)"))?;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        Undelivered::Away(anyhow::anyhow!(
+            "no pipe at {shown} ({e}; is `upload --input {shown}` running?)"
+        ))
+    })?;
     if !meta.file_type().is_fifo() {
-        bail!("{shown} is not a named pipe; refusing to write to it");
+        return Err(Undelivered::NotAPipe(anyhow::anyhow!(
+            "{shown} is not a named pipe; refusing to write to it"
+        )));
     }
+    open_fifo(path, deadline).map_err(Undelivered::Away)
+}
+
+fn open_fifo(path: &Path, deadline: Instant) -> Result<OwnedFd> {
+    let shown = path.display();
     loop {
         let flags = OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
         match open(path, flags, Mode::empty()) {
@@ -126,6 +155,47 @@ fn write_chunk(fd: &OwnedFd, chunk: &[u8], deadline: Instant, shown: &str) -> Re
     }
 }
 
+/// Writes the chunks; returns how many went through before an error.
+fn write_all(
+    fd: &OwnedFd,
+    chunks: &[Vec<u8>],
+    deadline: Instant,
+    shown: &str,
+) -> (usize, Result<()>) {
+    for (i, chunk) in chunks.iter().enumerate() {
+        if let Err(e) = write_chunk(fd, chunk, deadline, shown) {
+            return (i, Err(e));
+        }
+    }
+    (chunks.len(), Ok(()))
+}
+
+/// Leaves the lines not delivered in the spool; the build goes on.
+fn spool(args: &Args, lines: &[String], why: &anyhow::Error) -> Result<()> {
+    let paths: Vec<String> = lines
+        .iter()
+        .filter(|l| l.as_bytes() != pipe::FINISH)
+        .cloned()
+        .collect();
+    if paths.is_empty() {
+        eprintln!("send: warning: {why:#}; nothing to spool");
+        return Ok(());
+    }
+    let file = narpipe::spool::write(&args.spool_dir, &paths).with_context(|| {
+        format!(
+            "{why:#}; and cannot spool {} paths into {}",
+            paths.len(),
+            args.spool_dir.display()
+        )
+    })?;
+    eprintln!(
+        "send: warning: {why:#}; {} paths spooled to {} for upload to pick up",
+        paths.len(),
+        file.display()
+    );
+    Ok(())
+}
+
 fn run(args: Args) -> Result<bool> {
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.timeout.max(0.0));
@@ -156,10 +226,31 @@ fn run(args: Args) -> Result<bool> {
         return Ok(all_valid);
     }
     let chunks = pipe::pack(&lines)?;
-    let fd = open_pipe(&args.output, deadline)?;
     let shown = args.output.display().to_string();
-    for chunk in &chunks {
-        write_chunk(&fd, chunk, deadline, &shown)?;
+    let fd = match open_pipe(&args.output, deadline) {
+        Ok(fd) => fd,
+        Err(Undelivered::Away(why)) => {
+            spool(&args, &lines, &why)?;
+            return Ok(all_valid);
+        }
+        Err(Undelivered::NotAPipe(why)) => {
+            spool(&args, &lines, &why)?;
+            return Err(why);
+        }
+    };
+    let (sent, result) = write_all(&fd, &chunks, deadline, &shown);
+    if let Err(why) = result {
+        // Whole chunks are atomic: the lines of the chunks not written are spooled.
+        let rest: Vec<String> = chunks[sent..]
+            .iter()
+            .flat_map(|c| {
+                String::from_utf8_lossy(c)
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        spool(&args, &rest, &why)?;
     }
     Ok(all_valid)
 }

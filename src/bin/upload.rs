@@ -7,6 +7,7 @@
 //! Exit codes: 0 every accepted path is in the cache; 1 some failed (or input was
 //! rejected, or a stop left work unfinished); 2 usage or configuration error.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -39,7 +40,7 @@ struct Args {
     /// A Nix secret key (name:base64, from `nix-store --generate-binary-cache-key`);
     /// repeat for several keys, each adds a Sig. In the environment: comma-separated.
     #[arg(long, env = "NARPIPE_SECRET_KEY_FILE", value_delimiter = ',')]
-    secret_key_file: Vec<std::path::PathBuf>,
+    secret_key_file: Vec<PathBuf>,
 
     /// NAR compression: zstd, xz or none.
     #[arg(long, env = "NARPIPE_COMPRESSION", default_value = "zstd")]
@@ -60,6 +61,38 @@ struct Args {
     /// Priority written to a new nix-cache-info (lower is preferred by Nix).
     #[arg(long, env = "NARPIPE_PRIORITY", default_value_t = 40)]
     priority: u32,
+
+    /// Where accepted paths are recorded until they are in the cache (default:
+    /// $STATE_DIRECTORY, else /var/lib/narpipe). Always used when reading a FIFO; for
+    /// stdin or a file only when given.
+    #[arg(long, env = "NARPIPE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// Where `send` leaves paths while upload is down (default: STATE_DIR/spool).
+    #[arg(long, env = "NARPIPE_SPOOL_DIR")]
+    spool_dir: Option<PathBuf>,
+
+    /// Attempts per path before it is reported failed (and kept for the next start).
+    #[arg(long, env = "NARPIPE_MAX_ATTEMPTS", default_value_t = 5)]
+    max_attempts: u32,
+}
+
+const DEFAULT_STATE_DIR: &str = "/var/lib/narpipe";
+
+/// The state directory: the option, else systemd's $STATE_DIRECTORY (first entry),
+/// else the default when `needed`.
+fn state_dir(args: &Args, needed: bool) -> Option<PathBuf> {
+    args.state_dir
+        .clone()
+        .or_else(|| {
+            std::env::var("STATE_DIRECTORY").ok().and_then(|v| {
+                v.split(':')
+                    .next()
+                    .filter(|d| !d.is_empty())
+                    .map(PathBuf::from)
+            })
+        })
+        .or_else(|| needed.then(|| PathBuf::from(DEFAULT_STATE_DIR)))
 }
 
 struct Logger;
@@ -118,6 +151,10 @@ fn config(args: &Args) -> Result<Config> {
         level: args.compression_level,
         jobs,
         priority: args.priority,
+        journal: None,
+        pending: Vec::new(),
+        spool_dir: None,
+        max_attempts: args.max_attempts,
     })
 }
 
@@ -143,9 +180,18 @@ fn watch_signals(shutdown: Shutdown) -> Result<()> {
 }
 
 async fn start(args: &Args) -> Result<(Config, Input)> {
-    let cfg = config(args)?;
-    daemon::prepare(&cfg).await?;
+    let mut cfg = config(args)?;
     let input = Input::open(&args.input).await?;
+    if let Some(dir) = state_dir(args, matches!(input, Input::Fifo(_))) {
+        let (journal, pending) = daemon::open_journal(&dir)?;
+        if !pending.is_empty() {
+            log::info!("{} paths pending in {}", pending.len(), dir.display());
+        }
+        cfg.journal = Some(journal);
+        cfg.pending = pending;
+        cfg.spool_dir = Some(args.spool_dir.clone().unwrap_or_else(|| dir.join("spool")));
+    }
+    daemon::prepare(&cfg).await?;
     Ok((cfg, input))
 }
 

@@ -204,11 +204,14 @@ impl Drop for Proc {
     }
 }
 
-/// upload reading `fifo`, writing to `cache`, signing with `key`; stderr to `log`.
+/// upload reading `fifo`, writing to `cache`, signing with `key`; stderr to `log`;
+/// its state directory is `state` beside the log.
 pub fn upload_daemon(fifo: &Path, cache: &Path, key: &Path, log: &Path) -> Proc {
     Proc::spawn(
         Command::new(UPLOAD)
             .env("NIX_CONFIG", NIX_CONFIG)
+            .arg("--state-dir")
+            .arg(log.parent().unwrap().join("state"))
             .arg("--input")
             .arg(fifo)
             .arg("--secret-key-file")
@@ -216,7 +219,13 @@ pub fn upload_daemon(fifo: &Path, cache: &Path, key: &Path, log: &Path) -> Proc 
             .arg(format!("file://{}", cache.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap()),
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            ),
     )
 }
 
