@@ -81,7 +81,9 @@ impl LineSplitter {
                 None => (data, &data[data.len()..], false),
             };
             data = rest;
-            if let Some((_, len)) = &mut self.skipping {
+            if let Some((prefix, len)) = &mut self.skipping {
+                let room = PREFIX_LEN.saturating_sub(prefix.len());
+                prefix.extend_from_slice(&part[..part.len().min(room)]);
                 *len += part.len();
                 if ended {
                     let (prefix, len) = self.skipping.take().unwrap();
@@ -186,6 +188,54 @@ mod tests {
             matches!(&got[1], Frame::TooLong { len: 50, prefix } if prefix.len() <= PREFIX_LEN)
         );
         assert_eq!(got[2], Frame::Line(b"ok2".to_vec()));
+    }
+
+    /// The line parser's fuzz target: any bytes, cut anywhere, give the frames a plain
+    /// split on newlines would, overlong lines reported with their length and start.
+    mod fuzz {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        fn reference(data: &[u8], max: usize) -> Vec<Frame> {
+            let mut out = Vec::new();
+            let mut parts: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
+            let last = parts.pop().unwrap();
+            for p in parts.into_iter().chain((!last.is_empty()).then_some(last)) {
+                if p.len() > max {
+                    out.push(Frame::TooLong {
+                        prefix: p[..p.len().min(PREFIX_LEN)].to_vec(),
+                        len: p.len(),
+                    });
+                } else {
+                    out.push(Frame::Line(p.to_vec()));
+                }
+            }
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+            #[test]
+            fn any_bytes_any_cuts(
+                data in vec(prop_oneof![Just(b'\n'), any::<u8>()], 0..2000),
+                mut cuts in vec(0usize..2000, 0..16),
+                max in 1usize..300,
+            ) {
+                cuts.push(data.len());
+                cuts.sort();
+                let mut s = LineSplitter::new(max);
+                let mut out = Vec::new();
+                let mut at = 0;
+                for c in cuts {
+                    let c = c.min(data.len());
+                    s.push(&data[at..c], &mut out);
+                    at = c;
+                }
+                out.extend(s.finish());
+                prop_assert_eq!(out, reference(&data, max));
+            }
+        }
     }
 
     #[test]

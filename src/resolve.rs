@@ -132,6 +132,18 @@ mod tests {
         assert!(err.to_string().contains("elsewhere"));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn never_panics_and_errors_name_the_input(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let sd = StoreDir::new("/nix/store").unwrap();
+            if let Err(e) = resolve(&raw, &sd) {
+                let shown = escape(&raw);
+                let head: String = shown.chars().take(20).collect();
+                proptest::prop_assert!(e.to_string().contains(&head), "{} lacks {}", e, head);
+            }
+        }
+    }
+
     #[test]
     fn rejects_bad_input_naming_it() {
         let sd = StoreDir::new("/nix/store").unwrap();
