@@ -275,3 +275,77 @@ fn three_uploaders_on_one_bucket_keep_it_consistent() {
         assert_substitutes(&dest, root, &keys.public, tmp.path());
     }
 }
+
+#[test]
+fn s3_outage_mid_upload_loses_nothing_and_publishes_nothing_broken() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-outage");
+    let mut s3 = Seaweed::start();
+    let url = s3.url("outage", "c");
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    let root = build_closure(tmp.path(), "outage", 8, 400_000);
+    let big = big_path(tmp.path(), "outage-big", 30 << 20);
+    let log = tmp.path().join("upload.log");
+    let mut cmd = s3.upload_cmd();
+    cmd.args([
+        "--jobs",
+        "1",
+        "--compression",
+        "xz",
+        "--compression-level",
+        "0",
+    ])
+    .arg("--state-dir")
+    .arg(tmp.path().join("state"))
+    .arg("--input")
+    .arg(&fifo)
+    .arg("--secret-key-file")
+    .arg(&keys.secret)
+    .arg(&url)
+    .stdin(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap());
+    let mut daemon = Proc::spawn(&mut cmd);
+    let send = |args: &[&str]| {
+        Command::new(SEND)
+            .arg("-o")
+            .arg(&fifo)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(send(&[&big, &root]).status.success());
+    // Let some of it land, then take the server away in the middle of the rest.
+    let store = s3.store("outage");
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "a first narinfo",
+        || {
+            let rt = common::servers::runtime();
+            rt.block_on(async {
+                use futures::TryStreamExt;
+                let list: Vec<_> = store
+                    .list(Some(&"c".into()))
+                    .try_collect()
+                    .await
+                    .unwrap_or_default();
+                list.iter()
+                    .any(|m| m.location.as_ref().ends_with(".narinfo"))
+            })
+        },
+    );
+    s3.stop();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    s3.resume();
+    assert!(send(&["--finish"]).status.success());
+    let status = daemon.wait_exit(std::time::Duration::from_secs(300));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+
+    let dest = tmp.path().join("mirror");
+    mirror(&*s3.store("outage"), "c", &dest);
+    let all = closure_of(&root).len() + 1;
+    assert_eq!(assert_closed(&dest), all, "{text}");
+    assert_substitutes(&dest, &root, &keys.public, tmp.path());
+    assert_substitutes(&dest, &big, &keys.public, tmp.path());
+}

@@ -207,9 +207,20 @@ impl Drop for Proc {
 /// upload reading `fifo`, writing to `cache`, signing with `key`; stderr to `log`;
 /// its state directory is `state` beside the log.
 pub fn upload_daemon(fifo: &Path, cache: &Path, key: &Path, log: &Path) -> Proc {
+    upload_daemon_with(fifo, cache, key, log, &[])
+}
+
+pub fn upload_daemon_with(
+    fifo: &Path,
+    cache: &Path,
+    key: &Path,
+    log: &Path,
+    extra: &[&str],
+) -> Proc {
     Proc::spawn(
         Command::new(UPLOAD)
             .env("NIX_CONFIG", NIX_CONFIG)
+            .args(extra)
             .arg("--state-dir")
             .arg(log.parent().unwrap().join("state"))
             .arg("--input")

@@ -1,0 +1,332 @@
+//! Never lose a path: crashes, restarts, upload being away, persistent failures, and
+//! garbage on the pipe.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use narpipe::narinfo::NarInfo;
+use nix::sys::signal::Signal;
+
+/// ~210 paths: 200 leaves of assorted sizes, 10 groups over them, one root.
+fn crash_closure_expr(tag: &str) -> String {
+    let word = unique(tag);
+    format!(
+        r#"let
+  mk = name: size: deps: derivation {{
+    inherit name deps;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    args = [ "-c" ''
+      mkdir -p $out; head -c ${{toString size}} /dev/urandom > $out/blob
+      for d in $deps; do echo $d >> $out/deps; done
+    '' ];
+  }};
+  leaves = builtins.genList (i: mk "{word}-leaf-${{toString i}}" (1000 + 791 * i * i / 100) []) 200;
+  group = g: mk "{word}-group-${{toString g}}" 100 (builtins.genList (i: builtins.elemAt leaves (g * 20 + i)) 20);
+in mk "{word}-root" 100 (builtins.genList group 10)
+"#
+    )
+}
+
+/// Every narinfo in the folder has its NAR and its references' narinfos.
+fn assert_closed(dir: &Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "narinfo") {
+            let info: NarInfo = std::fs::read_to_string(&p).unwrap().parse().unwrap();
+            assert!(
+                dir.join(&info.url).exists(),
+                "{} lacks its NAR",
+                p.display()
+            );
+            for r in &info.references {
+                assert!(
+                    dir.join(format!("{}.narinfo", &r[..32])).exists(),
+                    "{} lacks reference {r}",
+                    p.display()
+                );
+            }
+            n += 1;
+        }
+    }
+    n
+}
+
+fn send(fifo: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(SEND)
+        .arg("-o")
+        .arg(fifo)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn journal_text(state: &Path) -> String {
+    std::fs::read_to_string(state.join("journal")).unwrap_or_default()
+}
+
+#[test]
+fn kill_9_at_random_moments_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-crash");
+    let root = build_expr(tmp.path(), "crash", &crash_closure_expr("crash"));
+    let closure = closure_of(&root);
+    assert!(closure.len() >= 200, "{}", closure.len());
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    let cache = tmp.path().join("cache");
+    let state = tmp.path().join("state");
+    let log = tmp.path().join("upload.log");
+    // One slow NAR at a time, so that kills land mid-upload.
+    let start = || {
+        upload_daemon_with(
+            &fifo,
+            &cache,
+            &keys.secret,
+            &log,
+            &[
+                "--jobs",
+                "1",
+                "--compression",
+                "xz",
+                "--compression-level",
+                "0",
+            ],
+        )
+    };
+    let mut daemon = start();
+    assert!(send(&fifo, &[&root]).status.success());
+    // Accepted means journaled: from here on a crash must not lose it.
+    wait_until(Duration::from_secs(30), "the root to be journaled", || {
+        journal_text(&state).contains(&root)
+    });
+    // Kill at random moments until ten kills have cut work short (at most 60 kills).
+    let (mut kills, mut interrupted) = (0, 0);
+    while interrupted < 10 && kills < 60 {
+        std::thread::sleep(Duration::from_millis(fastrand::u64(20..300)));
+        daemon.signal(Signal::SIGKILL);
+        daemon.wait_exit(Duration::from_secs(10));
+        kills += 1;
+        // Pending in the journal and not all in the cache: this kill cut work short.
+        let (_, pending) = narpipe::journal::Journal::open(&state).unwrap();
+        if !pending.is_empty() && narinfo_count(&cache) < closure.len() {
+            interrupted += 1;
+        }
+        daemon = start();
+    }
+    assert!(send(&fifo, &["--finish"]).status.success());
+    let status = daemon.wait_exit(Duration::from_secs(300));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    assert!(
+        interrupted >= 10,
+        "only {interrupted} of {kills} kills landed mid-upload"
+    );
+    assert!(text.contains("resuming"), "{text}");
+    assert_eq!(assert_closed(&cache), closure.len());
+    assert_substitutes(&cache, &root, &keys.public, tmp.path());
+    // Retired: the journal holds nothing pending.
+    let (_, pending) = narpipe::journal::Journal::open(&state).unwrap();
+    assert!(pending.is_empty(), "{pending:?}");
+    eprintln!("{interrupted} of {kills} kills interrupted pending work");
+}
+
+#[test]
+fn send_while_upload_is_down_spools_and_upload_picks_it_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-spool");
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    let cache = tmp.path().join("cache");
+    let state = tmp.path().join("state");
+    let spool = state.join("spool");
+    let roots: Vec<String> = (0..3)
+        .map(|i| build_closure(tmp.path(), &format!("spooled{i}"), 1, 500))
+        .collect();
+    for r in &roots {
+        let out = Command::new(SEND)
+            .arg("-o")
+            .arg(&fifo)
+            .arg("--timeout=0.5")
+            .env("NARPIPE_SPOOL_DIR", &spool)
+            .arg(r)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(narpipe::spool::list(&spool).unwrap().len(), 3);
+    // A path spooled and then garbage-collected before upload runs.
+    let doomed = build_closure(tmp.path(), "doomed", 0, 10);
+    narpipe::spool::write(&spool, &[doomed.clone()]).unwrap();
+    run_ok(nix("nix-store").arg("--delete").arg(&doomed));
+
+    let log = tmp.path().join("upload.log");
+    let mut daemon = upload_daemon(&fifo, &cache, &keys.secret, &log);
+    // The spool is emptied once its paths are recorded.
+    wait_until(Duration::from_secs(30), "the spool to be picked up", || {
+        narpipe::spool::list(&spool).unwrap().is_empty()
+    });
+    assert!(send(&fifo, &["--finish"]).status.success());
+    let status = daemon.wait_exit(Duration::from_secs(120));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the GC'd path counts as failed: {text}"
+    );
+    assert!(text.contains(&format!("failed {doomed}")), "{text}");
+    for r in &roots {
+        assert_substitutes(&cache, r, &keys.public, tmp.path());
+    }
+    let (_, pending) = narpipe::journal::Journal::open(&state).unwrap();
+    assert!(pending.is_empty(), "GC'd path not retired: {pending:?}");
+}
+
+#[test]
+fn a_path_that_keeps_failing_is_kept_with_its_reason_and_retried_next_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-persist");
+    let cache = tmp.path().join("cache");
+    let state = tmp.path().join("state");
+    let good = build_closure(tmp.path(), "persist", 1, 100);
+    std::fs::create_dir_all(&cache).unwrap();
+    // Nothing can be written under nar/ while a file stands in its place.
+    std::fs::write(cache.join("nar"), b"in the way").unwrap();
+    let upload = |input: &str| {
+        let mut child = Command::new(UPLOAD)
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .args(["--max-attempts", "2", "--secret-key-file"])
+            .arg(&keys.secret)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg(&cache)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = upload(&format!("{good}\n"));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("retrying"), "{text}");
+    assert!(
+        text.contains(&format!("failed {good} after 2 attempts")) && text.contains("next start"),
+        "{text}"
+    );
+    let (_, pending) = narpipe::journal::Journal::open(&state).unwrap();
+    assert_eq!(pending.len(), 1);
+    assert!(
+        pending[0].failed.as_deref().unwrap_or("").contains("nar"),
+        "{pending:?}"
+    );
+
+    std::fs::remove_file(cache.join("nar")).unwrap();
+    let out = upload("");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("retrying") || text.contains("failed before"),
+        "{text}"
+    );
+    assert_substitutes(&cache, &good, &keys.public, tmp.path());
+    let (_, pending) = narpipe::journal::Journal::open(&state).unwrap();
+    assert!(pending.is_empty());
+}
+
+#[test]
+fn a_thousand_bad_lines_do_not_stop_the_valid_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-garbage");
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    let cache = tmp.path().join("cache");
+    let log = tmp.path().join("upload.log");
+    let mut daemon = upload_daemon(&fifo, &cache, &keys.secret, &log);
+    let valid: Vec<String> = (0..5)
+        .map(|i| build_closure(tmp.path(), &format!("amid-garbage{i}"), 0, 100))
+        .collect();
+    let outside = tmp.path().join("link-to-etc");
+    std::os::unix::fs::symlink("/etc/passwd", &outside).unwrap();
+
+    let mut bad: Vec<Vec<u8>> = Vec::new();
+    let mut missing = Vec::new();
+    for i in 0..1100 {
+        let line: Vec<u8> = match i % 11 {
+            0 => (0..fastrand::usize(1..200))
+                .map(|_| fastrand::u8(..))
+                .filter(|b| *b != b'\n')
+                .chain(*b"x")
+                .collect(),
+            1 => format!("/nix/store/\0{i}\0").into_bytes(),
+            2 => vec![b'/'; 5000 + i],
+            3 => format!("relative/path-{i}").into_bytes(),
+            4 => format!("/nix/store/../etc/passwd{i}").into_bytes(),
+            5 => format!("/etc/outside-{i}").into_bytes(),
+            6 => outside.to_str().unwrap().as_bytes().to_vec(),
+            7 => format!("/nix/store/not-a-valid-name-{i}").into_bytes(),
+            8 => format!("/nix/store/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-bad-hash-{i}").into_bytes(),
+            9 => format!("!unknown-command-{i}").into_bytes(),
+            _ => {
+                let p = format!("/nix/store/{:0>32}-missing-{i}", i);
+                missing.push(p.clone());
+                p.into_bytes()
+            }
+        };
+        bad.push(line);
+    }
+    {
+        let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        for (i, line) in bad.iter().enumerate() {
+            w.write_all(line).unwrap();
+            w.write_all(b"\n").unwrap();
+            if i % 220 == 0 {
+                writeln!(w, "{}", valid[i / 220]).unwrap();
+            }
+        }
+    }
+    // Still up, and still serving.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        daemon.0.try_wait().unwrap().is_none(),
+        "upload died on bad input"
+    );
+    let late = build_closure(tmp.path(), "after-garbage", 0, 100);
+    assert!(send(&fifo, &["--finish", &late]).status.success());
+    let status = daemon.wait_exit(Duration::from_secs(120));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1));
+    for v in valid.iter().chain([&late]) {
+        assert_substitutes(&cache, v, &keys.public, tmp.path());
+    }
+    // Every bad line reported, once.
+    let rejected = text
+        .lines()
+        .filter(|l| l.starts_with("warning: rejected"))
+        .count();
+    let failed_missing = missing
+        .iter()
+        .filter(|m| text.matches(&format!("failed {m}:")).count() == 1)
+        .count();
+    assert_eq!(failed_missing, missing.len(), "{text}");
+    assert_eq!(rejected + failed_missing, bad.len(), "{text}");
+    assert!(text.contains("rejected input \"/etc/outside-5\""), "{text}");
+    assert!(text.contains("\\x00"), "NUL bytes are shown escaped");
+}
