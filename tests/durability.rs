@@ -168,7 +168,7 @@ fn send_while_upload_is_down_spools_and_upload_picks_it_up() {
     assert_eq!(narpipe::spool::list(&spool).unwrap().len(), 3);
     // A path spooled and then garbage-collected before upload runs.
     let doomed = build_closure(tmp.path(), "doomed", 0, 10);
-    narpipe::spool::write(&spool, &[doomed.clone()]).unwrap();
+    narpipe::spool::write(&spool, std::slice::from_ref(&doomed)).unwrap();
     run_ok(nix("nix-store").arg("--delete").arg(&doomed));
 
     let log = tmp.path().join("upload.log");
