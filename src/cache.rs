@@ -30,10 +30,10 @@ use tokio_util::task::TaskTracker;
 use crate::cache_url::{self, CacheUrl};
 
 /// NARs whose compressed size fits here are uploaded with one put.
-pub const SMALL_NAR: usize = 8 << 20;
+pub const SMALL_NAR: usize = 4 << 20;
 /// Multipart part size (S3 wants ≥ 5 MiB) and parts in flight per upload.
-const PART_SIZE: usize = 8 << 20;
-const PARTS_IN_FLIGHT: usize = 4;
+const PART_SIZE: usize = 6 << 20;
+const PARTS_IN_FLIGHT: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

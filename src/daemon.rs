@@ -6,9 +6,8 @@
 //! ```
 //! A path task uploads its NAR under the `--jobs` limit, then waits until every
 //! reference's narinfo is in the cache, then writes its own narinfo: at no moment does
-//! the cache hold a narinfo whose NAR or references are missing. Tasks are started in
-//! dependency order. One path's failure is logged and fails only the paths that depend
-//! on it.
+//! the cache hold a narinfo whose NAR or references are missing. NARs start largest
+//! first. One path's failure is logged and fails only the paths that depend on it.
 //!
 //! Accepted roots are recorded in the [`Journal`] (when there is a state directory)
 //! before anything else happens to them, and retired only when their whole closure is in
@@ -940,7 +939,7 @@ async fn process_batch(
             return outcomes;
         }
     };
-    let watches = spawn_in_dependency_order(shared, infos, tasks);
+    let watches = spawn_closure(shared, infos, tasks);
     // A target with no watch finished (or failed) already: its narinfo decides.
     let wait_for = |targets: &[StorePath]| {
         let mut waits = Vec::new();
@@ -998,60 +997,45 @@ async fn presence(shared: &Shared, paths: Vec<StorePath>) -> Vec<(StorePath, Res
 }
 
 /// Starts a task for every path of the closure that is neither known present nor
-/// under way, references first; returns a status watch for each path under way.
-fn spawn_in_dependency_order(
+/// under way; returns a status watch for each path under way. Every new path gets its
+/// watch before any task starts, so a task can wait on any reference; NARs then start
+/// largest first, which keeps both cores busy to the end (the narinfos still commit in
+/// dependency order, through those waits).
+fn spawn_closure(
     shared: &Arc<Shared>,
     infos: Vec<PathInfo>,
     tasks: &mut JoinSet<()>,
 ) -> HashMap<StorePath, watch::Receiver<Status>> {
-    let by_path: HashMap<StorePath, PathInfo> =
-        infos.into_iter().map(|i| (i.path.clone(), i)).collect();
-    let mut order = Vec::with_capacity(by_path.len());
-    let mut visited = HashSet::new();
-    let mut keys: Vec<&StorePath> = by_path.keys().collect();
-    keys.sort();
-    for root in keys {
-        // Iterative post-order DFS: references before referrers.
-        let mut stack = vec![(root, false)];
-        while let Some((p, expanded)) = stack.pop() {
-            if expanded {
-                order.push(p.clone());
-                continue;
-            }
-            if !visited.insert(p) {
-                continue;
-            }
-            stack.push((p, true));
-            for r in &by_path[p].references {
-                if r != p && by_path.contains_key(r) && !visited.contains(r) {
-                    stack.push((r, false));
-                }
-            }
-        }
-    }
     let mut state = shared.state.lock().unwrap();
-    for p in order {
-        if state.present.set.contains(&p) || state.inflight.contains_key(&p) {
+    let mut new: Vec<(PathInfo, watch::Sender<Status>)> = Vec::new();
+    let mut watches = HashMap::new();
+    for info in infos {
+        if state.present.set.contains(&info.path) {
             continue;
         }
-        let info = by_path[&p].clone();
+        if let Some(rx) = state.inflight.get(&info.path) {
+            watches.insert(info.path.clone(), rx.clone());
+            continue;
+        }
+        let (tx, rx) = watch::channel(Status::Pending);
+        state.inflight.insert(info.path.clone(), rx.clone());
+        watches.insert(info.path.clone(), rx);
+        new.push((info, tx));
+    }
+    new.sort_by(|a, b| b.0.nar_size.cmp(&a.0.nar_size));
+    for (info, tx) in new {
         let deps = info
             .references
             .iter()
-            .filter(|r| **r != p && !state.present.set.contains(r))
+            .filter(|r| **r != info.path && !state.present.set.contains(r))
             .map(|r| match state.inflight.get(r) {
                 Some(rx) => Dep::Task(r.clone(), rx.clone()),
                 None => Dep::Check(r.clone()),
             })
             .collect();
-        let (tx, rx) = watch::channel(Status::Pending);
-        state.inflight.insert(p, rx);
         tasks.spawn(path_task(shared.clone(), info, deps, tx));
     }
-    by_path
-        .keys()
-        .filter_map(|p| state.inflight.get(p).map(|rx| (p.clone(), rx.clone())))
-        .collect()
+    watches
 }
 
 enum Outcome {

@@ -119,7 +119,8 @@ pub async fn upload_nar(
     }));
     let mut encoder = compression.encoder(tokio_util::io::StreamReader::new(stream), level);
     let mut writer = cache.nar_writer();
-    let mut file_hasher = sha2::Sha256::new();
+    // Uncompressed, the file is the NAR: its hash is the NarHash, computed once.
+    let mut file_hasher = (compression != Compression::None).then(sha2::Sha256::new);
     let mut file_size = 0u64;
     let mut buf = vec![0u8; CHUNK];
     loop {
@@ -133,7 +134,9 @@ pub async fn upload_nar(
         if n == 0 {
             break;
         }
-        file_hasher.update(&buf[..n]);
+        if let Some(h) = &mut file_hasher {
+            h.update(&buf[..n]);
+        }
         file_size += n as u64;
         writer.write(&buf[..n]).await?;
     }
@@ -154,7 +157,10 @@ pub async fn upload_nar(
             want_size: info.nar_size,
         });
     }
-    let file_hash = Sha256(file_hasher.finalize().into());
+    let file_hash = match file_hasher {
+        Some(h) => Sha256(h.finalize().into()),
+        None => nar_hash,
+    };
     let url = format!(
         "nar/{}{}",
         file_hash.to_nix32(),
