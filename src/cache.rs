@@ -281,6 +281,29 @@ impl Cache {
         }
     }
 
+    /// The size of an object, None if it is missing.
+    pub async fn size(&self, rel: &str) -> Result<Option<u64>, Error> {
+        match self.store.head(&self.key(rel)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err("head", rel, e)),
+        }
+    }
+
+    /// Names of the objects at the cache root (not below `nar/`).
+    pub async fn list_root(&self) -> Result<Vec<String>, Error> {
+        let listing = self
+            .store
+            .list_with_delimiter(self.prefix.as_ref())
+            .await
+            .map_err(|e| self.err("list", "/", e))?;
+        Ok(listing
+            .objects
+            .into_iter()
+            .filter_map(|m| m.location.filename().map(str::to_string))
+            .collect())
+    }
+
     pub async fn get(&self, rel: &str) -> Result<Option<Bytes>, Error> {
         let res = match self.store.get(&self.key(rel)).await {
             Ok(r) => r,

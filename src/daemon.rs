@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,13 +35,17 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{self, Cache};
 use crate::cache_info::CacheInfo;
 use crate::compress::Compression;
+use crate::filter::Filter;
 use crate::journal::{self, Journal, Pending};
 use crate::nix::{self, Nix, PathInfo};
 use crate::pipe::{self, Frame, LineSplitter};
 use crate::resolve;
 use crate::signing::SecretKey;
 use crate::spool;
+use crate::stats::{human, Stats};
 use crate::store_path::{StoreDir, StorePath};
+
+pub use crate::stats::Summary;
 use crate::upload;
 
 /// How long arriving paths are gathered before their closures are resolved together.
@@ -98,6 +102,10 @@ pub struct Config {
     pub spool_dir: Option<PathBuf>,
     /// Attempts per root before it is reported failed (and kept for the next start).
     pub max_attempts: u32,
+    /// Which paths may be pushed.
+    pub filter: Filter,
+    /// Counters, shared with whoever displays them.
+    pub stats: Arc<Stats>,
 }
 
 /// Opens the journal in `state_dir`, returning it with what it still holds.
@@ -144,75 +152,6 @@ impl Input {
 pub struct Shutdown {
     pub drain: CancellationToken,
     pub stop: CancellationToken,
-}
-
-#[derive(Default)]
-struct Stats {
-    uploaded: AtomicU64,
-    skipped: AtomicU64,
-    failed: AtomicU64,
-    rejected: AtomicU64,
-    errors: AtomicU64,
-    nar_bytes: AtomicU64,
-    file_bytes: AtomicU64,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Summary {
-    pub uploaded: u64,
-    pub skipped: u64,
-    /// Roots given up on (after every attempt) or that can never be uploaded.
-    pub failed: u64,
-    /// Input lines that were not store paths.
-    pub rejected: u64,
-    /// Failed attempts at single paths (each retried).
-    pub errors: u64,
-    pub nar_bytes: u64,
-    pub file_bytes: u64,
-    /// Paths abandoned by a stop.
-    pub unfinished: u64,
-    pub seconds: f64,
-}
-
-impl Summary {
-    pub fn all_ok(&self) -> bool {
-        self.failed == 0 && self.rejected == 0 && self.unfinished == 0
-    }
-}
-
-impl std::fmt::Display for Summary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} uploaded ({} NAR, {} compressed), {} already in the cache, {} failed, {} rejected inputs",
-            self.uploaded,
-            human(self.nar_bytes),
-            human(self.file_bytes),
-            self.skipped,
-            self.failed,
-            self.rejected,
-        )?;
-        if self.errors > 0 {
-            write!(f, ", {} errors retried", self.errors)?;
-        }
-        if self.unfinished > 0 {
-            write!(f, ", {} unfinished", self.unfinished)?;
-        }
-        write!(f, " in {:.2}s", self.seconds)
-    }
-}
-
-pub fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= (1u64 << 30) as f64 {
-        format!("{:.2} GiB", b / (1u64 << 30) as f64)
-    } else if b >= (1u64 << 20) as f64 {
-        format!("{:.1} MiB", b / (1u64 << 20) as f64)
-    } else if b >= 1024.0 {
-        format!("{:.1} KiB", b / 1024.0)
-    } else {
-        format!("{bytes} B")
-    }
 }
 
 /// Checks the cache before any work is accepted: reachable, readable, writable, and
@@ -306,7 +245,7 @@ struct Shared {
     jobs: Semaphore,
     checks: Semaphore,
     state: Mutex<State>,
-    stats: Stats,
+    stats: Arc<Stats>,
     stop: CancellationToken,
 }
 
@@ -381,6 +320,8 @@ enum RootOutcome {
     Gone(String),
     /// This attempt failed; try again later.
     Failed(String),
+    /// Kept out by --include/--exclude: retire it, not a failure.
+    Excluded,
     /// Uploads are under way; these paths must all end Done.
     Wait(Vec<(StorePath, watch::Receiver<Status>)>),
 }
@@ -402,7 +343,6 @@ fn backoff(n: u32) -> Duration {
 /// accepted path is in the cache or given up; `shutdown.stop` abandons work (it stays
 /// in the journal).
 pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
-    let start = Instant::now();
     let journal = std::mem::take(&mut cfg.pending);
     let spool_dir = cfg.spool_dir.clone();
     let shared = Arc::new(Shared {
@@ -416,7 +356,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
             },
             inflight: HashMap::new(),
         }),
-        stats: Stats::default(),
+        stats: cfg.stats.clone(),
         stop: shutdown.stop.clone(),
         cfg,
     });
@@ -470,6 +410,12 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
 
     let mut tasks = JoinSet::new();
     loop {
+        let queued = outstanding.len()
+            + batch
+                .iter()
+                .filter(|p| !outstanding.contains_key(*p))
+                .count();
+        shared.stats.queue.store(queued as u64, Relaxed);
         if !input_open && outstanding.is_empty() && batch.is_empty() {
             break;
         }
@@ -528,6 +474,10 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
                 RootOutcome::Failed(reason) => {
                     settle(&shared, &mut outstanding, &mut retries, root, Err(reason)).await
                 }
+                RootOutcome::Excluded => {
+                    outstanding.remove(&root);
+                    shared.journal_retire(shared.show(&root)).await;
+                }
                 RootOutcome::Gone(reason) => {
                     shared.stats.failed.fetch_add(1, Relaxed);
                     error!("failed {}: {reason}", shared.show(&root));
@@ -571,18 +521,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
         .cache
         .finish_cleanups(Duration::from_secs(5))
         .await;
-    let s = &shared.stats;
-    Summary {
-        uploaded: s.uploaded.load(Relaxed),
-        skipped: s.skipped.load(Relaxed),
-        failed: s.failed.load(Relaxed),
-        rejected: s.rejected.load(Relaxed),
-        errors: s.errors.load(Relaxed),
-        nar_bytes: s.nar_bytes.load(Relaxed),
-        file_bytes: s.file_bytes.load(Relaxed),
-        unfinished,
-        seconds: start.elapsed().as_secs_f64(),
-    }
+    shared.stats.summary(unfinished)
 }
 
 /// A root's attempt ended: retire it, or schedule another attempt, or give up for now.
@@ -939,11 +878,28 @@ async fn process_batch(
             return outcomes;
         }
     };
+    let blocked = shared
+        .cfg
+        .filter
+        .blocked(infos.iter().map(|i| (&i.path, i.references.as_slice())));
+    let mut blocked_shown: Vec<_> = blocked.iter().collect();
+    blocked_shown.sort();
+    for (p, why) in blocked_shown {
+        shared.stats.excluded.fetch_add(1, Relaxed);
+        warn!("excluded {}: {why}", shared.show(p));
+    }
+    let infos: Vec<PathInfo> = infos
+        .into_iter()
+        .filter(|i| !blocked.contains_key(&i.path))
+        .collect();
     let watches = spawn_closure(shared, infos, tasks);
     // A target with no watch finished (or failed) already: its narinfo decides.
     let wait_for = |targets: &[StorePath]| {
+        if targets.iter().all(|t| blocked.contains_key(t)) {
+            return RootOutcome::Excluded;
+        }
         let mut waits = Vec::new();
-        for t in targets {
+        for t in targets.iter().filter(|t| !blocked.contains_key(*t)) {
             match watches.get(t) {
                 Some(rx) => waits.push((t.clone(), rx.clone())),
                 None if shared.known_present(t) => {}
@@ -1023,6 +979,11 @@ fn spawn_closure(
         new.push((info, tx));
     }
     new.sort_by(|a, b| b.0.nar_size.cmp(&a.0.nar_size));
+    shared.stats.planned.fetch_add(new.len() as u64, Relaxed);
+    shared
+        .stats
+        .planned_bytes
+        .fetch_add(new.iter().map(|(i, _)| i.nar_size).sum(), Relaxed);
     for (info, tx) in new {
         let deps = info
             .references
@@ -1054,6 +1015,17 @@ async fn path_task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, tx: watc
         r = upload_one(&shared, &info, deps) => r,
         _ = shared.stop.cancelled() => Err(Error::Interrupted),
     };
+    shared
+        .stats
+        .upload_micros
+        .fetch_add(start.elapsed().as_micros() as u64, Relaxed);
+    if !matches!(result, Err(Error::Interrupted)) {
+        shared.stats.finished.fetch_add(1, Relaxed);
+        shared
+            .stats
+            .finished_bytes
+            .fetch_add(info.nar_size, Relaxed);
+    }
     let status = match &result {
         Ok(Outcome::Skipped) => {
             shared.stats.skipped.fetch_add(1, Relaxed);

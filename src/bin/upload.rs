@@ -2,21 +2,29 @@
 //!
 //! ```text
 //! nix-store -qR ./result | upload file:///srv/cache
-//! upload --input /run/narpipe.fifo --secret-key-file /etc/nix/cache.sk file:///srv/cache
+//! upload --input /run/narpipe.fifo --secret-key-file /etc/nix/cache.sk s3://bucket
+//! upload verify s3://bucket --trusted-public-key cache-1:…
 //! ```
 //! Exit codes: 0 every accepted path is in the cache; 1 some failed (or input was
-//! rejected, or a stop left work unfinished); 2 usage or configuration error.
+//! rejected, or a stop left work unfinished; for verify: problems found); 2 usage or
+//! configuration error.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use narpipe::cache::Cache;
 use narpipe::compress::Compression;
 use narpipe::daemon::{self, Config, Input, Shutdown};
-use narpipe::signing::SecretKey;
+use narpipe::filter::Filter;
+use narpipe::signing::{PublicKey, SecretKey};
+use narpipe::stats::{human, Stats};
 use narpipe::store_path::StoreDir;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
@@ -25,15 +33,53 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 /// Reads store paths (or .drv paths, or symlinks into the store) one per line. A FIFO
 /// input is kept open while `send` calls come and go; stdin or a file is read to its
 /// end. SIGHUP or `send --finish`: finish what was sent, then exit. SIGINT/SIGTERM:
-/// stop promptly.
+/// stop promptly (accepted paths resume on the next start).
 #[derive(Parser, Debug)]
-#[command(version, name = "upload")]
-struct Args {
-    /// The cache: file:///abs/dir or a plain absolute path.
+#[command(
+    version,
+    name = "upload",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check a cache: every narinfo's NAR exists with its size, its references have
+    /// narinfos, and (with keys) a signature verifies. Exit 1 if anything is broken.
+    Verify {
+        /// The cache to check (same URL forms as for uploading).
+        cache_url: String,
+        /// A public key (name:base64) whose signatures are trusted; repeatable.
+        #[arg(
+            long = "trusted-public-key",
+            env = "NARPIPE_TRUSTED_PUBLIC_KEYS",
+            value_delimiter = ' '
+        )]
+        trusted_public_keys: Vec<String>,
+        /// Narinfos checked at once.
+        #[arg(short, long, default_value_t = 32)]
+        jobs: usize,
+    },
+    /// Print a shell completion script for upload.
+    Completions { shell: clap_complete::Shell },
+    /// Print upload's man page (roff).
+    Man,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The cache: file:///dir (or /dir), s3://bucket[/prefix][?…], gs://bucket[/prefix][?…].
     #[arg(env = "NARPIPE_CACHE")]
-    cache_url: String,
+    cache_url: Option<String>,
 
     /// Where store paths come from, one per line: "-" for stdin, a file, or a FIFO.
+    /// Under systemd socket activation (ListenFIFO=) the passed FIFO is used.
     #[arg(short, long, env = "NARPIPE_INPUT", default_value = "-")]
     input: String,
 
@@ -75,13 +121,89 @@ struct Args {
     /// Attempts per path before it is reported failed (and kept for the next start).
     #[arg(long, env = "NARPIPE_MAX_ATTEMPTS", default_value_t = 5)]
     max_attempts: u32,
+
+    /// Never push store paths whose name matches this regex (nor what refers to them);
+    /// repeatable. In the environment: newline-separated.
+    #[arg(long, env = "NARPIPE_EXCLUDE", value_delimiter = '\n')]
+    exclude: Vec<String>,
+
+    /// Push only store paths whose name matches one of these regexes; repeatable.
+    #[arg(long, env = "NARPIPE_INCLUDE", value_delimiter = '\n')]
+    include: Vec<String>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9145.
+    #[arg(long, env = "NARPIPE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+
+    /// Log lines as text or as JSON objects (for log shippers).
+    #[arg(long, env = "NARPIPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Check the configuration, keys and access to the cache, then exit.
+    #[arg(long)]
+    check: bool,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+// ---- logging ------------------------------------------------------------------------
+
+static BAR: OnceLock<indicatif::ProgressBar> = OnceLock::new();
+
+struct Logger {
+    json: bool,
+    colour: bool,
+}
+
+impl log::Log for Logger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Info
+    }
+    fn log(&self, r: &log::Record) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let line = if self.json {
+            let ts = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            serde_json::json!({
+                "ts": ts,
+                "level": r.level().as_str().to_lowercase(),
+                "msg": r.args().to_string(),
+            })
+            .to_string()
+        } else {
+            let (prefix, colour) = match r.level() {
+                log::Level::Error => ("error: ", "\x1b[31m"),
+                log::Level::Warn => ("warning: ", "\x1b[33m"),
+                _ => ("", ""),
+            };
+            if self.colour && !prefix.is_empty() {
+                format!("{colour}{prefix}\x1b[0m{}", r.args())
+            } else {
+                format!("{prefix}{}", r.args())
+            }
+        };
+        match BAR.get() {
+            Some(bar) if !bar.is_finished() => bar.suspend(|| eprintln!("{line}")),
+            _ => eprintln!("{line}"),
+        }
+    }
+    fn flush(&self) {}
+}
+
+// ---- configuration ------------------------------------------------------------------
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/narpipe";
 
 /// The state directory: the option, else systemd's $STATE_DIRECTORY (first entry),
 /// else the default when `needed`.
-fn state_dir(args: &Args, needed: bool) -> Option<PathBuf> {
+fn state_dir(args: &RunArgs, needed: bool) -> Option<PathBuf> {
     args.state_dir
         .clone()
         .or_else(|| {
@@ -95,29 +217,20 @@ fn state_dir(args: &Args, needed: bool) -> Option<PathBuf> {
         .or_else(|| needed.then(|| PathBuf::from(DEFAULT_STATE_DIR)))
 }
 
-struct Logger;
-
-impl log::Log for Logger {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::Level::Info
-    }
-    fn log(&self, r: &log::Record) {
-        if !self.enabled(r.metadata()) {
-            return;
-        }
-        let prefix = match r.level() {
-            log::Level::Error => "error: ",
-            log::Level::Warn => "warning: ",
-            _ => "",
-        };
-        eprintln!("{prefix}{}", r.args());
-    }
-    fn flush(&self) {}
+fn regexes(list: &[String], flag: &str) -> Result<Vec<regex::Regex>> {
+    list.iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| regex::Regex::new(r).with_context(|| format!("{flag} {r:?}")))
+        .collect()
 }
 
-fn config(args: &Args) -> Result<Config> {
+fn config(args: &RunArgs) -> Result<Config> {
+    let url = args
+        .cache_url
+        .as_deref()
+        .context("no cache URL given (argument CACHE_URL or NARPIPE_CACHE)")?;
     let store_dir = StoreDir::new(&args.store_dir).context("--store-dir")?;
-    let cache = Cache::open(&args.cache_url)?;
+    let cache = Cache::open(url)?;
     let mut keys = Vec::new();
     for file in &args.secret_key_file {
         let text = std::fs::read_to_string(file)
@@ -155,33 +268,30 @@ fn config(args: &Args) -> Result<Config> {
         pending: Vec::new(),
         spool_dir: None,
         max_attempts: args.max_attempts,
+        filter: Filter {
+            include: regexes(&args.include, "--include")?,
+            exclude: regexes(&args.exclude, "--exclude")?,
+        },
+        stats: Arc::new(Stats::default()),
     })
 }
 
-/// Turns signals into the daemon's shutdown value. A second SIGINT/SIGTERM exits at once.
-fn watch_signals(shutdown: Shutdown) -> Result<()> {
-    let mut signals = signal_hook_tokio::Signals::new([SIGHUP, SIGINT, SIGTERM])
-        .context("cannot install signal handlers")?;
-    tokio::spawn(async move {
-        while let Some(sig) = signals.next().await {
-            if sig == SIGHUP {
-                log::info!("SIGHUP: finishing what was sent, then exiting");
-                shutdown.drain.cancel();
-            } else if shutdown.stop.is_cancelled() {
-                std::process::exit(130);
-            } else {
-                log::info!("stopping; unfinished uploads are abandoned");
-                shutdown.drain.cancel();
-                shutdown.stop.cancel();
-            }
-        }
-    });
-    Ok(())
+/// systemd socket activation: the FIFO of a ListenFIFO= socket unit, passed as fd 3.
+/// Reopened through /proc so that no unsafe fd handling is needed; the data in the
+/// pipe is the same, and systemd keeps its end open across restarts.
+fn activated_fifo() -> Option<String> {
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    (pid == std::process::id() && fds >= 1).then(|| "/proc/self/fd/3".to_string())
 }
 
-async fn start(args: &Args) -> Result<(Config, Input)> {
+async fn start(args: &RunArgs) -> Result<(Config, Input)> {
     let mut cfg = config(args)?;
-    let input = Input::open(&args.input).await?;
+    let input_path = match (args.input.as_str(), activated_fifo()) {
+        ("-", Some(fd)) => fd,
+        (given, _) => given.to_string(),
+    };
+    let input = Input::open(&input_path).await?;
     if let Some(dir) = state_dir(args, matches!(input, Input::Fifo(_))) {
         let (journal, pending) = daemon::open_journal(&dir)?;
         if !pending.is_empty() {
@@ -195,9 +305,234 @@ async fn start(args: &Args) -> Result<(Config, Input)> {
     Ok((cfg, input))
 }
 
+// ---- signals, progress ----------------------------------------------------------------
+
+fn notify(state: sd_notify::NotifyState) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        let _ = sd_notify::notify(&[state]);
+    }
+}
+
+/// Turns signals into the daemon's shutdown value. A second SIGINT/SIGTERM exits at once.
+fn watch_signals(shutdown: Shutdown) -> Result<()> {
+    let mut signals = signal_hook_tokio::Signals::new([SIGHUP, SIGINT, SIGTERM])
+        .context("cannot install signal handlers")?;
+    tokio::spawn(async move {
+        while let Some(sig) = signals.next().await {
+            notify(sd_notify::NotifyState::Stopping);
+            if sig == SIGHUP {
+                log::info!("SIGHUP: finishing what was sent, then exiting");
+                shutdown.drain.cancel();
+            } else if shutdown.stop.is_cancelled() {
+                std::process::exit(130);
+            } else {
+                log::info!("stopping; unfinished paths stay recorded for the next start");
+                shutdown.drain.cancel();
+                shutdown.stop.cancel();
+            }
+        }
+    });
+    Ok(())
+}
+
+fn progress_line(s: &Stats) -> String {
+    let secs = s.started.elapsed().as_secs_f64().max(0.001);
+    format!(
+        "progress: {}/{} paths, {} of {} NAR, {}/s, {} in queue",
+        s.finished.load(Relaxed),
+        s.planned.load(Relaxed),
+        human(s.finished_bytes.load(Relaxed)),
+        human(s.planned_bytes.load(Relaxed)),
+        human((s.finished_bytes.load(Relaxed) as f64 / secs) as u64),
+        s.queue.load(Relaxed),
+    )
+}
+
+/// A progress bar on a terminal (one-shot runs); elsewhere a summary line every few
+/// seconds (one-shot) or every minute when something changed (daemon).
+fn show_progress(stats: Arc<Stats>, daemon_mode: bool) {
+    if std::io::stderr().is_terminal() && !daemon_mode {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} paths  {msg}  [{elapsed_precise}, ETA {eta}]",
+            )
+            .expect("valid template"),
+        );
+        let _ = BAR.set(bar.clone());
+        tokio::spawn(async move {
+            loop {
+                bar.set_length(stats.planned.load(Relaxed));
+                bar.set_position(stats.finished.load(Relaxed));
+                let secs = stats.started.elapsed().as_secs_f64().max(0.001);
+                bar.set_message(format!(
+                    "{} / {}  {}/s",
+                    human(stats.finished_bytes.load(Relaxed)),
+                    human(stats.planned_bytes.load(Relaxed)),
+                    human((stats.finished_bytes.load(Relaxed) as f64 / secs) as u64)
+                ));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    } else {
+        let every = if daemon_mode { 60 } else { 5 };
+        tokio::spawn(async move {
+            let mut last = String::new();
+            loop {
+                tokio::time::sleep(Duration::from_secs(every)).await;
+                let line = progress_line(&stats);
+                if line != last {
+                    log::info!("{line}");
+                    last = line;
+                }
+            }
+        });
+    }
+}
+
+// ---- commands -----------------------------------------------------------------------
+
+async fn upload(args: RunArgs) -> ExitCode {
+    let (cfg, input) = match start(&args).await {
+        Ok(v) => v,
+        Err(e) => {
+            log::error!("{e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        log::info!(
+            "configuration ok: {} is readable and writable; {} signing keys{}",
+            cfg.cache.url(),
+            cfg.keys.len(),
+            if cfg.keys.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({})",
+                    cfg.keys
+                        .iter()
+                        .map(|k| k.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        );
+        return ExitCode::SUCCESS;
+    }
+    let shutdown = Shutdown::default();
+    if let Err(e) = watch_signals(shutdown.clone()) {
+        log::error!("{e:#}");
+        return ExitCode::from(2);
+    }
+    if let Some(addr) = args.metrics_listen {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                log::info!("metrics at http://{addr}/metrics");
+                tokio::spawn(narpipe::metrics::serve(l, cfg.stats.clone()));
+            }
+            Err(e) => {
+                log::error!("--metrics-listen {addr}: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let daemon_mode = matches!(input, Input::Fifo(_));
+    show_progress(cfg.stats.clone(), daemon_mode);
+    notify(sd_notify::NotifyState::Ready);
+    let summary = daemon::run(cfg, input, shutdown).await;
+    if let Some(bar) = BAR.get() {
+        bar.finish_and_clear();
+    }
+    log::info!("summary: {summary}");
+    if summary.all_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn verify(url: &str, keys: &[String], jobs: usize) -> ExitCode {
+    let setup = || -> Result<(Cache, Vec<PublicKey>)> {
+        let cache = Cache::open(url)?;
+        let keys = keys
+            .iter()
+            .filter(|k| !k.is_empty())
+            .map(|k| {
+                k.parse()
+                    .with_context(|| format!("--trusted-public-key {k:?}"))
+            })
+            .collect::<Result<Vec<PublicKey>>>()?;
+        Ok((cache, keys))
+    };
+    let (cache, keys) = match setup() {
+        Ok(v) => v,
+        Err(e) => {
+            log::error!("{e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match narpipe::verify::verify(&cache, &keys, jobs).await {
+        Ok(report) => {
+            for p in &report.problems {
+                println!("BROKEN {p}");
+            }
+            let broken: std::collections::HashSet<&str> =
+                report.problems.iter().map(|p| p.narinfo.as_str()).collect();
+            log::info!(
+                "checked {} narinfos in {}: {} broken, {} problems{}",
+                report.checked,
+                cache.url(),
+                broken.len(),
+                report.problems.len(),
+                if keys.is_empty() {
+                    " (signatures not checked: no --trusted-public-key)"
+                } else {
+                    ""
+                }
+            );
+            if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            log::error!("{e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let _ = log::set_logger(&Logger).map(|()| log::set_max_level(log::LevelFilter::Info));
+    let cli = Cli::parse();
+    let logger = Logger {
+        json: cli.run.log_format == LogFormat::Json,
+        colour: std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+    };
+    let _ = log::set_boxed_logger(Box::new(logger))
+        .map(|()| log::set_max_level(log::LevelFilter::Info));
+    match &cli.command {
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "upload",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Man) => {
+            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        _ => {}
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -209,27 +544,16 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(async {
-        let (cfg, input) = match start(&args).await {
-            Ok(v) => v,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                return ExitCode::from(2);
-            }
-        };
-        let shutdown = Shutdown::default();
-        if let Err(e) = watch_signals(shutdown.clone()) {
-            eprintln!("error: {e:#}");
-            return ExitCode::from(2);
-        }
-        let summary = daemon::run(cfg, input, shutdown).await;
-        log::info!("summary: {summary}");
-        if summary.all_ok() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
+        match cli.command {
+            Some(Command::Verify {
+                cache_url,
+                trusted_public_keys,
+                jobs,
+            }) => verify(&cache_url, &trusted_public_keys, jobs).await,
+            _ => upload(cli.run).await,
         }
     });
     // A NAR reader still on a blocking thread stops at its next chunk; don't wait longer.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    runtime.shutdown_timeout(Duration::from_secs(1));
     code
 }

@@ -1,0 +1,133 @@
+//! Counters of a running upload and the summary printed at its end. Read by the
+//! progress display, the periodic summaries and the metrics endpoint while the daemon
+//! writes them. No IO.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+/// Counters of a running upload, read by progress displays and metrics.
+pub struct Stats {
+    pub uploaded: AtomicU64,
+    pub skipped: AtomicU64,
+    pub failed: AtomicU64,
+    pub rejected: AtomicU64,
+    pub excluded: AtomicU64,
+    /// Failed attempts at single paths (each retried).
+    pub errors: AtomicU64,
+    pub nar_bytes: AtomicU64,
+    pub file_bytes: AtomicU64,
+    /// Time spent uploading paths, summed over paths, in microseconds.
+    pub upload_micros: AtomicU64,
+    /// Roots accepted and not finished (gauge).
+    pub queue: AtomicU64,
+    /// Paths whose upload was started, and their NAR bytes.
+    pub planned: AtomicU64,
+    pub planned_bytes: AtomicU64,
+    /// Of those, the ones finished (any outcome), and their NAR bytes.
+    pub finished: AtomicU64,
+    pub finished_bytes: AtomicU64,
+    pub started: Instant,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let z = || AtomicU64::new(0);
+        Stats {
+            uploaded: z(),
+            skipped: z(),
+            failed: z(),
+            rejected: z(),
+            excluded: z(),
+            errors: z(),
+            nar_bytes: z(),
+            file_bytes: z(),
+            upload_micros: z(),
+            queue: z(),
+            planned: z(),
+            planned_bytes: z(),
+            finished: z(),
+            finished_bytes: z(),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Stats {
+    pub fn summary(&self, unfinished: u64) -> Summary {
+        Summary {
+            uploaded: self.uploaded.load(Relaxed),
+            skipped: self.skipped.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
+            excluded: self.excluded.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            nar_bytes: self.nar_bytes.load(Relaxed),
+            file_bytes: self.file_bytes.load(Relaxed),
+            unfinished,
+            seconds: self.started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub uploaded: u64,
+    pub skipped: u64,
+    /// Roots given up on (after every attempt) or that can never be uploaded.
+    pub failed: u64,
+    /// Input lines that were not store paths.
+    pub rejected: u64,
+    /// Paths kept out by --include/--exclude.
+    pub excluded: u64,
+    /// Failed attempts at single paths (each retried).
+    pub errors: u64,
+    pub nar_bytes: u64,
+    pub file_bytes: u64,
+    /// Paths abandoned by a stop.
+    pub unfinished: u64,
+    pub seconds: f64,
+}
+
+impl Summary {
+    pub fn all_ok(&self) -> bool {
+        self.failed == 0 && self.rejected == 0 && self.unfinished == 0
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} uploaded ({} NAR, {} compressed), {} already in the cache, {} failed, {} rejected inputs",
+            self.uploaded,
+            human(self.nar_bytes),
+            human(self.file_bytes),
+            self.skipped,
+            self.failed,
+            self.rejected,
+        )?;
+        if self.excluded > 0 {
+            write!(f, ", {} excluded", self.excluded)?;
+        }
+        if self.errors > 0 {
+            write!(f, ", {} errors retried", self.errors)?;
+        }
+        if self.unfinished > 0 {
+            write!(f, ", {} unfinished", self.unfinished)?;
+        }
+        write!(f, " in {:.2}s", self.seconds)
+    }
+}
+
+pub fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{bytes} B")
+    }
+}
