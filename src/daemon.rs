@@ -275,6 +275,11 @@ impl Shared {
         Ok(found)
     }
 
+    fn progress(&self, nar_size: u64) {
+        self.stats.finished.fetch_add(1, Relaxed);
+        self.stats.finished_bytes.fetch_add(nar_size, Relaxed);
+    }
+
     /// Runs a journal operation off the async threads (it may fsync).
     async fn journal_op(
         &self,
@@ -1019,12 +1024,15 @@ async fn path_task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, tx: watc
         .stats
         .upload_micros
         .fetch_add(start.elapsed().as_micros() as u64, Relaxed);
-    if !matches!(result, Err(Error::Interrupted)) {
-        shared.stats.finished.fetch_add(1, Relaxed);
-        shared
-            .stats
-            .finished_bytes
-            .fetch_add(info.nar_size, Relaxed);
+    // Progress counts a path when its NAR is done (or found present): see upload_one.
+    // A failure before that still completes its share of the progress.
+    if let Err(e) = &result {
+        if !matches!(
+            e,
+            Error::Interrupted | Error::ReferenceFailed { .. } | Error::ReferenceMissing(_)
+        ) {
+            shared.progress(info.nar_size);
+        }
     }
     let status = match &result {
         Ok(Outcome::Skipped) => {
@@ -1067,6 +1075,7 @@ async fn path_task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, tx: watc
 
 async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<Outcome, Error> {
     if shared.in_cache(&info.path).await? {
+        shared.progress(info.nar_size);
         return Ok(Outcome::Skipped);
     }
     let cfg = &shared.cfg;
@@ -1074,6 +1083,8 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
         let _permit = shared.jobs.acquire().await.expect("never closed");
         upload::upload_nar(&cfg.cache, &cfg.store_dir, info, cfg.compression, cfg.level).await?
     };
+    // Progress follows the NARs; the narinfo may still wait for its references.
+    shared.progress(info.nar_size);
     for dep in deps {
         match dep {
             Dep::Task(r, mut rx) => {

@@ -124,11 +124,21 @@ struct RunArgs {
 
     /// Never push store paths whose name matches this regex (nor what refers to them);
     /// repeatable. In the environment: newline-separated.
-    #[arg(long, env = "NARPIPE_EXCLUDE", value_delimiter = '\n')]
+    #[arg(
+        long,
+        env = "NARPIPE_EXCLUDE",
+        value_delimiter = '\n',
+        allow_hyphen_values = true
+    )]
     exclude: Vec<String>,
 
     /// Push only store paths whose name matches one of these regexes; repeatable.
-    #[arg(long, env = "NARPIPE_INCLUDE", value_delimiter = '\n')]
+    #[arg(
+        long,
+        env = "NARPIPE_INCLUDE",
+        value_delimiter = '\n',
+        allow_hyphen_values = true
+    )]
     include: Vec<String>,
 
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9145.
