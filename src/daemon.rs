@@ -983,7 +983,7 @@ fn spawn_closure(
         watches.insert(info.path.clone(), rx);
         new.push((info, tx));
     }
-    new.sort_by(|a, b| b.0.nar_size.cmp(&a.0.nar_size));
+    new.sort_by_key(|(info, _)| std::cmp::Reverse(info.nar_size));
     shared.stats.planned.fetch_add(new.len() as u64, Relaxed);
     shared
         .stats
