@@ -435,3 +435,61 @@ fn contrib_files_are_valid() {
     let man = Command::new(UPLOAD).arg("man").output().unwrap();
     assert!(man.status.success() && String::from_utf8_lossy(&man.stdout).contains(".TH upload"));
 }
+
+#[test]
+fn socket_activation_and_readiness_as_systemd_does_it() {
+    use std::os::unix::net::UnixDatagram;
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-systemd");
+    let fifo = tmp.path().join("narpipe.fifo");
+    mkfifo(&fifo);
+    let cache = tmp.path().join("cache");
+    let notify_path = tmp.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // What systemd does for ListenFIFO=: the FIFO open as fd 3, LISTEN_PID/LISTEN_FDS set
+    // for the service's own pid (sh's `exec` keeps $$).
+    let mut daemon = Proc::spawn(
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"exec 3<>"$0"; LISTEN_PID=$$ LISTEN_FDS=1 exec "$@""#)
+            .arg(&fifo)
+            .arg(UPLOAD)
+            .arg("--secret-key-file")
+            .arg(&keys.secret)
+            .arg("--state-dir")
+            .arg(tmp.path().join("state"))
+            .arg(&cache)
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(tmp.path().join("log")).unwrap()),
+    );
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 from upload");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "READY=1");
+    let root = build_closure(tmp.path(), "activated", 1, 100);
+    let out = Command::new(SEND)
+        .arg("-o")
+        .arg(&fifo)
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let narinfo = cache.join(format!(
+        "{}.narinfo",
+        &Path::new(&root).file_name().unwrap().to_str().unwrap()[..32]
+    ));
+    wait_until(
+        Duration::from_secs(60),
+        "the activated daemon to upload",
+        || narinfo.exists(),
+    );
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let n = notify.recv(&mut buf).expect("STOPPING=1 from upload");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "STOPPING=1");
+    assert!(daemon.wait_exit(Duration::from_secs(60)).success());
+    assert_substitutes(&cache, &root, &keys.public, tmp.path());
+}
