@@ -66,6 +66,16 @@ enum Command {
         #[arg(short, long, default_value_t = 32)]
         jobs: usize,
     },
+    /// Run COMMAND with Nix set to hand every path it builds to a private upload,
+    /// then finish uploading and exit with COMMAND's status (1 if it succeeded but
+    /// uploads failed). Paths Nix only fetched or already had are not pushed.
+    Exec {
+        #[command(flatten)]
+        run: RunArgs,
+        /// The command, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Print a shell completion script for upload.
     Completions { shell: clap_complete::Shell },
     /// Print upload's man page (roff).
@@ -514,10 +524,99 @@ async fn verify(url: &str, keys: &[String], jobs: usize) -> ExitCode {
     }
 }
 
+/// `upload exec`: a private FIFO and post-build-hook for one command.
+async fn exec(args: RunArgs, command: Vec<String>) -> ExitCode {
+    let setup = async {
+        let mut cfg = config(&args)?;
+        let tmp = tempfile::Builder::new().prefix("narpipe-exec-").tempdir()?;
+        let fifo = tmp.path().join("pipe");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .with_context(|| format!("mkfifo {}", fifo.display()))?;
+        let input = Input::open(fifo.to_str().context("temporary dir is not UTF-8")?).await?;
+        if let Some(dir) = state_dir(&args, false) {
+            let (journal, pending) = daemon::open_journal(&dir)?;
+            cfg.journal = Some(journal);
+            cfg.pending = pending;
+        }
+        let spool = tmp.path().join("spool");
+        cfg.spool_dir = Some(spool.clone());
+        daemon::prepare(&cfg).await?;
+        let send = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("send")))
+            .filter(|p| p.exists())
+            .map_or_else(|| "send".to_string(), |p| p.display().to_string());
+        let hook = tmp.path().join("post-build-hook");
+        std::fs::write(
+            &hook,
+            format!(
+                "#!/bin/sh\n# narpipe exec: queue what Nix just built; never fail the build.\n\
+                 {send:?} -o {fifo:?} --spool-dir {spool:?} || true\n"
+            ),
+        )?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))?;
+        Ok::<_, anyhow::Error>((cfg, input, tmp, hook))
+    };
+    let (cfg, input, _tmp, hook) = match setup.await {
+        Ok(v) => v,
+        Err(e) => {
+            log::error!("{e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = Shutdown::default();
+    if let Err(e) = watch_signals(shutdown.clone()) {
+        log::error!("{e:#}");
+        return ExitCode::from(2);
+    }
+    let daemon = tokio::spawn(daemon::run(cfg, input, shutdown.clone()));
+    // Nix reads extra settings from NIX_CONFIG, after its configuration files.
+    let mut nix_config = std::env::var("NIX_CONFIG").unwrap_or_default();
+    nix_config.push_str(&format!("\npost-build-hook = {}\n", hook.display()));
+    let status = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .env("NIX_CONFIG", nix_config)
+        .status()
+        .await;
+    // The hook runs before Nix reports a build done, so everything is in the pipe now.
+    shutdown.drain.cancel();
+    let summary = daemon.await;
+    let code = match &status {
+        Ok(st) => st
+            .code()
+            .or_else(|| std::os::unix::process::ExitStatusExt::signal(st).map(|s| 128 + s))
+            .unwrap_or(1),
+        Err(e) => {
+            log::error!("cannot run {:?}: {e}", command[0]);
+            127
+        }
+    };
+    match summary {
+        Ok(summary) => {
+            log::info!("summary: {summary}");
+            if code == 0 && !summary.all_ok() {
+                return ExitCode::from(1);
+            }
+        }
+        Err(e) => {
+            log::error!("upload task: {e}");
+            if code == 0 {
+                return ExitCode::from(1);
+            }
+        }
+    }
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let log_format = match &cli.command {
+        Some(Command::Exec { run, .. }) => run.log_format,
+        _ => cli.run.log_format,
+    };
     let logger = Logger {
-        json: cli.run.log_format == LogFormat::Json,
+        json: log_format == LogFormat::Json,
         colour: std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
     };
     let _ = log::set_boxed_logger(Box::new(logger))
@@ -560,6 +659,7 @@ fn main() -> ExitCode {
                 trusted_public_keys,
                 jobs,
             }) => verify(&cache_url, &trusted_public_keys, jobs).await,
+            Some(Command::Exec { run, command }) => exec(run, command).await,
             _ => upload(cli.run).await,
         }
     });
