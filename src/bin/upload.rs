@@ -71,7 +71,7 @@ enum Command {
     /// uploads failed). Paths Nix only fetched or already had are not pushed.
     Exec {
         #[command(flatten)]
-        run: RunArgs,
+        run: Box<RunArgs>,
         /// The command, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -659,7 +659,7 @@ fn main() -> ExitCode {
                 trusted_public_keys,
                 jobs,
             }) => verify(&cache_url, &trusted_public_keys, jobs).await,
-            Some(Command::Exec { run, command }) => exec(run, command).await,
+            Some(Command::Exec { run, command }) => exec(*run, command).await,
             _ => upload(cli.run).await,
         }
     });
