@@ -281,6 +281,32 @@ impl Cache {
         }
     }
 
+    /// An object as a stream of chunks, None if it is missing.
+    pub async fn get_stream(
+        &self,
+        rel: &str,
+    ) -> Result<Option<futures::stream::BoxStream<'static, Result<Bytes, Error>>>, Error> {
+        use futures::StreamExt;
+        let res = match self.store.get(&self.key(rel)).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.err("get", rel, e)),
+        };
+        let (url, key) = (self.url.clone(), rel.to_string());
+        Ok(Some(
+            res.into_stream()
+                .map(move |r| {
+                    r.map_err(|e| Error::Backend {
+                        url: url.clone(),
+                        op: "read",
+                        key: key.clone(),
+                        cause: Box::new(e),
+                    })
+                })
+                .boxed(),
+        ))
+    }
+
     /// The size of an object, None if it is missing.
     pub async fn size(&self, rel: &str) -> Result<Option<u64>, Error> {
         match self.store.head(&self.key(rel)).await {

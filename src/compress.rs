@@ -71,6 +71,22 @@ impl Compression {
     }
 }
 
+/// The reader of a NAR stored with the narinfo `Compression:` `name` (Nix's default,
+/// when absent, is bzip2); None for algorithms this build cannot read.
+pub fn decoder<R>(name: Option<&str>, input: R) -> Option<Box<dyn AsyncRead + Send + Unpin>>
+where
+    R: AsyncBufRead + Send + Unpin + 'static,
+{
+    use async_compression::tokio::bufread::{BzDecoder, XzDecoder, ZstdDecoder};
+    Some(match name.unwrap_or("bzip2") {
+        "zstd" => Box::new(ZstdDecoder::new(input)),
+        "xz" => Box::new(XzDecoder::new(input)),
+        "bzip2" => Box::new(BzDecoder::new(input)),
+        "none" | "" => Box::new(input),
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

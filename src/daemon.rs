@@ -157,7 +157,12 @@ pub struct Shutdown {
 /// Checks the cache before any work is accepted: reachable, readable, writable, and
 /// made for this store (creates nix-cache-info when missing). Fails fast: few retries.
 pub async fn prepare(cfg: &Config) -> Result<(), Error> {
-    let probe = cfg.cache.probe()?;
+    prepare_cache(&cfg.cache, cfg.store_dir.as_str(), cfg.priority).await
+}
+
+/// [`prepare`] for any cache: reachable, readable, writable, for `store_dir`.
+pub async fn prepare_cache(cache: &Cache, store_dir: &str, priority: u32) -> Result<(), Error> {
+    let probe = cache.probe()?;
     let explain = |e: cache::Error| match e.diagnosis() {
         Some(d) => Error::Startup {
             diagnosis: d,
@@ -165,7 +170,7 @@ pub async fn prepare(cfg: &Config) -> Result<(), Error> {
         },
         None => Error::Cache(e),
     };
-    let ours = cfg.store_dir.as_str().to_string();
+    let ours = store_dir.to_string();
     match probe.get("nix-cache-info").await.map_err(explain)? {
         Some(text) => {
             let existing = CacheInfo::parse(&String::from_utf8_lossy(&text));
@@ -184,7 +189,7 @@ pub async fn prepare(cfg: &Config) -> Result<(), Error> {
                 .map_err(explain)?;
         }
         None => {
-            let fresh = CacheInfo::new(&ours, cfg.priority).to_string();
+            let fresh = CacheInfo::new(&ours, priority).to_string();
             probe
                 .create(
                     "nix-cache-info",

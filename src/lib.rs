@@ -17,6 +17,7 @@ pub mod compress;
 pub mod daemon;
 pub mod filter;
 pub mod hash;
+pub mod import;
 pub mod journal;
 pub mod metrics;
 pub mod nar;

@@ -349,3 +349,86 @@ fn s3_outage_mid_upload_loses_nothing_and_publishes_nothing_broken() {
     assert_substitutes(&dest, &root, &keys.public, tmp.path());
     assert_substitutes(&dest, &big, &keys.public, tmp.path());
 }
+
+#[test]
+fn import_a_nix_copy_cache_into_s3_even_when_interrupted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let theirs = keygen(tmp.path(), "narpipe-import-src");
+    let ours = keygen(tmp.path(), "narpipe-import-dst");
+    let s3 = Seaweed::start();
+    let root = build_closure(tmp.path(), "import", 6, 300_000);
+    let big = big_path(tmp.path(), "import-big", 6 << 20);
+    // A cache written by Nix itself (xz, Nix's default), signed with Nix's tooling.
+    let src = tmp.path().join("src");
+    for p in [&root, &big] {
+        run_ok(
+            nix("nix")
+                .arg("copy")
+                .arg("--to")
+                .arg(format!(
+                    "file://{}?secret-key={}",
+                    src.display(),
+                    theirs.secret.display()
+                ))
+                .arg(p),
+        );
+    }
+    let url = s3.url("imported", "c");
+    let import = || {
+        let mut c = s3.upload_cmd();
+        c.arg("import")
+            .arg(format!("file://{}", src.display()))
+            .arg(&url)
+            .arg("--secret-key-file")
+            .arg(&ours.secret)
+            .args(["--jobs", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    // Interrupt the first run as soon as something has landed.
+    let mut first = Proc::spawn(&mut import());
+    let store = s3.store("imported");
+    let landed = || {
+        let rt = common::servers::runtime();
+        rt.block_on(async {
+            use futures::TryStreamExt;
+            let l: Vec<_> = store
+                .list(Some(&"c".into()))
+                .try_collect()
+                .await
+                .unwrap_or_default();
+            l.iter()
+                .filter(|m| m.location.as_ref().ends_with(".narinfo"))
+                .count()
+        })
+    };
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "a first imported narinfo",
+        || landed() > 0,
+    );
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    first.wait_exit(std::time::Duration::from_secs(10));
+    let all = closure_of(&root).len() + 1;
+    let partial = landed();
+    assert!(
+        partial < all,
+        "the import finished before it could be interrupted"
+    );
+
+    let out = import().output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains(&format!("{partial} already in")), "{log}");
+
+    let dest = tmp.path().join("mirror");
+    mirror(&*s3.store("imported"), "c", &dest);
+    assert_eq!(assert_closed(&dest), all);
+    // Their signatures kept, ours added: either key alone is enough for Nix.
+    for key in [&theirs.public, &ours.public] {
+        assert_substitutes(&dest, &root, key, tmp.path());
+        assert_substitutes(&dest, &big, key, tmp.path());
+    }
+}

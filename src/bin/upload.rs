@@ -76,6 +76,21 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Copy every narinfo and NAR of one cache into another (file, S3, GCS), verifying
+    /// hashes as it streams, keeping signatures and adding ours, skipping what the
+    /// destination has, references first. Run it again to finish an interrupted import.
+    Import {
+        /// The cache to copy from.
+        source_url: String,
+        /// The cache to copy into.
+        cache_url: String,
+        /// A Nix secret key to add a signature with; repeatable.
+        #[arg(long, env = "NARPIPE_SECRET_KEY_FILE", value_delimiter = ',')]
+        secret_key_file: Vec<PathBuf>,
+        /// Entries copied at once.
+        #[arg(short, long, default_value_t = 8)]
+        jobs: usize,
+    },
     /// Print a shell completion script for upload.
     Completions { shell: clap_complete::Shell },
     /// Print upload's man page (roff).
@@ -244,6 +259,18 @@ fn regexes(list: &[String], flag: &str) -> Result<Vec<regex::Regex>> {
         .collect()
 }
 
+fn read_keys(files: &[PathBuf]) -> Result<Vec<SecretKey>> {
+    files
+        .iter()
+        .map(|file| {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read secret key file {}", file.display()))?;
+            text.parse()
+                .with_context(|| format!("secret key file {}", file.display()))
+        })
+        .collect()
+}
+
 fn config(args: &RunArgs) -> Result<Config> {
     let url = args
         .cache_url
@@ -251,15 +278,7 @@ fn config(args: &RunArgs) -> Result<Config> {
         .context("no cache URL given (argument CACHE_URL or NARPIPE_CACHE)")?;
     let store_dir = StoreDir::new(&args.store_dir).context("--store-dir")?;
     let cache = Cache::open(url)?;
-    let mut keys = Vec::new();
-    for file in &args.secret_key_file {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read secret key file {}", file.display()))?;
-        let key: SecretKey = text
-            .parse()
-            .with_context(|| format!("secret key file {}", file.display()))?;
-        keys.push(key);
-    }
+    let keys = read_keys(&args.secret_key_file)?;
     if let (Some(level), Compression::Zstd) = (args.compression_level, args.compression) {
         anyhow::ensure!(
             (1..=19).contains(&level),
@@ -609,6 +628,57 @@ async fn exec(args: RunArgs, command: Vec<String>) -> ExitCode {
     ExitCode::from(code.clamp(0, 255) as u8)
 }
 
+async fn import(source: &str, dest: &str, key_files: &[PathBuf], jobs: usize) -> ExitCode {
+    let setup = async {
+        let source = Cache::open(source)?;
+        let dest = Cache::open(dest)?;
+        let keys = read_keys(key_files)?;
+        let info = source
+            .probe()?
+            .get("nix-cache-info")
+            .await?
+            .map(|t| narpipe::cache_info::CacheInfo::parse(&String::from_utf8_lossy(&t)))
+            .with_context(|| {
+                format!(
+                    "{} has no nix-cache-info: is it a binary cache?",
+                    source.url()
+                )
+            })?;
+        let store_dir = info.store_dir.unwrap_or_else(|| "/nix/store".to_string());
+        daemon::prepare_cache(&dest, &store_dir, info.priority.unwrap_or(40)).await?;
+        Ok::<_, anyhow::Error>((source, dest, keys))
+    };
+    let (source, dest, keys) = match setup.await {
+        Ok(v) => v,
+        Err(e) => {
+            log::error!("{e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match narpipe::import::import(&source, &dest, &keys, jobs).await {
+        Ok(r) => {
+            log::info!(
+                "summary: {} narinfos in {}, {} already in {}, {} imported, {} failed",
+                r.in_source,
+                source.url(),
+                r.already_there,
+                dest.url(),
+                r.imported,
+                r.failed
+            );
+            if r.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            log::error!("{e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let log_format = match &cli.command {
@@ -660,6 +730,12 @@ fn main() -> ExitCode {
                 jobs,
             }) => verify(&cache_url, &trusted_public_keys, jobs).await,
             Some(Command::Exec { run, command }) => exec(*run, command).await,
+            Some(Command::Import {
+                source_url,
+                cache_url,
+                secret_key_file,
+                jobs,
+            }) => import(&source_url, &cache_url, &secret_key_file, jobs).await,
             _ => upload(cli.run).await,
         }
     });
