@@ -104,6 +104,8 @@ pub struct Config {
     pub max_attempts: u32,
     /// Which paths may be pushed.
     pub filter: Filter,
+    /// Also push the built outputs of each root's whole build closure.
+    pub include_build_deps: bool,
     /// Counters, shared with whoever displays them.
     pub stats: Arc<Stats>,
 }
@@ -780,7 +782,16 @@ async fn process_batch(
     tasks: &mut JoinSet<()>,
 ) -> Vec<(StorePath, RootOutcome)> {
     let mut outcomes = Vec::new();
-    let (drvs, paths): (Vec<_>, Vec<_>) = roots.into_iter().partition(|p| p.is_derivation());
+    let (drvs, mut paths): (Vec<_>, Vec<_>) = roots.into_iter().partition(|p| p.is_derivation());
+    if shared.cfg.include_build_deps {
+        match build_deps(shared, &paths, &drvs).await {
+            Ok(extra) => {
+                let known: HashSet<StorePath> = paths.iter().cloned().collect();
+                paths.extend(extra.into_iter().filter(|p| !known.contains(p)));
+            }
+            Err(e) => warn!("cannot list build-time dependencies: {e}"),
+        }
+    }
 
     // A root whose narinfo exists has its whole closure in the cache (the invariant
     // we keep, and that `nix copy` keeps): no need to ask Nix about it.
@@ -937,6 +948,37 @@ async fn process_batch(
         outcomes.push((drv.clone(), wait_for(outs)));
     }
     outcomes
+}
+
+/// The built outputs of the build closures of `drvs` and of the derivers of `paths`.
+/// They are uploaded as roots of their own.
+async fn build_deps(
+    shared: &Shared,
+    paths: &[StorePath],
+    drvs: &[StorePath],
+) -> Result<Vec<StorePath>, Error> {
+    let mut all_drvs: Vec<StorePath> = drvs.to_vec();
+    if !paths.is_empty() {
+        // Roots not valid in the store are reported later; ask only about valid ones.
+        let invalid = shared.nix.invalid(paths).await?;
+        let valid: Vec<StorePath> = paths
+            .iter()
+            .filter(|p| !invalid.contains(*p))
+            .cloned()
+            .collect();
+        all_drvs.extend(shared.nix.derivers(&valid).await?.into_iter().flatten());
+    }
+    all_drvs.sort();
+    all_drvs.dedup();
+    let invalid = shared.nix.invalid(&all_drvs).await?;
+    let known: Vec<StorePath> = all_drvs
+        .into_iter()
+        .filter(|d| !invalid.contains(d))
+        .collect();
+    if known.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(shared.nix.build_closure_outputs(&known).await?)
 }
 
 /// The outputs of a valid derivation that are built; unbuilt ones are reported.

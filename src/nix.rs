@@ -135,6 +135,47 @@ impl Nix {
         Ok(outs)
     }
 
+    /// The deriver of each path (None when Nix does not know it), in order.
+    pub async fn derivers(&self, paths: &[StorePath]) -> Result<Vec<Option<StorePath>>, Error> {
+        let mut out = Vec::new();
+        for chunk in paths.chunks(ARGS_PER_CALL) {
+            let text = self
+                .run("nix-store", &["--query", "--deriver"], &self.abs(chunk))
+                .await?;
+            out.extend(
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .map(|l| self.store_dir.parse(l.trim()).ok()),
+            );
+        }
+        Ok(out)
+    }
+
+    /// The build closure of valid derivations with its outputs
+    /// (`nix-store -qR --include-outputs`), derivations left out, built outputs only.
+    pub async fn build_closure_outputs(&self, drvs: &[StorePath]) -> Result<Vec<StorePath>, Error> {
+        let mut all = HashSet::new();
+        for chunk in drvs.chunks(ARGS_PER_CALL) {
+            let text = self
+                .run(
+                    "nix-store",
+                    &["--query", "--requisites", "--include-outputs"],
+                    &self.abs(chunk),
+                )
+                .await?;
+            for line in String::from_utf8_lossy(&text).lines() {
+                if let Ok(p) = self.store_dir.parse(line.trim()) {
+                    if !p.is_derivation() {
+                        all.insert(p);
+                    }
+                }
+            }
+        }
+        let all: Vec<StorePath> = all.into_iter().collect();
+        let invalid = self.invalid(&all).await?;
+        Ok(all.into_iter().filter(|p| !invalid.contains(p)).collect())
+    }
+
     /// Path info for the closures of `roots`, which must all be valid non-derivation
     /// paths (Nix would try to build or substitute anything else).
     pub async fn closure(&self, roots: &[StorePath]) -> Result<Vec<PathInfo>, Error> {

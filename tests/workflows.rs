@@ -72,3 +72,86 @@ fn exec_pushes_what_the_command_builds_and_nothing_else() {
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
 }
+
+#[test]
+fn build_deps_land_in_the_cache_and_spare_a_rebuild() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-build-deps");
+    let word = unique("bdeps");
+    let tool_expr = format!(
+        r#"derivation {{ name = "{word}-tool"; system = builtins.currentSystem; builder = "/bin/sh";
+             args = [ "-c" "echo tool > $out" ]; }}"#
+    );
+    // The tool is needed to build, but not referenced by what is built.
+    let uses_tool = |name: &str| {
+        format!(
+            r#"let tool = {tool_expr}; in derivation {{ name = "{word}-{name}"; system = builtins.currentSystem;
+                 builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+                 args = [ "-c" "cat ${{tool}} > /dev/null; echo {name} > $out" ]; }}"#
+        )
+    };
+    let app = build_expr(tmp.path(), "app", &uses_tool("app"));
+    let tool = build_expr(tmp.path(), "tool", &tool_expr);
+    assert!(
+        closure_of(&app).len() == 1,
+        "the tool must be a build-only dependency"
+    );
+    let cache = tmp.path().join("cache");
+    let upload = |extra: &[&str]| {
+        let mut c = Command::new(UPLOAD);
+        c.env("NIX_CONFIG", NIX_CONFIG)
+            .args(extra)
+            .arg("--secret-key-file")
+            .arg(&keys.secret)
+            .arg(&cache)
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        use std::io::Write;
+        writeln!(child.stdin.take().unwrap(), "{app}").unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let narinfo = |p: &str| cache.join(format!("{}.narinfo", &p["/nix/store/".len()..][..32]));
+    let out = upload(&[]);
+    assert!(out.status.success());
+    assert!(narinfo(&app).exists() && !narinfo(&tool).exists());
+    let out = upload(&["--include-build-deps"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        narinfo(&tool).exists(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Without the tool locally, Nix builds another dependent by fetching the tool
+    // from the cache instead of building it.
+    run_ok(nix("nix-store").arg("--delete").arg(&tool));
+    let file = tmp.path().join("other.nix");
+    std::fs::write(&file, uses_tool("other")).unwrap();
+    let out = nix("nix-build")
+        .arg(&file)
+        .arg("--no-out-link")
+        .arg("--option")
+        .arg("substituters")
+        .arg(format!("file://{}", cache.display()))
+        .arg("--option")
+        .arg("trusted-public-keys")
+        .arg(&keys.public)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains(&format!("copying path '{tool}' from 'file://")),
+        "{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("building '") && l.contains("-tool.drv")),
+        "the tool was rebuilt: {log}"
+    );
+}

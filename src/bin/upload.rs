@@ -166,6 +166,11 @@ struct RunArgs {
     )]
     include: Vec<String>,
 
+    /// Also push the built outputs of each path's whole build closure (for a .drv, or a
+    /// path whose deriver is known), so that a fresh machine needn't rebuild them.
+    #[arg(long, env = "NARPIPE_INCLUDE_BUILD_DEPS")]
+    include_build_deps: bool,
+
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9145.
     #[arg(long, env = "NARPIPE_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -312,6 +317,7 @@ fn config(args: &RunArgs) -> Result<Config> {
             exclude: regexes(&args.exclude, "--exclude")?,
         },
         stats: Arc::new(Stats::default()),
+        include_build_deps: args.include_build_deps,
     })
 }
 
