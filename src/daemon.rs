@@ -215,6 +215,14 @@ enum Status {
     Failed(Arc<str>),
 }
 
+/// The final status behind a watch (a task that vanished counts as failed).
+async fn settled(rx: &mut watch::Receiver<Status>) -> Status {
+    rx.wait_for(|s| !matches!(s, Status::Pending))
+        .await
+        .map(|s| s.clone())
+        .unwrap_or(Status::Failed("abandoned".into()))
+}
+
 /// A path a task must see in the cache before writing its narinfo.
 enum Dep {
     /// Being uploaded by a task of ours.
@@ -501,12 +509,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
                     tokio::spawn(async move {
                         let mut result = Ok(());
                         for (path, mut rx) in targets {
-                            let status = rx
-                                .wait_for(|s| !matches!(s, Status::Pending))
-                                .await
-                                .map(|s| s.clone())
-                                .unwrap_or(Status::Failed("abandoned".into()));
-                            if let Status::Failed(reason) = status {
+                            if let Status::Failed(reason) = settled(&mut rx).await {
                                 result = Err(format!("{path}: {reason}"));
                                 break;
                             }
@@ -1135,12 +1138,7 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
     for dep in deps {
         match dep {
             Dep::Task(r, mut rx) => {
-                let status = rx
-                    .wait_for(|s| !matches!(s, Status::Pending))
-                    .await
-                    .map(|s| s.clone())
-                    .unwrap_or(Status::Failed("abandoned".into()));
-                if let Status::Failed(reason) = status {
+                if let Status::Failed(reason) = settled(&mut rx).await {
                     return Err(Error::ReferenceFailed {
                         reference: shared.show(&r),
                         reason: reason.to_string(),

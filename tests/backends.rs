@@ -10,25 +10,9 @@ use std::process::{Command, Output, Stdio};
 
 use common::servers::{mirror, FakeGcs, Seaweed};
 use common::*;
-use narpipe::narinfo::NarInfo;
 
 fn run_upload(mut cmd: Command, key: &Path, url: &str, paths: &[String]) -> Output {
-    let mut child = cmd
-        .arg("--secret-key-file")
-        .arg(key)
-        .arg(url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        let mut stdin = child.stdin.take().unwrap();
-        for p in paths {
-            writeln!(stdin, "{p}").unwrap();
-        }
-    }
-    child.wait_with_output().unwrap()
+    feed(cmd.arg("--secret-key-file").arg(key).arg(url), paths)
 }
 
 fn big_path(dir: &Path, tag: &str, bytes: usize) -> String {
@@ -41,32 +25,6 @@ fn big_path(dir: &Path, tag: &str, bytes: usize) -> String {
                 PATH = "/usr/bin:/bin"; args = [ "-c" "mkdir $out; head -c {bytes} /dev/urandom > $out/blob" ]; }}"#
         ),
     )
-}
-
-/// Every narinfo in `dir` has its NAR, and its references' narinfos; returns the count.
-fn assert_closed(dir: &Path) -> usize {
-    let mut n = 0;
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "narinfo") {
-            let info: NarInfo = std::fs::read_to_string(&p).unwrap().parse().unwrap();
-            let nar = dir.join(&info.url);
-            assert!(nar.exists(), "{} lacks its NAR {}", p.display(), info.url);
-            assert_eq!(
-                std::fs::metadata(&nar).unwrap().len(),
-                info.file_size.unwrap()
-            );
-            for r in &info.references {
-                assert!(
-                    dir.join(format!("{}.narinfo", &r[..32])).exists(),
-                    "{} lacks reference {r}",
-                    p.display()
-                );
-            }
-            n += 1;
-        }
-    }
-    n
 }
 
 #[test]

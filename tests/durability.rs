@@ -9,7 +9,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use narpipe::narinfo::NarInfo;
 use nix::sys::signal::Signal;
 
 /// ~210 paths: 200 leaves of assorted sizes, 10 groups over them, one root.
@@ -32,40 +31,6 @@ fn crash_closure_expr(tag: &str) -> String {
 in mk "{word}-root" 100 (builtins.genList group 10)
 "#
     )
-}
-
-/// Every narinfo in the folder has its NAR and its references' narinfos.
-fn assert_closed(dir: &Path) -> usize {
-    let mut n = 0;
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "narinfo") {
-            let info: NarInfo = std::fs::read_to_string(&p).unwrap().parse().unwrap();
-            assert!(
-                dir.join(&info.url).exists(),
-                "{} lacks its NAR",
-                p.display()
-            );
-            for r in &info.references {
-                assert!(
-                    dir.join(format!("{}.narinfo", &r[..32])).exists(),
-                    "{} lacks reference {r}",
-                    p.display()
-                );
-            }
-            n += 1;
-        }
-    }
-    n
-}
-
-fn send(fifo: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(SEND)
-        .arg("-o")
-        .arg(fifo)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 fn journal_text(state: &Path) -> String {

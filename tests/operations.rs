@@ -11,22 +11,7 @@ use std::time::Duration;
 use common::*;
 
 fn upload_with(args: &[&str], cache: &Path, paths: &[String]) -> Output {
-    let mut child = Command::new(UPLOAD)
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .args(args)
-        .arg(cache)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        let mut stdin = child.stdin.take().unwrap();
-        for p in paths {
-            writeln!(stdin, "{p}").unwrap();
-        }
-    }
-    child.wait_with_output().unwrap()
+    feed(upload_cmd().args(args).arg(cache), paths)
 }
 
 fn scrape(port: u16) -> String {

@@ -10,24 +10,13 @@ use common::*;
 use nix::sys::signal::Signal;
 
 fn upload_oneshot(cache: &Path, key: &Path, paths: &[String]) -> std::process::Output {
-    let mut child = Command::new(UPLOAD)
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .arg("--secret-key-file")
-        .arg(key)
-        .arg(format!("file://{}", cache.display()))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        for p in paths {
-            writeln!(stdin, "{p}").unwrap();
-        }
-    }
-    child.wait_with_output().unwrap()
+    feed(
+        upload_cmd()
+            .arg("--secret-key-file")
+            .arg(key)
+            .arg(format!("file://{}", cache.display())),
+        paths,
+    )
 }
 
 #[test]
@@ -131,15 +120,6 @@ fn only_the_root_is_enough_and_every_compression_works() {
         );
         assert_substitutes(&cache, &root, &keys.public, tmp.path());
     }
-}
-
-fn send(fifo: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(SEND)
-        .arg("-o")
-        .arg(fifo)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 #[test]

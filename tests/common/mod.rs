@@ -247,3 +247,69 @@ pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// Runs `cmd` with `paths` on its stdin, one per line; stdout and stderr captured.
+pub fn feed(cmd: &mut Command, paths: &[String]) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for p in paths {
+            writeln!(stdin, "{p}").unwrap();
+        }
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `upload` with Nix configured for tests.
+pub fn upload_cmd() -> Command {
+    let mut c = Command::new(UPLOAD);
+    c.env("NIX_CONFIG", NIX_CONFIG);
+    c
+}
+
+pub fn send(fifo: &Path, args: &[&str]) -> Output {
+    Command::new(SEND)
+        .arg("-o")
+        .arg(fifo)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Every narinfo in the folder has its NAR (of the size it claims) and its
+/// references' narinfos; returns how many narinfos there are.
+pub fn assert_closed(dir: &Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "narinfo") {
+            let info: narpipe::narinfo::NarInfo =
+                std::fs::read_to_string(&p).unwrap().parse().unwrap();
+            let nar = dir.join(&info.url);
+            assert!(nar.exists(), "{} lacks its NAR {}", p.display(), info.url);
+            if let Some(size) = info.file_size {
+                assert_eq!(
+                    std::fs::metadata(&nar).unwrap().len(),
+                    size,
+                    "{}",
+                    nar.display()
+                );
+            }
+            for r in &info.references {
+                assert!(
+                    dir.join(format!("{}.narinfo", &r[..32])).exists(),
+                    "{} lacks reference {r}",
+                    p.display()
+                );
+            }
+            n += 1;
+        }
+    }
+    n
+}
