@@ -425,20 +425,36 @@ impl NarWriter {
             return Ok(());
         }
         let tmp = format!("nar/tmp-{}.part", uuid::Uuid::new_v4());
-        let upload = self
-            .cache
-            .store
-            .put_multipart_opts(
-                &self.cache.key(&tmp),
-                PutMultipartOptions {
-                    attributes: self
-                        .cache
-                        .put_opts("application/x-nix-nar", PutMode::Overwrite)
-                        .attributes,
-                    ..Default::default()
-                },
-            )
+        // Started on its own task: if this writer is dropped while the upload is being
+        // created, the task still sees it through and aborts it, leaving nothing behind.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let store = self.cache.store.clone();
+        let key = self.cache.key(&tmp);
+        let opts = PutMultipartOptions {
+            attributes: self
+                .cache
+                .put_opts("application/x-nix-nar", PutMode::Overwrite)
+                .attributes,
+            ..Default::default()
+        };
+        self.cache.cleanups.spawn(async move {
+            let created = store.put_multipart_opts(&key, opts).await;
+            if let Err(Ok(mut orphan)) = tx.send(created) {
+                let _ = orphan.abort().await;
+            }
+        });
+        let upload = rx
             .await
+            .map_err(|_| {
+                self.cache.err(
+                    "start multipart upload of",
+                    &tmp,
+                    object_store::Error::Generic {
+                        store: "narpipe",
+                        source: "the task starting the upload vanished".into(),
+                    },
+                )
+            })?
             .map_err(|e| self.cache.err("start multipart upload of", &tmp, e))?;
         let mut upload = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
         upload.write(&std::mem::take(&mut self.buf));

@@ -79,9 +79,22 @@ where
 {
     use async_compression::tokio::bufread::{BzDecoder, XzDecoder, ZstdDecoder};
     Some(match name.unwrap_or("bzip2") {
-        "zstd" => Box::new(ZstdDecoder::new(input)),
-        "xz" => Box::new(XzDecoder::new(input)),
-        "bzip2" => Box::new(BzDecoder::new(input)),
+        // Concatenated streams are valid files for these formats: read them all.
+        "zstd" => {
+            let mut d = ZstdDecoder::new(input);
+            d.multiple_members(true);
+            Box::new(d)
+        }
+        "xz" => {
+            let mut d = XzDecoder::new(input);
+            d.multiple_members(true);
+            Box::new(d)
+        }
+        "bzip2" => {
+            let mut d = BzDecoder::new(input);
+            d.multiple_members(true);
+            Box::new(d)
+        }
         "none" | "" => Box::new(input),
         _ => return None,
     })

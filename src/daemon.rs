@@ -454,7 +454,9 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
                             batch.push(r);
                         }
                     }
-                    batch_deadline.get_or_insert_with(|| tokio::time::Instant::now() + WINDOW);
+                    if !batch.is_empty() {
+                        batch_deadline.get_or_insert_with(|| tokio::time::Instant::now() + WINDOW);
+                    }
                 }
                 None => input_open = false,
             },
@@ -472,7 +474,11 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
             }
             _ = tokio::time::sleep_until(batch_deadline.unwrap_or_else(tokio::time::Instant::now)), if batch_deadline.is_some() => flush = true,
         }
-        if batch.is_empty() || !(flush || batch.len() >= MAX_BATCH || !input_open) {
+        if batch.is_empty() {
+            batch_deadline = None;
+            continue;
+        }
+        if !(flush || batch.len() >= MAX_BATCH || !input_open) {
             continue;
         }
         batch_deadline = None;
@@ -482,11 +488,29 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
                 .entry(r.clone())
                 .or_insert(Outstanding { attempts: 0 });
         }
+        let asked: HashSet<StorePath> = roots.iter().cloned().collect();
         let outcomes = tokio::select! {
             o = process_batch(&shared, roots, &mut tasks) => o,
             _ = stop.cancelled() => break,
         };
+        // Build-time dependencies (--include-build-deps) come back as roots of their
+        // own: recorded and tracked like accepted ones, unless already under way.
+        let mut extras = Vec::new();
+        let mut outcomes_kept = Vec::with_capacity(outcomes.len());
         for (root, outcome) in outcomes {
+            if !asked.contains(&root) {
+                if outstanding.contains_key(&root) {
+                    continue;
+                }
+                outstanding.insert(root.clone(), Outstanding { attempts: 0 });
+                extras.push(root.clone());
+            }
+            outcomes_kept.push((root, outcome));
+        }
+        if !extras.is_empty() {
+            shared.journal_accept(&extras).await;
+        }
+        for (root, outcome) in outcomes_kept {
             match outcome {
                 RootOutcome::Done => {
                     settle(&shared, &mut outstanding, &mut retries, root, Ok(())).await
@@ -792,7 +816,14 @@ async fn process_batch(
                 let known: HashSet<StorePath> = paths.iter().cloned().collect();
                 paths.extend(extra.into_iter().filter(|p| !known.contains(p)));
             }
-            Err(e) => warn!("cannot list build-time dependencies: {e}"),
+            Err(e) => {
+                let reason = format!("cannot list build-time dependencies: {e}");
+                return drvs
+                    .into_iter()
+                    .chain(paths)
+                    .map(|p| (p, RootOutcome::Failed(reason.clone())))
+                    .collect();
+            }
         }
     }
 
@@ -838,6 +869,8 @@ async fn process_batch(
             }
         }
     }
+    // The path roots, each waiting for itself (also when it is a .drv root's output).
+    let path_roots = missing.clone();
     // For each .drv root, the outputs it waits for.
     let mut drv_targets: Vec<(StorePath, Vec<StorePath>)> = Vec::new();
     for drv in valid_drvs {
@@ -887,11 +920,9 @@ async fn process_batch(
         Ok(i) => i,
         Err(e) => {
             let reason = e.to_string();
-            let drv_outs: HashSet<&StorePath> = drv_targets.iter().flat_map(|(_, o)| o).collect();
             outcomes.extend(
-                missing
+                path_roots
                     .iter()
-                    .filter(|p| !drv_outs.contains(p))
                     .map(|p| (p.clone(), RootOutcome::Failed(reason.clone()))),
             );
             outcomes.extend(
@@ -941,11 +972,8 @@ async fn process_batch(
             RootOutcome::Wait(waits)
         }
     };
-    let drv_outs: HashSet<&StorePath> = drv_targets.iter().flat_map(|(_, o)| o).collect();
-    for p in &missing {
-        if !drv_outs.contains(p) {
-            outcomes.push((p.clone(), wait_for(std::slice::from_ref(p))));
-        }
+    for p in &path_roots {
+        outcomes.push((p.clone(), wait_for(std::slice::from_ref(p))));
     }
     for (drv, outs) in &drv_targets {
         outcomes.push((drv.clone(), wait_for(outs)));

@@ -85,18 +85,34 @@ pub async fn import(
         .map(|n| n.trim_end_matches(".narinfo").to_string())
         .collect();
     let levels = levels(&entries, &present, &mut report);
+    // An entry whose reference failed to copy must not be published either.
+    let mut failed: HashSet<String> = HashSet::new();
     for level in levels {
-        let results = futures::stream::iter(level.into_iter().map(|hash| {
+        let (ready, blocked): (Vec<String>, Vec<String>) = level.into_iter().partition(|h| {
+            !entries[h]
+                .references
+                .iter()
+                .any(|r| failed.contains(r.get(..32).unwrap_or(r)))
+        });
+        for h in blocked {
+            report.failed += 1;
+            error!(
+                "failed {}: a reference of it failed to copy",
+                entries[&h].store_path
+            );
+            failed.insert(h);
+        }
+        let results = futures::stream::iter(ready.into_iter().map(|hash| {
             let info = entries[&hash].clone();
             async move {
                 let r = copy_one(source, dest, info.clone(), keys).await;
-                (info, r)
+                (hash, info, r)
             }
         }))
         .buffer_unordered(jobs.max(1))
         .collect::<Vec<_>>()
         .await;
-        for (info, r) in results {
+        for (hash, info, r) in results {
             match r {
                 Ok(()) => {
                     report.imported += 1;
@@ -104,7 +120,8 @@ pub async fn import(
                 }
                 Err(e) => {
                     report.failed += 1;
-                    error!("failed {}: {e}", info.store_path);
+                    error!("failed {}: {e:#}", info.store_path);
+                    failed.insert(hash);
                 }
             }
         }

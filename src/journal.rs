@@ -36,6 +36,8 @@ pub struct Pending {
 
 pub struct Journal {
     dir: PathBuf,
+    /// Held while open: one upload per state directory.
+    _lock: nix::fcntl::Flock<File>,
     file: File,
     live: BTreeMap<String, Option<String>>,
     records: usize,
@@ -75,6 +77,19 @@ impl Journal {
             source,
         };
         fs::create_dir_all(dir).map_err(err)?;
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))
+            .map_err(err)?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| {
+                err(io::Error::other(format!(
+                    "{} is in use by another upload ({errno})",
+                    dir.display()
+                )))
+            })?;
         let mut live = BTreeMap::new();
         match File::open(dir.join(FILE)) {
             Ok(f) => {
@@ -118,6 +133,7 @@ impl Journal {
         Ok((
             Journal {
                 dir: dir.to_path_buf(),
+                _lock: lock,
                 file,
                 live,
                 records,
@@ -152,11 +168,22 @@ impl Journal {
         }
     }
 
+    /// Appends whole records. A write that fails half-way (a full disk) is cut off
+    /// again, so that the next record does not land on a fragment and get lost.
     fn append(&mut self, text: &str, sync: bool) -> Result<(), Error> {
-        self.file
-            .write_all(text.as_bytes())
-            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) })
-            .map_err(|e| self.err(e))
+        let len = self.file.metadata().map_err(|e| self.err(e))?.len();
+        let res = self.file.write_all(text.as_bytes()).and_then(|()| {
+            if sync {
+                self.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = res {
+            let _ = self.file.set_len(len);
+            return Err(self.err(e));
+        }
+        Ok(())
     }
 
     pub fn is_pending(&self, path: &str) -> bool {
@@ -170,19 +197,24 @@ impl Journal {
     /// Records `paths` as accepted; durable when this returns.
     pub fn accept<S: AsRef<str>>(&mut self, paths: &[S]) -> Result<(), Error> {
         let mut text = String::new();
+        let mut new = Vec::new();
         for p in paths {
             let p = clean(p.as_ref());
-            if self.live.get(&p) == Some(&None) {
+            if self.live.get(&p) == Some(&None) || new.contains(&p) {
                 continue;
             }
             text.push_str(&record(&["A", &p]));
-            self.live.insert(p, None);
-            self.records += 1;
+            new.push(p);
         }
         if text.is_empty() {
             return Ok(());
         }
-        self.append(&text, true)
+        self.append(&text, true)?;
+        self.records += new.len();
+        for p in new {
+            self.live.insert(p, None);
+        }
+        Ok(())
     }
 
     /// Retires `path` (its closure is in the cache, or it can never be uploaded).
@@ -200,9 +232,10 @@ impl Journal {
     /// Keeps `path` pending with the reason it failed, for the next start.
     pub fn fail(&mut self, path: &str, reason: &str) -> Result<(), Error> {
         let (path, reason) = (clean(path), clean(reason));
+        self.append(&record(&["F", &path, &reason]), true)?;
         self.records += 1;
-        self.live.insert(path.clone(), Some(reason.clone()));
-        self.append(&record(&["F", &path, &reason]), true)
+        self.live.insert(path, Some(reason));
+        Ok(())
     }
 
     fn maybe_compact(&mut self) -> Result<(), Error> {
@@ -279,6 +312,21 @@ mod tests {
         drop(j);
         let (_, pending) = Journal::open(dir.path()).unwrap();
         assert_eq!(pending_paths(&pending), ["/nix/store/keep"]);
+    }
+
+    #[test]
+    fn one_upload_per_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, _) = Journal::open(dir.path()).unwrap();
+        let err = Journal::open(dir.path())
+            .err()
+            .expect("second open refused");
+        assert!(
+            err.to_string().contains("in use by another upload"),
+            "{err}"
+        );
+        drop(first);
+        assert!(Journal::open(dir.path()).is_ok());
     }
 
     #[test]

@@ -383,3 +383,27 @@ fn sigterm_stops_promptly_and_leaves_no_partial_object() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+#[test]
+fn a_drv_and_its_own_output_in_one_batch_both_finish() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-test-8");
+    let root = build_closure(tmp.path(), "drv-and-out", 1, 100);
+    let drv = run_ok(nix("nix-store").args(["--query", "--deriver", &root]))
+        .trim()
+        .to_string();
+    let cache = tmp.path().join("cache");
+    let input = tmp.path().join("input");
+    std::fs::write(&input, format!("{drv}\n{root}\n")).unwrap();
+    let mut up = Proc::spawn(
+        upload_cmd()
+            .arg("--secret-key-file")
+            .arg(&keys.secret)
+            .arg("--input")
+            .arg(&input)
+            .arg(&cache)
+            .stderr(Stdio::null()),
+    );
+    assert!(up.wait_exit(Duration::from_secs(60)).success());
+    assert_substitutes(&cache, &root, &keys.public, tmp.path());
+}

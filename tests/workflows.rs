@@ -155,3 +155,47 @@ fn build_deps_land_in_the_cache_and_spare_a_rebuild() {
         "the tool was rebuilt: {log}"
     );
 }
+
+#[test]
+fn import_publishes_nothing_above_an_entry_that_fails_to_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = build_closure(tmp.path(), "import-broken", 2, 100);
+    let closure = closure_of(&root);
+    let src = tmp.path().join("src");
+    run_ok(
+        nix("nix")
+            .arg("copy")
+            .arg("--to")
+            .arg(format!("file://{}", src.display()))
+            .arg(&root),
+    );
+    // Corrupt the NAR of the bottom of the chain: everything refers to it.
+    let leaf = closure.iter().find(|p| p.ends_with("-0")).unwrap();
+    let narinfo = std::fs::read_to_string(
+        src.join(format!("{}.narinfo", &leaf["/nix/store/".len()..][..32])),
+    )
+    .unwrap();
+    let url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap();
+    let mut bytes = std::fs::read(src.join(url)).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(src.join(url), bytes).unwrap();
+    let dest = tmp.path().join("dest");
+    let out = upload_cmd()
+        .arg("import")
+        .arg(&src)
+        .arg(&dest)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains(&format!("failed {leaf}")), "{log}");
+    assert_eq!(
+        narinfo_count(&dest),
+        0,
+        "entries above the broken one were published: {log}"
+    );
+}
