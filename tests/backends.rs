@@ -264,15 +264,7 @@ fn s3_outage_mid_upload_loses_nothing_and_publishes_nothing_broken() {
     .stdin(Stdio::null())
     .stderr(std::fs::File::create(&log).unwrap());
     let mut daemon = Proc::spawn(&mut cmd);
-    let send = |args: &[&str]| {
-        Command::new(SEND)
-            .arg("-o")
-            .arg(&fifo)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    assert!(send(&[&big, &root]).status.success());
+    assert!(send(&fifo, &[&big, &root]).status.success());
     // Let some of it land, then take the server away in the middle of the rest.
     let store = s3.store("outage");
     wait_until(
@@ -295,7 +287,7 @@ fn s3_outage_mid_upload_loses_nothing_and_publishes_nothing_broken() {
     s3.stop();
     std::thread::sleep(std::time::Duration::from_secs(3));
     s3.resume();
-    assert!(send(&["--finish"]).status.success());
+    assert!(send(&fifo, &["--finish"]).status.success());
     let status = daemon.wait_exit(std::time::Duration::from_secs(300));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "{text}");

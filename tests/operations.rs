@@ -58,17 +58,9 @@ fn metrics_counters_move_as_paths_are_uploaded() {
     assert_eq!(metric(&before, "narpipe_paths_uploaded_total"), 0);
     let root = build_closure(tmp.path(), "metrics", 2, 5000);
     let n = closure_of(&root).len() as u64;
-    let out = Command::new(SEND)
-        .arg("-o")
-        .arg(&fifo)
-        .arg(&root)
-        .output()
-        .unwrap();
+    let out = send(&fifo, &[&root]);
     assert!(out.status.success());
-    let narinfo = cache.join(format!(
-        "{}.narinfo",
-        &Path::new(&root).file_name().unwrap().to_str().unwrap()[..32]
-    ));
+    let narinfo = narinfo_path(&cache, &root);
     wait_until(Duration::from_secs(60), "the root's narinfo", || {
         narinfo.exists()
     });
@@ -78,12 +70,7 @@ fn metrics_counters_move_as_paths_are_uploaded() {
     assert!(metric(&after, "narpipe_compressed_bytes_total") > 0);
     assert_eq!(metric(&after, "narpipe_paths_failed_total"), 0);
     // Garbage moves the rejected counter; the queue drains to zero.
-    Command::new(SEND)
-        .arg("-o")
-        .arg(&fifo)
-        .arg("relative/junk")
-        .output()
-        .unwrap();
+    send(&fifo, &["relative/junk"]);
     {
         let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
         w.write_all(b"junk\n").unwrap();
@@ -137,14 +124,7 @@ fn excluded_paths_and_their_referrers_are_never_pushed() {
         log.contains(&format!("excluded {}: refers to excluded", find("-app"))),
         "{log}"
     );
-    let has = |p: &str| {
-        cache
-            .join(format!(
-                "{}.narinfo",
-                &Path::new(p).file_name().unwrap().to_str().unwrap()[..32]
-            ))
-            .exists()
-    };
+    let has = |p: &str| narinfo_path(&cache, p).exists();
     assert!(!has(&find("-secret-config")) && !has(&find("-app")) && !has(&root));
     assert!(has(&find("-lib")) && has(&find("-tool")));
     assert_substitutes(&cache, &find("-tool"), &keys.public, tmp.path());
@@ -255,13 +235,7 @@ fn verify_reports_each_kind_of_broken_entry() {
         closure.len()
     );
 
-    let narinfo_of = |p: &str| {
-        cache.join(format!(
-            "{}.narinfo",
-            &Path::new(p).file_name().unwrap().to_str().unwrap()[..32]
-        ))
-    };
-    let read = |p: &str| std::fs::read_to_string(narinfo_of(p)).unwrap();
+    let read = |p: &str| std::fs::read_to_string(narinfo_path(&cache, p)).unwrap();
     let leaf = closure.iter().find(|p| p.ends_with("-0")).unwrap().clone();
     let one = closure.iter().find(|p| p.ends_with("-1")).unwrap().clone();
     let left = closure
@@ -277,7 +251,7 @@ fn verify_reports_each_kind_of_broken_entry() {
         .to_string();
     std::fs::remove_file(cache.join(&url)).unwrap();
     // 2. A reference dropped: the leaf's narinfo is gone, so its referrers break.
-    std::fs::remove_file(narinfo_of(&leaf)).unwrap();
+    std::fs::remove_file(narinfo_path(&cache, &leaf)).unwrap();
     // 3. A signature corrupted.
     let text = read(&one);
     let sig_line = text.lines().find(|l| l.starts_with("Sig: ")).unwrap();
@@ -291,7 +265,7 @@ fn verify_reports_each_kind_of_broken_entry() {
     let mut chars: Vec<char> = sig.chars().collect();
     chars[5] = if chars[5] == 'A' { 'B' } else { 'A' };
     let bad = format!("Sig: {name}:{}", chars.into_iter().collect::<String>());
-    std::fs::write(narinfo_of(&one), text.replace(sig_line, &bad)).unwrap();
+    std::fs::write(narinfo_path(&cache, &one), text.replace(sig_line, &bad)).unwrap();
 
     let out = verify(&[&keys.public]);
     let report = String::from_utf8_lossy(&out.stdout);
@@ -456,17 +430,9 @@ fn socket_activation_and_readiness_as_systemd_does_it() {
     let n = notify.recv(&mut buf).expect("READY=1 from upload");
     assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "READY=1");
     let root = build_closure(tmp.path(), "activated", 1, 100);
-    let out = Command::new(SEND)
-        .arg("-o")
-        .arg(&fifo)
-        .arg(&root)
-        .output()
-        .unwrap();
+    let out = send(&fifo, &[&root]);
     assert!(out.status.success());
-    let narinfo = cache.join(format!(
-        "{}.narinfo",
-        &Path::new(&root).file_name().unwrap().to_str().unwrap()[..32]
-    ));
+    let narinfo = narinfo_path(&cache, &root);
     wait_until(
         Duration::from_secs(60),
         "the activated daemon to upload",

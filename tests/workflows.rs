@@ -55,7 +55,7 @@ fn exec_pushes_what_the_command_builds_and_nothing_else() {
         .find(|p| p.ends_with("-new"))
         .expect("nix-build printed new");
     assert_substitutes(&cache, new, &keys.public, tmp.path());
-    let narinfo = |p: &str| cache.join(format!("{}.narinfo", &p["/nix/store/".len()..][..32]));
+    let narinfo = |p: &str| narinfo_path(&cache, p);
     assert!(narinfo(new).exists());
     assert!(
         !narinfo(&old).exists(),
@@ -111,7 +111,7 @@ fn build_deps_land_in_the_cache_and_spare_a_rebuild() {
         writeln!(child.stdin.take().unwrap(), "{app}").unwrap();
         child.wait_with_output().unwrap()
     };
-    let narinfo = |p: &str| cache.join(format!("{}.narinfo", &p["/nix/store/".len()..][..32]));
+    let narinfo = |p: &str| narinfo_path(&cache, p);
     let out = upload(&[]);
     assert!(out.status.success());
     assert!(narinfo(&app).exists() && !narinfo(&tool).exists());
@@ -171,10 +171,7 @@ fn import_publishes_nothing_above_an_entry_that_fails_to_copy() {
     );
     // Corrupt the NAR of the bottom of the chain: everything refers to it.
     let leaf = closure.iter().find(|p| p.ends_with("-0")).unwrap();
-    let narinfo = std::fs::read_to_string(
-        src.join(format!("{}.narinfo", &leaf["/nix/store/".len()..][..32])),
-    )
-    .unwrap();
+    let narinfo = std::fs::read_to_string(narinfo_path(&src, leaf)).unwrap();
     let url = narinfo
         .lines()
         .find_map(|l| l.strip_prefix("URL: "))

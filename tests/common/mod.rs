@@ -273,6 +273,12 @@ pub fn upload_cmd() -> Command {
     c
 }
 
+/// Where `cache` (a folder) keeps the narinfo of the store path `path`.
+pub fn narinfo_path(cache: &Path, path: &str) -> PathBuf {
+    let base = Path::new(path).file_name().unwrap().to_str().unwrap();
+    cache.join(format!("{}.narinfo", &base[..32]))
+}
+
 pub fn send(fifo: &Path, args: &[&str]) -> Output {
     Command::new(SEND)
         .arg("-o")
