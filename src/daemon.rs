@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{self, Cache};
 use crate::cache_info::CacheInfo;
 use crate::compress::Compression;
+use crate::engine::Engine;
 use crate::filter::Filter;
 use crate::journal::{self, Journal, Pending};
 use crate::nix::{self, Nix, PathInfo};
@@ -257,6 +258,7 @@ struct State {
 struct Shared {
     cfg: Config,
     nix: Nix,
+    engine: Engine,
     jobs: Semaphore,
     checks: Semaphore,
     state: Mutex<State>,
@@ -365,8 +367,11 @@ fn backoff(n: u32) -> Duration {
 pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
     let journal = std::mem::take(&mut cfg.pending);
     let spool_dir = cfg.spool_dir.clone();
+    // Without threads nothing can be uploaded; failing to start them is out of resources.
+    let engine = Engine::new(cfg.jobs).expect("cannot start the NAR threads");
     let shared = Arc::new(Shared {
         nix: Nix::new(cfg.store_dir.clone()),
+        engine,
         jobs: Semaphore::new(cfg.jobs.max(1)),
         checks: Semaphore::new(CHECKS_IN_FLIGHT),
         state: Mutex::new(State {
@@ -1159,7 +1164,15 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
     let cfg = &shared.cfg;
     let nar = {
         let _permit = shared.jobs.acquire().await.expect("never closed");
-        upload::upload_nar(&cfg.cache, &cfg.store_dir, info, cfg.compression, cfg.level).await?
+        upload::upload_nar(
+            &shared.engine,
+            &cfg.cache,
+            &cfg.store_dir,
+            info,
+            cfg.compression,
+            cfg.level,
+        )
+        .await?
     };
     // Progress follows the NARs; the narinfo may still wait for its references.
     shared.progress(info.nar_size);

@@ -3,7 +3,8 @@
 //! Modules, from the bottom up (each layer uses only the ones below it):
 //! - formats (pure, no IO): [`nixbase32`], [`hash`], [`store_path`], [`narinfo`],
 //!   [`cache_info`], [`signing`], [`nar`] (the NAR writer), [`pipe`] (line framing)
-//! - adapters: [`compress`]
+//! - formats for compressed NARs: [`xz`] (one stream of independently compressed blocks)
+//! - adapters: [`compress`]; [`engine`] (makes compressed NARs on a pool of plain threads)
 //! - IO edges, independent of each other: [`resolve`] (input → store path), [`nix`]
 //!   (runs the Nix CLI), [`cache`] (the binary cache through `object_store`)
 //! - orchestration: [`upload`] (one path), [`daemon`] (the whole uploader)
@@ -15,6 +16,7 @@ pub mod cache_info;
 pub mod cache_url;
 pub mod compress;
 pub mod daemon;
+pub mod engine;
 pub mod filter;
 pub mod hash;
 pub mod import;
@@ -32,3 +34,4 @@ pub mod stats;
 pub mod store_path;
 pub mod upload;
 pub mod verify;
+pub mod xz;

@@ -9,7 +9,8 @@
 //!                 "(" "type" "directory" ("entry" "(" "name" <n> "node" <node> ")")* ")"
 //! ```
 //! with directory entries in byte order of their names. Files are streamed, never held
-//! whole in memory. Sync on purpose: callers run it on a blocking thread.
+//! whole in memory. Sync on purpose: callers run it on a plain thread. A [`Sink`] that
+//! holds a buffer takes file contents straight into it, in large contiguous reads.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -19,28 +20,65 @@ use std::path::Path;
 
 const COPY_BUF: usize = 256 * 1024;
 
-fn token<W: Write>(out: &mut W, bytes: &[u8]) -> io::Result<()> {
-    out.write_all(&(bytes.len() as u64).to_le_bytes())?;
-    out.write_all(bytes)?;
+/// Where [`dump_into`] puts a NAR.
+pub trait Sink {
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Reads at most `max` (> 0) bytes of `file` into the sink with one read call and
+    /// returns how many it read (0 at the end of the file).
+    fn put_from(&mut self, file: &mut File, max: u64) -> io::Result<usize>;
+}
+
+/// Any writer, through a copy buffer.
+struct WriteSink<'a, W> {
+    out: &'a mut W,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> Sink for WriteSink<'_, W> {
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.out.write_all(bytes)
+    }
+
+    fn put_from(&mut self, file: &mut File, max: u64) -> io::Result<usize> {
+        let want = self.buf.len().min(max as usize);
+        let n = file.read(&mut self.buf[..want])?;
+        self.out.write_all(&self.buf[..n])?;
+        Ok(n)
+    }
+}
+
+fn token<S: Sink>(out: &mut S, bytes: &[u8]) -> io::Result<()> {
+    out.put(&(bytes.len() as u64).to_le_bytes())?;
+    out.put(bytes)?;
     pad(out, bytes.len() as u64)
 }
 
-fn pad<W: Write>(out: &mut W, len: u64) -> io::Result<()> {
+fn pad<S: Sink>(out: &mut S, len: u64) -> io::Result<()> {
     let rem = (len % 8) as usize;
     if rem != 0 {
-        out.write_all(&[0u8; 8][..8 - rem])?;
+        out.put(&[0u8; 8][..8 - rem])?;
     }
     Ok(())
 }
 
 /// Writes the NAR serialisation of `path` (not following a symlink at `path`) to `out`.
 pub fn dump<W: Write>(path: &Path, out: &mut W) -> io::Result<()> {
-    let mut buf = vec![0u8; COPY_BUF];
-    token(out, b"nix-archive-1")?;
-    node(path, out, &mut buf)
+    dump_into(
+        path,
+        &mut WriteSink {
+            out,
+            buf: vec![0u8; COPY_BUF],
+        },
+    )
 }
 
-fn node<W: Write>(path: &Path, out: &mut W, buf: &mut [u8]) -> io::Result<()> {
+/// Puts the NAR serialisation of `path` (not following a symlink at `path`) into `out`.
+pub fn dump_into<S: Sink>(path: &Path, out: &mut S) -> io::Result<()> {
+    token(out, b"nix-archive-1")?;
+    node(path, out)
+}
+
+fn node<S: Sink>(path: &Path, out: &mut S) -> io::Result<()> {
     let meta = fs::symlink_metadata(path)?;
     let ft = meta.file_type();
     token(out, b"(")?;
@@ -56,7 +94,7 @@ fn node<W: Write>(path: &Path, out: &mut W, buf: &mut [u8]) -> io::Result<()> {
             token(out, b"")?;
         }
         token(out, b"contents")?;
-        contents(path, meta.len(), out, buf)?;
+        contents(path, meta.len(), out)?;
     } else if ft.is_dir() {
         token(out, b"directory")?;
         let mut names: Vec<_> = fs::read_dir(path)?
@@ -69,7 +107,7 @@ fn node<W: Write>(path: &Path, out: &mut W, buf: &mut [u8]) -> io::Result<()> {
             token(out, b"name")?;
             token(out, name.as_bytes())?;
             token(out, b"node")?;
-            node(&path.join(&name), out, buf)?;
+            node(&path.join(&name), out)?;
             token(out, b")")?;
         }
     } else {
@@ -84,23 +122,21 @@ fn node<W: Write>(path: &Path, out: &mut W, buf: &mut [u8]) -> io::Result<()> {
     token(out, b")")
 }
 
-fn contents<W: Write>(path: &Path, len: u64, out: &mut W, buf: &mut [u8]) -> io::Result<()> {
+fn contents<S: Sink>(path: &Path, len: u64, out: &mut S) -> io::Result<()> {
     let mut file = File::open(path)?;
-    out.write_all(&len.to_le_bytes())?;
+    out.put(&len.to_le_bytes())?;
     let mut left = len;
     while left > 0 {
-        let want = buf.len().min(left as usize);
-        let n = file.read(&mut buf[..want])?;
+        let n = out.put_from(&mut file, left)?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("{} shrank while being archived", path.display()),
             ));
         }
-        out.write_all(&buf[..n])?;
         left -= n as u64;
     }
-    if file.read(&mut buf[..1])? != 0 {
+    if file.read(&mut [0u8; 1])? != 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{} grew while being archived", path.display()),
@@ -116,7 +152,11 @@ mod tests {
 
     fn tok(s: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
-        token(&mut v, s).unwrap();
+        let mut sink = WriteSink {
+            out: &mut v,
+            buf: Vec::new(),
+        };
+        token(&mut sink, s).unwrap();
         v
     }
 

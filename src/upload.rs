@@ -1,37 +1,32 @@
 //! Uploading one store path: stream its NAR, then build and sign its narinfo.
 //!
 //! ```text
-//! filesystem ─ nar::dump ─ SHA-256 (NarHash) ─▶ compressor ─ SHA-256 (FileHash) ─▶ NarWriter
-//!   (blocking thread)                 bounded channel          (async task)
+//! filesystem ─ engine (plain threads: walk, NarHash, compress, FileHash) ─▶ NarWriter
+//!                                             bounded channel            (async task)
 //! ```
 //! The NAR is never whole in memory. When the stream ends its hash and size are
 //! compared with the store's database; a mismatch drops the writer, so nothing is
 //! published. Only then is the NAR committed under `nar/<FileHash>.nar.<ext>`.
 
-use std::io::{self, Write};
 use std::path::PathBuf;
-
-use bytes::{Bytes, BytesMut};
-use sha2::Digest;
-use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
 
 use crate::cache::{self, Cache};
 use crate::compress::Compression;
+use crate::engine::{self, Engine, Next};
 use crate::hash::Sha256;
-use crate::nar;
 use crate::narinfo::NarInfo;
 use crate::nix::PathInfo;
 use crate::signing::SecretKey;
 use crate::store_path::StoreDir;
 
-const CHUNK: usize = 256 * 1024;
-const CHUNKS_IN_FLIGHT: usize = 4;
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot archive {path}: {source}")]
-    Archive { path: String, source: io::Error },
+    #[error("{path}: {source}")]
+    Engine {
+        path: String,
+        #[source]
+        source: engine::Error,
+    },
     #[error("{path} does not match the store's database (NAR {got_hash}, {got_size} bytes; expected {want_hash}, {want_size} bytes): refusing to publish")]
     Mismatch {
         path: String,
@@ -40,8 +35,6 @@ pub enum Error {
         want_hash: Sha256,
         want_size: u64,
     },
-    #[error("compressing {path}: {source}")]
-    Compress { path: String, source: io::Error },
     #[error(transparent)]
     Cache(#[from] cache::Error),
 }
@@ -55,45 +48,9 @@ pub struct NarFile {
     pub file_size: u64,
 }
 
-/// Collects NAR bytes into chunks for the channel, hashing them on the way.
-struct ChunkSink {
-    tx: mpsc::Sender<Bytes>,
-    buf: BytesMut,
-    hasher: sha2::Sha256,
-    size: u64,
-}
-
-impl ChunkSink {
-    fn send(&mut self) -> io::Result<()> {
-        let chunk = std::mem::replace(&mut self.buf, BytesMut::with_capacity(CHUNK)).freeze();
-        self.tx
-            .blocking_send(chunk)
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload abandoned"))
-    }
-}
-
-impl Write for ChunkSink {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(CHUNK - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        self.hasher.update(&data[..n]);
-        self.size += n as u64;
-        if self.buf.len() == CHUNK {
-            self.send()?;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            self.send()?;
-        }
-        Ok(())
-    }
-}
-
 /// Streams the NAR of `info.path` into the cache and returns where it went.
 pub async fn upload_nar(
+    engine: &Engine,
     cache: &Cache,
     store_dir: &StoreDir,
     info: &PathInfo,
@@ -101,77 +58,41 @@ pub async fn upload_nar(
     level: Option<i32>,
 ) -> Result<NarFile, Error> {
     let path_text = store_dir.display(&info.path);
-    let fs_path = PathBuf::from(&path_text);
-    let (tx, rx) = mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
-    let dumper = tokio::task::spawn_blocking(move || {
-        let mut sink = ChunkSink {
-            tx,
-            buf: BytesMut::with_capacity(CHUNK),
-            hasher: sha2::Sha256::new(),
-            size: 0,
-        };
-        nar::dump(&fs_path, &mut sink)?;
-        sink.flush()?;
-        Ok::<_, io::Error>((Sha256(sink.hasher.finalize().into()), sink.size))
-    });
-    let stream = Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, io::Error>(b), rx))
-    }));
-    let mut encoder = compression.encoder(tokio_util::io::StreamReader::new(stream), level);
-    let mut writer = cache.nar_writer();
-    // Uncompressed, the file is the NAR: its hash is the NarHash, computed once.
-    let mut file_hasher = (compression != Compression::None).then(sha2::Sha256::new);
-    let mut file_size = 0u64;
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = encoder
-            .read(&mut buf)
-            .await
-            .map_err(|source| Error::Compress {
-                path: path_text.clone(),
-                source,
-            })?;
-        if n == 0 {
-            break;
-        }
-        if let Some(h) = &mut file_hasher {
-            h.update(&buf[..n]);
-        }
-        file_size += n as u64;
-        writer.write(&buf[..n]).await?;
-    }
-    let (nar_hash, nar_size) = dumper
+    let failed = |source| Error::Engine {
+        path: path_text.clone(),
+        source,
+    };
+    let mut nar = engine
+        .nar(PathBuf::from(&path_text), compression, level)
         .await
-        .map_err(|e| io::Error::other(e.to_string()))
-        .and_then(|r| r)
-        .map_err(|source| Error::Archive {
-            path: path_text.clone(),
-            source,
-        })?;
-    if nar_hash != info.nar_hash || nar_size != info.nar_size {
+        .map_err(failed)?;
+    let mut writer = cache.nar_writer();
+    let digest = loop {
+        match nar.next().await.map_err(failed)? {
+            Next::Data(bytes) => writer.write(&bytes).await?,
+            Next::End(digest) => break digest,
+        }
+    };
+    if digest.nar_hash != info.nar_hash || digest.nar_size != info.nar_size {
         return Err(Error::Mismatch {
             path: path_text,
-            got_hash: nar_hash,
-            got_size: nar_size,
+            got_hash: digest.nar_hash,
+            got_size: digest.nar_size,
             want_hash: info.nar_hash,
             want_size: info.nar_size,
         });
     }
-    let file_hash = match file_hasher {
-        Some(h) => Sha256(h.finalize().into()),
-        None => nar_hash,
-    };
     let url = format!(
         "nar/{}{}",
-        file_hash.to_nix32(),
+        digest.file_hash.to_nix32(),
         compression.nar_extension()
     );
     writer.commit(&url).await?;
     Ok(NarFile {
         url,
         compression,
-        file_hash,
-        file_size,
+        file_hash: digest.file_hash,
+        file_size: digest.file_size,
     })
 }
 
@@ -210,7 +131,9 @@ pub fn narinfo(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nar;
     use crate::store_path::StorePath;
+    use sha2::Digest;
     use tokio::io::AsyncReadExt;
 
     fn info_for(store: &std::path::Path, name: &str) -> (StoreDir, PathInfo) {
@@ -241,9 +164,16 @@ mod tests {
         let (sd, info) = info_for(&store, name);
         let cache = Cache::open(dir.path().join("cache").to_str().unwrap()).unwrap();
 
-        let nar = upload_nar(&cache, &sd, &info, Compression::Zstd, None)
-            .await
-            .unwrap();
+        let nar = upload_nar(
+            &Engine::new(2).unwrap(),
+            &cache,
+            &sd,
+            &info,
+            Compression::Zstd,
+            None,
+        )
+        .await
+        .unwrap();
         assert!(nar.url.starts_with("nar/") && nar.url.ends_with(".nar.zst"));
         let stored = cache.get(&nar.url).await.unwrap().unwrap();
         assert_eq!(stored.len() as u64, nar.file_size);
@@ -277,9 +207,16 @@ mod tests {
         let (sd, info) = info_for(&store, name);
         std::fs::write(store.join(name), b"tampered").unwrap();
         let cache = Cache::open(dir.path().join("cache").to_str().unwrap()).unwrap();
-        let err = upload_nar(&cache, &sd, &info, Compression::None, None)
-            .await
-            .unwrap_err();
+        let err = upload_nar(
+            &Engine::new(2).unwrap(),
+            &cache,
+            &sd,
+            &info,
+            Compression::None,
+            None,
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, Error::Mismatch { .. }), "{err}");
         assert!(err.to_string().contains(name));
         let nar_dir = dir.path().join("cache/nar");

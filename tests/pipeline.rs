@@ -407,3 +407,109 @@ fn a_drv_and_its_own_output_in_one_batch_both_finish() {
     assert!(up.wait_exit(Duration::from_secs(60)).success());
     assert_substitutes(&cache, &root, &keys.public, tmp.path());
 }
+
+/// A path of `mb` MiB: a third random, the rest compressible text.
+fn build_big(dir: &Path, tag: &str, mb: usize) -> String {
+    let word = unique(tag);
+    let random = mb / 3;
+    build_expr(
+        dir,
+        tag,
+        &format!(
+            r#"derivation {{ name = "{word}"; system = builtins.currentSystem; builder = "/bin/sh";
+                PATH = "/usr/bin:/bin"; args = [ "-c" "mkdir $out; head -c {random}M /dev/urandom > $out/random; seq 1 100000000 | head -c {rest}M > $out/text" ]; }}"#,
+            rest = mb - random,
+        ),
+    )
+}
+
+fn only_nar(cache: &Path) -> Vec<u8> {
+    let nars: Vec<_> = std::fs::read_dir(cache.join("nar"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(nars.len(), 1, "{nars:?}");
+    std::fs::read(&nars[0]).unwrap()
+}
+
+#[test]
+fn big_nars_as_zstd_frames_and_xz_blocks_are_substituted_by_nix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-test-frames");
+    let big = build_big(tmp.path(), "frames", 21);
+    for (comp, level) in [("zstd", "3"), ("xz", "0")] {
+        let cache = tmp.path().join(format!("cache-{comp}"));
+        let out = feed(
+            upload_cmd()
+                .args(["--compression", comp, "--compression-level", level])
+                .arg("--secret-key-file")
+                .arg(&keys.secret)
+                .arg(&cache),
+            std::slice::from_ref(&big),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let file = only_nar(&cache);
+        // Several independent pieces in one ordinary file.
+        let pieces = match comp {
+            "zstd" => {
+                let (mut rest, mut frames) = (&file[..], 0);
+                while !rest.is_empty() {
+                    rest = &rest[zstd::zstd_safe::find_frame_compressed_size(rest).unwrap()..];
+                    frames += 1;
+                }
+                frames
+            }
+            _ => {
+                // The index's record count, found through the footer's backward size.
+                let n = file.len();
+                let backward = u32::from_le_bytes(file[n - 8..n - 4].try_into().unwrap());
+                file[n - 12 - (backward as usize + 1) * 4 + 1] as usize
+            }
+        };
+        assert!(pieces >= 2, "{comp}: {pieces} pieces");
+        assert_substitutes(&cache, &big, &keys.public, tmp.path());
+    }
+}
+
+#[test]
+fn sigterm_mid_xz_of_a_big_path_exits_quickly_leaving_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-test-xz-term");
+    let big = build_big(tmp.path(), "xzterm", 96);
+    let cache = tmp.path().join("cache");
+    let log = tmp.path().join("upload.log");
+    let input = tmp.path().join("input");
+    std::fs::write(&input, format!("{big}\n")).unwrap();
+    let mut up = Proc::spawn(
+        Command::new(UPLOAD)
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .args(["--compression", "xz", "--secret-key-file"])
+            .arg(&keys.secret)
+            .arg("--input")
+            .arg(&input)
+            .arg(&cache)
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    // xz -6 of 96 MiB takes tens of seconds here: 3 s in, it is compressing.
+    std::thread::sleep(Duration::from_secs(3));
+    let asked = Instant::now();
+    up.signal(Signal::SIGTERM);
+    let status = up.wait_exit(Duration::from_secs(30));
+    let took = asked.elapsed();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?} to exit: {text}"
+    );
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("1 unfinished"), "{text}");
+    assert_eq!(narinfo_count(&cache), 0);
+    let left: Vec<_> = std::fs::read_dir(cache.join("nar"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -1,0 +1,733 @@
+//! The NAR engine: makes compressed NARs on a fixed pool of plain threads.
+//!
+//! ```text
+//! async caller ── Engine::nar ──▶ jobs (crossbeam, bounded) ──▶ worker thread = producer
+//!                                                               walk, read, NarHash
+//!                                                               cut into frames ──▶ frames (crossbeam, bounded)
+//!                                  any idle worker, or the producer itself ◀───────┘ compress
+//!   NarStream ◀── (tokio mpsc, bounded) ── producer: in order, FileHash, zstd frames / xz blocks
+//! ```
+//! The async runtime only moves the finished bytes on; walking, reading, hashing and
+//! compressing never run on it, nor on tokio's blocking pool. The pool has a fixed
+//! number of threads whatever the number of paths, each owning its compressor context
+//! and frame buffers, reused from NAR to NAR.
+//!
+//! A NAR is cut into frames of a fixed size ([`frame_size`]), read from the files
+//! straight into one contiguous buffer each. A NAR smaller than a frame is one frame.
+//! The frames of a big NAR are compressed by every idle thread at once and joined in
+//! order: zstd as independent frames one after another, xz as one stream of blocks
+//! (see [`crate::xz`]); both are one ordinary `.zst`/`.xz` file. A producer waiting
+//! for its oldest frame compresses queued frames itself meanwhile, so no thread idles
+//! while any frame waits, and the pool cannot deadlock.
+//!
+//! Dropping a [`NarStream`] cancels its NAR: the producer and helpers stop at the next
+//! frame (xz: the next MiB), and nothing more is sent.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use crossbeam_channel::{self as channel, Receiver, Sender, TryRecvError, TrySendError};
+use sha2::Digest;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::compress::Compression;
+use crate::hash::Sha256;
+use crate::nar;
+use crate::xz;
+
+/// Uncompressed bytes per zstd frame (and per chunk when not compressing).
+const ZSTD_FRAME: usize = 4 << 20;
+/// Pieces in flight from a producer to the async side.
+const PIECES_IN_FLIGHT: usize = 4;
+
+/// Uncompressed bytes per frame (zstd) or block (xz) for `compression` at `level`.
+pub fn frame_size(compression: Compression, level: Option<i32>) -> usize {
+    match compression {
+        Compression::Xz => xz::block_size(xz_level(level)),
+        Compression::Zstd | Compression::None => ZSTD_FRAME,
+    }
+}
+
+fn xz_level(level: Option<i32>) -> u32 {
+    level.map_or(6, |l| l.clamp(0, 9) as u32)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot archive it")]
+    Archive(#[source] io::Error),
+    #[error("compressing it failed")]
+    Compress(#[source] io::Error),
+    #[error("the NAR engine has stopped")]
+    Stopped,
+}
+
+/// Hashes and sizes of one finished NAR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NarDigest {
+    pub nar_hash: Sha256,
+    pub nar_size: u64,
+    /// Of the compressed file; equal to the NAR's when not compressing.
+    pub file_hash: Sha256,
+    pub file_size: u64,
+}
+
+/// What a producer sends: the compressed file in order, then its digest.
+enum Piece {
+    Data(Bytes),
+    End(NarDigest),
+}
+
+/// Shared by a NAR's producer, its helpers and its [`NarStream`].
+struct Control {
+    cancelled: AtomicBool,
+}
+
+impl Control {
+    fn cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+}
+
+struct Job {
+    path: PathBuf,
+    codec: Codec,
+    control: Arc<Control>,
+    out: mpsc::Sender<Result<Piece, Error>>,
+    /// Released when the job ends: bounds the jobs queued and running.
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Codec {
+    Zstd(i32),
+    Xz(u32),
+    None,
+}
+
+impl Codec {
+    fn new(compression: Compression, level: Option<i32>) -> Self {
+        match compression {
+            Compression::Zstd => Codec::Zstd(level.unwrap_or(3)),
+            Compression::Xz => Codec::Xz(xz_level(level)),
+            Compression::None => Codec::None,
+        }
+    }
+}
+
+/// One frame of a NAR, to be compressed by whichever thread takes it.
+struct Frame {
+    data: Vec<u8>,
+    len: usize,
+    codec: Codec,
+    control: Arc<Control>,
+    reply: Sender<Compressed>,
+}
+
+/// A compressed frame, with its input buffer handed back for reuse.
+struct Compressed {
+    input: Vec<u8>,
+    output: io::Result<(Vec<u8>, Option<xz::BlockRecord>)>,
+}
+
+/// The pool. Dropping it lets the threads end once their current work is done.
+pub struct Engine {
+    jobs: Sender<Job>,
+    permits: Arc<Semaphore>,
+    threads: usize,
+}
+
+impl Engine {
+    /// Starts `threads` worker threads (at least one).
+    pub fn new(threads: usize) -> io::Result<Engine> {
+        let threads = threads.max(1);
+        let (jobs_tx, jobs_rx) = channel::bounded::<Job>(threads);
+        let (frames_tx, frames_rx) = channel::bounded::<Frame>(threads);
+        for i in 0..threads {
+            let mut worker = Worker {
+                frames_tx: frames_tx.clone(),
+                frames_rx: frames_rx.clone(),
+                zstd: None,
+                xz: None,
+                spare: Vec::new(),
+                in_flight: threads.max(2),
+            };
+            let jobs_rx = jobs_rx.clone();
+            std::thread::Builder::new()
+                .name(format!("narpipe-nar-{i}"))
+                .spawn(move || worker.run(jobs_rx))?;
+        }
+        Ok(Engine {
+            jobs: jobs_tx,
+            permits: Arc::new(Semaphore::new(threads)),
+            threads,
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Starts making the NAR of `path`; waits while every thread has a NAR of its own.
+    pub async fn nar(
+        &self,
+        path: PathBuf,
+        compression: Compression,
+        level: Option<i32>,
+    ) -> Result<NarStream, Error> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Stopped)?;
+        let (tx, rx) = mpsc::channel(PIECES_IN_FLIGHT);
+        let control = Arc::new(Control {
+            cancelled: AtomicBool::new(false),
+        });
+        let job = Job {
+            path,
+            codec: Codec::new(compression, level),
+            control: control.clone(),
+            out: tx,
+            _permit: permit,
+        };
+        // Never blocks: the queue holds as many jobs as there are permits.
+        self.jobs.try_send(job).map_err(|_| Error::Stopped)?;
+        Ok(NarStream { rx, control })
+    }
+}
+
+/// The compressed NAR as it is made. Dropping it cancels the rest.
+pub struct NarStream {
+    rx: mpsc::Receiver<Result<Piece, Error>>,
+    control: Arc<Control>,
+}
+
+/// What [`NarStream::next`] gives.
+pub enum Next {
+    Data(Bytes),
+    End(NarDigest),
+}
+
+impl NarStream {
+    /// The next piece of the compressed file, or the digest once it is all there.
+    pub async fn next(&mut self) -> Result<Next, Error> {
+        match self.rx.recv().await {
+            Some(Ok(Piece::Data(b))) => Ok(Next::Data(b)),
+            Some(Ok(Piece::End(d))) => Ok(Next::End(d)),
+            Some(Err(e)) => Err(e),
+            None => Err(Error::Stopped),
+        }
+    }
+}
+
+impl Drop for NarStream {
+    fn drop(&mut self) {
+        self.control.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A pool thread with its contexts, reused from NAR to NAR.
+struct Worker {
+    frames_tx: Sender<Frame>,
+    frames_rx: Receiver<Frame>,
+    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    xz: Option<(u32, xz::BlockCompressor)>,
+    /// Frame buffers, full length, ready to be filled again.
+    spare: Vec<Vec<u8>>,
+    /// Frames a producer keeps in flight before it waits for the oldest.
+    in_flight: usize,
+}
+
+impl Worker {
+    fn run(&mut self, jobs: Receiver<Job>) {
+        loop {
+            // Finish frames already cut before starting a new NAR: less memory held.
+            match self.frames_rx.try_recv() {
+                Ok(frame) => {
+                    self.help(frame);
+                    continue;
+                }
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => return,
+            }
+            channel::select! {
+                recv(self.frames_rx) -> frame => match frame {
+                    Ok(frame) => self.help(frame),
+                    Err(_) => return,
+                },
+                recv(jobs) -> job => match job {
+                    Ok(job) => self.produce(job),
+                    Err(_) => return,
+                },
+            }
+        }
+    }
+
+    /// Compresses another producer's frame and hands it back.
+    fn help(&mut self, frame: Frame) {
+        let done = self.compress(frame.data, frame.len, frame.codec, &frame.control);
+        // The producer may have given up: nobody waits for the result then.
+        let _ = frame.reply.send(done);
+    }
+
+    fn compress(
+        &mut self,
+        input: Vec<u8>,
+        len: usize,
+        codec: Codec,
+        control: &Control,
+    ) -> Compressed {
+        let output = if control.cancelled() {
+            Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"))
+        } else {
+            self.compress_frame(&input[..len], codec, control)
+        };
+        Compressed { input, output }
+    }
+
+    fn compress_frame(
+        &mut self,
+        data: &[u8],
+        codec: Codec,
+        control: &Control,
+    ) -> io::Result<(Vec<u8>, Option<xz::BlockRecord>)> {
+        match codec {
+            Codec::Zstd(level) => {
+                if self.zstd.as_ref().map(|(l, _)| *l) != Some(level) {
+                    self.zstd = Some((level, zstd::bulk::Compressor::new(level)?));
+                }
+                let (_, c) = self.zstd.as_mut().expect("just set");
+                let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+                c.compress_to_buffer(data, &mut out)?;
+                out.shrink_to_fit();
+                Ok((out, None))
+            }
+            Codec::Xz(level) => {
+                if self.xz.as_ref().map(|(l, _)| *l) != Some(level) {
+                    self.xz = Some((level, xz::BlockCompressor::new(level)));
+                }
+                let (_, c) = self.xz.as_mut().expect("just set");
+                let mut out = Vec::new();
+                let record = c.compress(data, &mut out, &|| control.cancelled())?;
+                Ok((out, Some(record)))
+            }
+            Codec::None => Ok((data.to_vec(), None)),
+        }
+    }
+
+    fn frame_buffer(&mut self, size: usize) -> Vec<u8> {
+        match self.spare.pop() {
+            Some(mut b) => {
+                if b.len() < size {
+                    b.resize(size, 0);
+                }
+                b
+            }
+            None => vec![0u8; size],
+        }
+    }
+
+    fn produce(&mut self, job: Job) {
+        if job.control.cancelled() {
+            return;
+        }
+        let size = match job.codec {
+            Codec::Xz(level) => xz::block_size(level),
+            Codec::Zstd(_) | Codec::None => ZSTD_FRAME,
+        };
+        let buf = self.frame_buffer(size);
+        let mut p = Producer {
+            worker: self,
+            job: &job,
+            buf,
+            fill: 0,
+            size,
+            pending: VecDeque::new(),
+            nar_hasher: sha2::Sha256::new(),
+            nar_size: 0,
+            file_hasher: sha2::Sha256::new(),
+            file_size: 0,
+            xz_records: Vec::new(),
+            stopped: None,
+        };
+        let result = p.run();
+        let spare_max = p.worker.in_flight + 1;
+        let Producer { buf, pending, .. } = p;
+        // Frames still out are dropped with their results; keep the buffers we have.
+        drop(pending);
+        if self.spare.len() < spare_max {
+            self.spare.push(buf);
+        }
+        match result {
+            Ok(digest) => {
+                let _ = job.out.blocking_send(Ok(Piece::End(digest)));
+            }
+            Err(Failure::Cancelled) => {}
+            Err(Failure::Failed(e)) => {
+                let _ = job.out.blocking_send(Err(e));
+            }
+        }
+    }
+}
+
+enum Pending {
+    Queued(Receiver<Compressed>),
+    Done(Compressed),
+}
+
+enum Failure {
+    /// The caller went away: nothing more to say.
+    Cancelled,
+    Failed(Error),
+}
+
+/// Makes one NAR on the thread that took its job.
+struct Producer<'a> {
+    worker: &'a mut Worker,
+    job: &'a Job,
+    /// The frame being filled: full length, `fill` bytes used.
+    buf: Vec<u8>,
+    fill: usize,
+    size: usize,
+    pending: VecDeque<Pending>,
+    nar_hasher: sha2::Sha256,
+    nar_size: u64,
+    file_hasher: sha2::Sha256,
+    file_size: u64,
+    xz_records: Vec<xz::BlockRecord>,
+    /// Why the walk was stopped from inside the sink, when it was not the walk's fault.
+    stopped: Option<Failure>,
+}
+
+impl Producer<'_> {
+    fn run(&mut self) -> Result<NarDigest, Failure> {
+        if let Codec::Xz(_) = self.job.codec {
+            self.emit(xz::stream_header().to_vec())?;
+        }
+        let path = self.job.path.clone();
+        let walked = nar::dump_into(&path, self).and_then(|()| match self.fill {
+            0 => Ok(()),
+            _ => self.cut(),
+        });
+        if let Err(e) = walked {
+            // Stopped from inside the sink (cancelled, or a frame failed), or the walk failed.
+            return Err(match self.stopped.take() {
+                Some(f) => f,
+                None if self.job.control.cancelled() => Failure::Cancelled,
+                None => Failure::Failed(Error::Archive(e)),
+            });
+        }
+        while !self.pending.is_empty() {
+            self.finish_oldest()?;
+        }
+        if let Codec::Xz(_) = self.job.codec {
+            let end = xz::stream_end(&self.xz_records);
+            self.emit(end)?;
+        }
+        let nar_hash = Sha256(std::mem::take(&mut self.nar_hasher).finalize().into());
+        let file_hash = match self.job.codec {
+            Codec::None => nar_hash,
+            _ => Sha256(std::mem::take(&mut self.file_hasher).finalize().into()),
+        };
+        Ok(NarDigest {
+            nar_hash,
+            nar_size: self.nar_size,
+            file_hash,
+            file_size: self.file_size,
+        })
+    }
+
+    /// Keeps `f` for [`Producer::run`] and stops the walk.
+    fn stop(&mut self, f: Failure) -> io::Error {
+        self.stopped = Some(f);
+        io::Error::new(io::ErrorKind::Interrupted, "stopped")
+    }
+
+    /// Sends finished bytes of the file on, hashing them.
+    fn emit(&mut self, bytes: Vec<u8>) -> Result<(), Failure> {
+        if self.job.codec != Codec::None {
+            self.file_hasher.update(&bytes);
+        }
+        self.file_size += bytes.len() as u64;
+        self.job
+            .out
+            .blocking_send(Ok(Piece::Data(Bytes::from(bytes))))
+            .map_err(|_| Failure::Cancelled)
+    }
+
+    /// Ends the current frame: hashes it and has it compressed.
+    fn cut(&mut self) -> io::Result<()> {
+        if self.job.control.cancelled() {
+            return Err(self.stop(Failure::Cancelled));
+        }
+        let len = std::mem::take(&mut self.fill);
+        self.nar_hasher.update(&self.buf[..len]);
+        self.nar_size += len as u64;
+        if self.job.codec == Codec::None {
+            // Nothing to compress: send it as it is, keep the buffer.
+            let bytes = self.buf[..len].to_vec();
+            return self.emit(bytes).map_err(|f| self.stop(f));
+        }
+        while self.pending.len() >= self.worker.in_flight {
+            if let Err(f) = self.finish_oldest() {
+                return Err(self.stop(f));
+            }
+        }
+        let next = self.worker.frame_buffer(self.size);
+        let data = std::mem::replace(&mut self.buf, next);
+        let (reply, rx) = channel::bounded(1);
+        let frame = Frame {
+            data,
+            len,
+            codec: self.job.codec,
+            control: self.job.control.clone(),
+            reply,
+        };
+        match self.worker.frames_tx.try_send(frame) {
+            Ok(()) => self.pending.push_back(Pending::Queued(rx)),
+            // Every thread is busy: compress it here.
+            Err(TrySendError::Full(f)) | Err(TrySendError::Disconnected(f)) => {
+                let done = self.worker.compress(f.data, f.len, f.codec, &f.control);
+                self.pending.push_back(Pending::Done(done));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the oldest frame (helping with queued ones meanwhile) and sends it on.
+    fn finish_oldest(&mut self) -> Result<(), Failure> {
+        let done = match self
+            .pending
+            .pop_front()
+            .expect("called with frames pending")
+        {
+            Pending::Done(d) => d,
+            Pending::Queued(rx) => loop {
+                channel::select! {
+                    recv(rx) -> d => break d.unwrap_or_else(|_| Compressed {
+                        input: Vec::new(),
+                        output: Err(io::Error::other("a compression thread died")),
+                    }),
+                    recv(self.worker.frames_rx) -> f => {
+                        if let Ok(f) = f {
+                            self.worker.help(f);
+                        }
+                    }
+                }
+            },
+        };
+        if self.worker.spare.len() <= self.worker.in_flight {
+            self.worker.spare.push(done.input);
+        }
+        let (bytes, record) = match done.output {
+            Ok(o) => o,
+            Err(_) if self.job.control.cancelled() => return Err(Failure::Cancelled),
+            Err(e) => return Err(Failure::Failed(Error::Compress(e))),
+        };
+        if let Some(r) = record {
+            self.xz_records.push(r);
+        }
+        self.emit(bytes)
+    }
+}
+
+impl nar::Sink for Producer<'_> {
+    fn put(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            if self.fill == self.size {
+                self.cut()?;
+            }
+            let n = bytes.len().min(self.size - self.fill);
+            self.buf[self.fill..self.fill + n].copy_from_slice(&bytes[..n]);
+            self.fill += n;
+            bytes = &bytes[n..];
+        }
+        Ok(())
+    }
+
+    fn put_from(&mut self, file: &mut File, max: u64) -> io::Result<usize> {
+        if self.fill == self.size {
+            self.cut()?;
+        }
+        let room = (self.size - self.fill).min(usize::try_from(max).unwrap_or(usize::MAX));
+        let n = file.read(&mut self.buf[self.fill..self.fill + room])?;
+        self.fill += n;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A tree whose NAR spans `mb` MiB of half-compressible data, and its NAR.
+    fn tree(dir: &std::path::Path, mb: usize) -> (PathBuf, Vec<u8>) {
+        let root = dir.join("t");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut data = vec![0u8; mb << 20];
+        for (i, b) in data.iter_mut().enumerate() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = if (i >> 12) % 2 == 0 {
+                x as u8
+            } else {
+                (i % 61) as u8
+            };
+        }
+        std::fs::write(root.join("sub/big"), &data).unwrap();
+        std::fs::write(root.join("small"), b"hello").unwrap();
+        std::os::unix::fs::symlink("small", root.join("link")).unwrap();
+        let mut nar = Vec::new();
+        nar::dump(&root, &mut nar).unwrap();
+        (root, nar)
+    }
+
+    async fn collect(engine: &Engine, path: PathBuf, c: Compression) -> (Vec<u8>, NarDigest) {
+        let mut s = engine.nar(path, c, None).await.unwrap();
+        let mut out = Vec::new();
+        loop {
+            match s.next().await.unwrap() {
+                Next::Data(b) => out.extend_from_slice(&b),
+                Next::End(d) => return (out, d),
+            }
+        }
+    }
+
+    fn check_digest(nar: &[u8], file: &[u8], d: &NarDigest) {
+        assert_eq!(d.nar_size, nar.len() as u64);
+        assert_eq!(d.nar_hash, Sha256(sha2::Sha256::digest(nar).into()));
+        assert_eq!(d.file_size, file.len() as u64);
+        assert_eq!(d.file_hash, Sha256(sha2::Sha256::digest(file).into()));
+    }
+
+    fn zstd_frames(mut file: &[u8]) -> usize {
+        let mut n = 0;
+        while !file.is_empty() {
+            let len = zstd::zstd_safe::find_frame_compressed_size(file).unwrap();
+            file = &file[len..];
+            n += 1;
+        }
+        n
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn zstd_big_nar_is_independent_frames_that_decode_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, nar) = tree(dir.path(), 10);
+        let engine = Engine::new(2).unwrap();
+        let (file, d) = collect(&engine, root, Compression::Zstd).await;
+        check_digest(&nar, &file, &d);
+        assert_eq!(zstd_frames(&file), nar.len().div_ceil(ZSTD_FRAME));
+        assert!(zstd_frames(&file) >= 3);
+        let back = zstd::stream::decode_all(&file[..]).unwrap();
+        assert!(back == nar, "decoded NAR differs");
+        assert!(
+            file.len() < nar.len() * 3 / 4,
+            "{} of {}",
+            file.len(),
+            nar.len()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_nars_stay_one_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"small").unwrap();
+        let mut nar = Vec::new();
+        nar::dump(&dir.path().join("f"), &mut nar).unwrap();
+        let engine = Engine::new(2).unwrap();
+        let (file, d) = collect(&engine, dir.path().join("f"), Compression::Zstd).await;
+        check_digest(&nar, &file, &d);
+        assert_eq!(zstd_frames(&file), 1);
+        let (file, d) = collect(&engine, dir.path().join("f"), Compression::None).await;
+        assert_eq!(file, nar);
+        assert_eq!(d.file_hash, d.nar_hash);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn xz_big_nar_is_one_stream_of_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, nar) = tree(dir.path(), 9);
+        let engine = Engine::new(2).unwrap();
+        let mut s = engine.nar(root, Compression::Xz, Some(0)).await.unwrap();
+        let mut file = Vec::new();
+        let d = loop {
+            match s.next().await.unwrap() {
+                Next::Data(b) => file.extend_from_slice(&b),
+                Next::End(d) => break d,
+            }
+        };
+        check_digest(&nar, &file, &d);
+        // A plain (not concatenated) decoder reads all of it: one stream.
+        let mut back = Vec::new();
+        liblzma::read::XzDecoder::new(&file[..])
+            .read_to_end(&mut back)
+            .unwrap();
+        assert!(back == nar, "decoded NAR differs");
+        // Blocks are counted in the index; the footer's backward size leads to it.
+        let backward = u32::from_le_bytes(file[file.len() - 8..file.len() - 4].try_into().unwrap());
+        let index = file.len() - 12 - (backward as usize + 1) * 4;
+        let blocks = file[index + 1] as usize;
+        assert_eq!(blocks, nar.len().div_ceil(xz::block_size(0)));
+        assert!(blocks >= 2, "{blocks} blocks");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_big_nars_at_once_on_few_threads_all_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, nar) = tree(dir.path(), 9);
+        let engine = Arc::new(Engine::new(2).unwrap());
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..6 {
+            let (engine, root) = (engine.clone(), root.clone());
+            let c = [Compression::Zstd, Compression::None][i % 2];
+            tasks.spawn(async move { collect(&engine, root, c).await });
+        }
+        while let Some(r) = tasks.join_next().await {
+            let (_, d) = r.unwrap();
+            assert_eq!(d.nar_size, nar.len() as u64);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_stream_stops_and_frees_its_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, nar) = tree(dir.path(), 12);
+        let engine = Engine::new(1).unwrap();
+        let mut s = engine
+            .nar(root.clone(), Compression::Xz, None)
+            .await
+            .unwrap();
+        // Take the first piece (the stream header), then walk away mid-NAR.
+        assert!(matches!(s.next().await.unwrap(), Next::Data(_)));
+        drop(s);
+        // The only thread comes free again quickly: the next NAR is made.
+        let (_, d) = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            collect(&engine, root, Compression::None),
+        )
+        .await
+        .expect("the cancelled NAR released its thread");
+        assert_eq!(d.nar_size, nar.len() as u64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_missing_path_is_an_archive_error() {
+        let engine = Engine::new(1).unwrap();
+        let mut s = engine
+            .nar("/nonexistent/narpipe".into(), Compression::Zstd, None)
+            .await
+            .unwrap();
+        assert!(matches!(s.next().await, Err(Error::Archive(_))));
+    }
+}
