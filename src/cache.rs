@@ -30,10 +30,13 @@ use tokio_util::task::TaskTracker;
 use crate::cache_url::{self, CacheUrl};
 
 /// NARs whose compressed size fits here are uploaded with one put.
-pub const SMALL_NAR: usize = 4 << 20;
+pub const SMALL_NAR: usize = 8 << 20;
 /// Multipart part size (S3 wants ≥ 5 MiB) and parts in flight per upload.
-const PART_SIZE: usize = 6 << 20;
+const PART_SIZE: usize = 8 << 20;
 const PARTS_IN_FLIGHT: usize = 2;
+// A multipart upload starts only past SMALL_NAR, so it always has at least two parts:
+// a NAR that would fit one part goes in one put.
+const _: () = assert!(SMALL_NAR >= PART_SIZE);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -538,7 +541,15 @@ mod tests {
         w.commit("nar/a.nar").await.unwrap();
         assert_eq!(c.get("nar/a.nar").await.unwrap().unwrap(), &b"small"[..]);
 
+        // Exactly SMALL_NAR is still one put.
         let piece = vec![7u8; 1 << 20];
+        let mut w = c.nar_writer();
+        for _ in 0..SMALL_NAR / piece.len() {
+            w.write(&piece).await.unwrap();
+        }
+        assert!(w.multipart.is_none());
+        w.commit("nar/one.nar").await.unwrap();
+
         let mut w = c.nar_writer();
         for _ in 0..(SMALL_NAR / piece.len() + 3) {
             w.write(&piece).await.unwrap();
@@ -559,7 +570,7 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        assert_eq!(names, ["a.nar", "b.nar"]);
+        assert_eq!(names, ["a.nar", "b.nar", "one.nar"]);
     }
 
     #[tokio::test]
