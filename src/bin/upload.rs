@@ -240,6 +240,8 @@ impl log::Log for Logger {
 // ---- configuration ------------------------------------------------------------------
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/narpipe";
+/// Threads tokio may start for blocking work (local-file objects, fsync, stdin).
+const BLOCKING_THREADS: usize = 8;
 
 /// The state directory: the option, else systemd's $STATE_DIRECTORY (first entry),
 /// else the default when `needed`.
@@ -718,7 +720,13 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
+    // The runtime only waits on IO (NARs are made on the engine's own threads): a few
+    // workers, and a capped blocking pool for local-file object operations and fsyncs,
+    // so the thread count stays fixed whatever the number of paths.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores.min(4))
+        .max_blocking_threads(BLOCKING_THREADS)
         .enable_all()
         .build()
     {
@@ -745,7 +753,7 @@ fn main() -> ExitCode {
             _ => upload(cli.run).await,
         }
     });
-    // A NAR reader still on a blocking thread stops at its next chunk; don't wait longer.
+    // A local-file write still on a blocking thread: don't wait for it long.
     runtime.shutdown_timeout(Duration::from_secs(1));
     code
 }
