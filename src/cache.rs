@@ -388,7 +388,8 @@ impl Cache {
     pub fn nar_writer(&self) -> NarWriter {
         NarWriter {
             cache: self.clone(),
-            buf: Vec::new(),
+            held: Vec::new(),
+            held_len: 0,
             multipart: None,
         }
     }
@@ -405,26 +406,29 @@ struct Multipart {
     upload: WriteMultipart,
 }
 
-/// Receives a compressed NAR in pieces. Dropping it without [`NarWriter::commit`]
-/// leaves nothing behind: held bytes are freed, a multipart upload is aborted.
+/// Receives a compressed NAR in pieces, kept as they come (never copied). Dropping it
+/// without [`NarWriter::commit`] leaves nothing behind: held pieces are freed, a
+/// multipart upload is aborted.
 pub struct NarWriter {
     cache: Cache,
-    buf: Vec<u8>,
+    held: Vec<Bytes>,
+    held_len: usize,
     multipart: Option<Multipart>,
 }
 
 impl NarWriter {
-    pub async fn write(&mut self, data: &[u8]) -> Result<(), Error> {
+    pub async fn write(&mut self, data: Bytes) -> Result<(), Error> {
         if let Some(mp) = &mut self.multipart {
             mp.upload
                 .wait_for_capacity(PARTS_IN_FLIGHT)
                 .await
                 .map_err(|e| self.cache.err("upload part of", &mp.tmp, e))?;
-            mp.upload.write(data);
+            mp.upload.put(data);
             return Ok(());
         }
-        if self.buf.len() + data.len() <= SMALL_NAR {
-            self.buf.extend_from_slice(data);
+        if self.held_len + data.len() <= SMALL_NAR {
+            self.held_len += data.len();
+            self.held.push(data);
             return Ok(());
         }
         let tmp = format!("nar/tmp-{}.part", uuid::Uuid::new_v4());
@@ -460,8 +464,11 @@ impl NarWriter {
             })?
             .map_err(|e| self.cache.err("start multipart upload of", &tmp, e))?;
         let mut upload = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-        upload.write(&std::mem::take(&mut self.buf));
-        upload.write(data);
+        for piece in self.held.drain(..) {
+            upload.put(piece);
+        }
+        self.held_len = 0;
+        upload.put(data);
         self.multipart = Some(Multipart { tmp, upload });
         Ok(())
     }
@@ -471,8 +478,17 @@ impl NarWriter {
         let cache = self.cache.clone();
         match self.multipart.take() {
             None => {
-                let data = Bytes::from(std::mem::take(&mut self.buf));
-                cache.put(rel, data, "application/x-nix-nar").await
+                let payload = std::mem::take(&mut self.held).into_iter().collect();
+                cache
+                    .store
+                    .put_opts(
+                        &cache.key(rel),
+                        payload,
+                        cache.put_opts("application/x-nix-nar", PutMode::Overwrite),
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| cache.err("put", rel, e))
             }
             Some(Multipart { tmp, upload }) => {
                 upload
@@ -537,22 +553,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = Cache::open(dir.path().to_str().unwrap()).unwrap();
         let mut w = c.nar_writer();
-        w.write(b"small").await.unwrap();
+        w.write(Bytes::from_static(b"sm")).await.unwrap();
+        w.write(Bytes::from_static(b"all")).await.unwrap();
         w.commit("nar/a.nar").await.unwrap();
         assert_eq!(c.get("nar/a.nar").await.unwrap().unwrap(), &b"small"[..]);
 
         // Exactly SMALL_NAR is still one put.
-        let piece = vec![7u8; 1 << 20];
+        let piece = Bytes::from(vec![7u8; 1 << 20]);
         let mut w = c.nar_writer();
         for _ in 0..SMALL_NAR / piece.len() {
-            w.write(&piece).await.unwrap();
+            w.write(piece.clone()).await.unwrap();
         }
         assert!(w.multipart.is_none());
         w.commit("nar/one.nar").await.unwrap();
 
         let mut w = c.nar_writer();
         for _ in 0..(SMALL_NAR / piece.len() + 3) {
-            w.write(&piece).await.unwrap();
+            w.write(piece.clone()).await.unwrap();
         }
         assert!(w.multipart.is_some());
         w.commit("nar/b.nar").await.unwrap();
@@ -561,7 +578,7 @@ mod tests {
 
         let mut w = c.nar_writer();
         for _ in 0..(SMALL_NAR / piece.len() + 3) {
-            w.write(&piece).await.unwrap();
+            w.write(piece.clone()).await.unwrap();
         }
         drop(w);
         c.finish_cleanups(std::time::Duration::from_secs(5)).await;

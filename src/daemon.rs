@@ -372,7 +372,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
     let shared = Arc::new(Shared {
         nix: Nix::new(cfg.store_dir.clone()),
         engine,
-        jobs: Semaphore::new(cfg.jobs.max(1)),
+        jobs: Semaphore::new(2 * cfg.jobs.max(1)),
         checks: Semaphore::new(CHECKS_IN_FLIGHT),
         state: Mutex::new(State {
             present: BoundedSet {

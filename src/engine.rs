@@ -155,6 +155,7 @@ impl Engine {
                 zstd: None,
                 xz: None,
                 spare: Vec::new(),
+                scratch: Vec::new(),
                 in_flight: threads.max(2),
             };
             let jobs_rx = jobs_rx.clone();
@@ -241,6 +242,8 @@ struct Worker {
     xz: Option<(u32, xz::BlockCompressor)>,
     /// Frame buffers, full length, ready to be filled again.
     spare: Vec<Vec<u8>>,
+    /// Where zstd compresses to.
+    scratch: Vec<u8>,
     /// Frames a producer keeps in flight before it waits for the oldest.
     in_flight: usize,
 }
@@ -304,10 +307,13 @@ impl Worker {
                     self.zstd = Some((level, zstd::bulk::Compressor::new(level)?));
                 }
                 let (_, c) = self.zstd.as_mut().expect("just set");
-                let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
-                c.compress_to_buffer(data, &mut out)?;
-                out.shrink_to_fit();
-                Ok((out, None))
+                // Into the thread's own buffer, then out at its exact size: what travels
+                // on holds no slack, and no big buffer is made and freed per frame.
+                self.scratch.clear();
+                self.scratch
+                    .reserve(zstd::zstd_safe::compress_bound(data.len()));
+                c.compress_to_buffer(data, &mut self.scratch)?;
+                Ok((self.scratch.clone(), None))
             }
             Codec::Xz(level) => {
                 if self.xz.as_ref().map(|(l, _)| *l) != Some(level) {

@@ -233,7 +233,7 @@ async fn copy_one(
         let chunk = chunk?;
         file_hasher.update(&chunk);
         file_size += chunk.len() as u64;
-        writer.write(&chunk).await?;
+        writer.write(chunk.clone()).await?;
         if tx.send(chunk).await.is_err() {
             break; // the decoder stopped: its error is reported below
         }

@@ -69,7 +69,7 @@ pub async fn upload_nar(
     let mut writer = cache.nar_writer();
     let digest = loop {
         match nar.next().await.map_err(failed)? {
-            Next::Data(bytes) => writer.write(&bytes).await?,
+            Next::Data(bytes) => writer.write(bytes).await?,
             Next::End(digest) => break digest,
         }
     };

@@ -121,7 +121,7 @@ struct RunArgs {
     #[arg(long, env = "NARPIPE_COMPRESSION_LEVEL", allow_negative_numbers = true)]
     compression_level: Option<i32>,
 
-    /// Paths uploaded at once (default: number of CPUs).
+    /// Threads making NARs (default: number of CPUs); twice as many uploads are in flight.
     #[arg(short, long, env = "NARPIPE_JOBS")]
     jobs: Option<usize>,
 
