@@ -42,6 +42,8 @@ use crate::xz;
 
 /// Uncompressed bytes per zstd frame (and per chunk when not compressing).
 const ZSTD_FRAME: usize = 4 << 20;
+/// Frame buffers a thread keeps for reuse.
+const SPARE_FRAMES: usize = 2;
 /// Pieces in flight from a producer to the async side.
 const PIECES_IN_FLIGHT: usize = 4;
 
@@ -328,6 +330,15 @@ impl Worker {
         }
     }
 
+    /// Keeps a frame buffer for the next frame, or frees it: a thread holds at most
+    /// [`SPARE_FRAMES`], enough for small NARs to reuse one buffer each time, while a
+    /// big NAR's extra buffers (16 MiB each with xz) are not held after it.
+    fn keep_spare(&mut self, buf: Vec<u8>) {
+        if self.spare.len() < SPARE_FRAMES && !buf.is_empty() {
+            self.spare.push(buf);
+        }
+    }
+
     fn frame_buffer(&mut self, size: usize) -> Vec<u8> {
         match self.spare.pop() {
             Some(mut b) => {
@@ -364,13 +375,10 @@ impl Worker {
             stopped: None,
         };
         let result = p.run();
-        let spare_max = p.worker.in_flight + 1;
         let Producer { buf, pending, .. } = p;
-        // Frames still out are dropped with their results; keep the buffers we have.
+        // Frames still out are dropped with their results.
         drop(pending);
-        if self.spare.len() < spare_max {
-            self.spare.push(buf);
-        }
+        self.keep_spare(buf);
         match result {
             Ok(digest) => {
                 let _ = job.out.blocking_send(Ok(Piece::End(digest)));
@@ -529,9 +537,7 @@ impl Producer<'_> {
                 }
             },
         };
-        if self.worker.spare.len() <= self.worker.in_flight {
-            self.worker.spare.push(done.input);
-        }
+        self.worker.keep_spare(done.input);
         let (bytes, record) = match done.output {
             Ok(o) => o,
             Err(_) if self.job.control.cancelled() => return Err(Failure::Cancelled),
