@@ -328,6 +328,31 @@ fn invalid_and_unbuilt_paths_fail_with_their_name_and_exit_1() {
     assert_substitutes(&cache, &good, &keys.public, tmp.path());
 }
 
+/// Starts a one-shot upload of `path` into `dir`/cache, logging to `dir`/upload.log.
+fn upload_in_background(
+    dir: &Path,
+    key: &Path,
+    args: &[&str],
+    path: &str,
+) -> (Proc, std::path::PathBuf, std::path::PathBuf) {
+    let cache = dir.join("cache");
+    let log = dir.join("upload.log");
+    let input = dir.join("input");
+    std::fs::write(&input, format!("{path}\n")).unwrap();
+    let up = Proc::spawn(
+        Command::new(UPLOAD)
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .args(args)
+            .arg("--secret-key-file")
+            .arg(key)
+            .arg("--input")
+            .arg(&input)
+            .arg(&cache)
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    (up, cache, log)
+}
+
 #[test]
 fn sigterm_stops_promptly_and_leaves_no_partial_object() {
     let tmp = tempfile::tempdir().unwrap();
@@ -341,25 +366,11 @@ fn sigterm_stops_promptly_and_leaves_no_partial_object() {
                 PATH = "/usr/bin:/bin"; args = [ "-c" "head -c 24000000 /dev/urandom > $out" ]; }}"#
         ),
     );
-    let cache = tmp.path().join("cache");
-    let log = tmp.path().join("upload.log");
-    let input = tmp.path().join("input");
-    std::fs::write(&input, format!("{big}\n")).unwrap();
-    let mut up = Proc::spawn(
-        Command::new(UPLOAD)
-            .env("NIX_CONFIG", NIX_CONFIG)
-            .args([
-                "--compression",
-                "xz",
-                "--compression-level",
-                "0",
-                "--secret-key-file",
-            ])
-            .arg(&keys.secret)
-            .arg("--input")
-            .arg(&input)
-            .arg(&cache)
-            .stderr(std::fs::File::create(&log).unwrap()),
+    let (mut up, cache, log) = upload_in_background(
+        tmp.path(),
+        &keys.secret,
+        &["--compression", "xz", "--compression-level", "0"],
+        &big,
     );
     // Wait until the multipart upload of the NAR is under way.
     wait_until(
@@ -480,20 +491,8 @@ fn sigterm_mid_xz_of_a_big_path_exits_quickly_leaving_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let keys = keygen(tmp.path(), "narpipe-test-xz-term");
     let big = build_big(tmp.path(), "xzterm", 96);
-    let cache = tmp.path().join("cache");
-    let log = tmp.path().join("upload.log");
-    let input = tmp.path().join("input");
-    std::fs::write(&input, format!("{big}\n")).unwrap();
-    let mut up = Proc::spawn(
-        Command::new(UPLOAD)
-            .env("NIX_CONFIG", NIX_CONFIG)
-            .args(["--compression", "xz", "--secret-key-file"])
-            .arg(&keys.secret)
-            .arg("--input")
-            .arg(&input)
-            .arg(&cache)
-            .stderr(std::fs::File::create(&log).unwrap()),
-    );
+    let (mut up, cache, log) =
+        upload_in_background(tmp.path(), &keys.secret, &["--compression", "xz"], &big);
     // xz -6 of 96 MiB takes tens of seconds here: 3 s in, it is compressing.
     std::thread::sleep(Duration::from_secs(3));
     let asked = Instant::now();
