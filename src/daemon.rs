@@ -279,6 +279,12 @@ impl Shared {
         self.state.lock().unwrap().present.set.contains(p)
     }
 
+    /// Known present in the cache, or under way.
+    fn is_known(&self, p: &StorePath) -> bool {
+        let state = self.state.lock().unwrap();
+        state.present.set.contains(p) || state.inflight.contains_key(p)
+    }
+
     /// Whether the cache has `p`'s narinfo (remembered once seen).
     async fn in_cache(&self, p: &StorePath) -> Result<bool, Error> {
         if self.known_present(p) {
@@ -408,6 +414,8 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
     let mut outstanding: HashMap<StorePath, Outstanding> = HashMap::new();
     let mut retries: Vec<(tokio::time::Instant, StorePath)> = Vec::new();
     let mut batch: Vec<StorePath> = Vec::new();
+    // The same paths as `batch`, to find one without a scan.
+    let mut in_batch: HashSet<StorePath> = HashSet::new();
     let mut batch_deadline: Option<tokio::time::Instant> = None;
     let mut input_open = true;
     let stop = shutdown.stop.clone();
@@ -455,7 +463,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
             got = rx.recv(), if input_open => match got {
                 Some(roots) => {
                     for r in roots {
-                        if !outstanding.contains_key(&r) && !batch.contains(&r) {
+                        if !outstanding.contains_key(&r) && in_batch.insert(r.clone()) {
                             batch.push(r);
                         }
                     }
@@ -488,6 +496,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
         }
         batch_deadline = None;
         let roots = std::mem::take(&mut batch);
+        in_batch.clear();
         for r in &roots {
             outstanding
                 .entry(r.clone())
@@ -921,7 +930,7 @@ async fn process_batch(
     }
     missing.sort();
     missing.dedup();
-    let infos = match shared.nix.closure(&missing).await {
+    let infos = match plan(shared, missing).await {
         Ok(i) => i,
         Err(e) => {
             let reason = e.to_string();
@@ -960,8 +969,13 @@ async fn process_batch(
         }
         let mut waits = Vec::new();
         for t in targets.iter().filter(|t| !blocked.contains_key(*t)) {
-            match watches.get(t) {
-                Some(rx) => waits.push((t.clone(), rx.clone())),
+            // Planned now, or under way since an earlier batch.
+            let watch = watches
+                .get(t)
+                .cloned()
+                .or_else(|| shared.state.lock().unwrap().inflight.get(t).cloned());
+            match watch {
+                Some(rx) => waits.push((t.clone(), rx)),
                 None if shared.known_present(t) => {}
                 None => {
                     return RootOutcome::Failed(format!(
@@ -1031,6 +1045,45 @@ async fn drv_outputs(shared: &Shared, drv: &StorePath) -> Result<Vec<StorePath>,
     Ok(outs.into_iter().filter(|o| !invalid.contains(o)).collect())
 }
 
+/// Path info for every path that `roots` (valid, not in the cache) need uploaded: the
+/// roots and, level by level, the references that are neither known (under way, or
+/// known present) nor in the cache. Nix is asked only about paths not known yet, each
+/// once, so planning costs work linear in the number of new paths; a reference found
+/// in the cache ends its branch (its closure is there too, by the invariant).
+async fn plan(shared: &Shared, roots: Vec<StorePath>) -> Result<Vec<PathInfo>, Error> {
+    let mut seen: HashSet<StorePath> = HashSet::new();
+    let mut frontier: Vec<StorePath> = roots
+        .into_iter()
+        .filter(|p| !shared.is_known(p) && seen.insert(p.clone()))
+        .collect();
+    let mut infos = Vec::new();
+    let mut roots_level = true;
+    while !frontier.is_empty() {
+        if !roots_level {
+            let mut absent = Vec::new();
+            for (p, present) in presence(shared, frontier).await {
+                if !present? {
+                    absent.push(p);
+                }
+            }
+            frontier = absent;
+        }
+        roots_level = false;
+        let level = shared.nix.path_infos(&frontier).await?;
+        let mut next = Vec::new();
+        for info in &level {
+            for r in &info.references {
+                if *r != info.path && !shared.is_known(r) && seen.insert(r.clone()) {
+                    next.push(r.clone());
+                }
+            }
+        }
+        infos.extend(level);
+        frontier = next;
+    }
+    Ok(infos)
+}
+
 /// Whether each path's narinfo is in the cache, checked concurrently.
 async fn presence(shared: &Shared, paths: Vec<StorePath>) -> Vec<(StorePath, Result<bool, Error>)> {
     let checks = paths.into_iter().map(|p| async move {
@@ -1088,7 +1141,6 @@ fn spawn_closure(
 }
 
 enum Outcome {
-    Skipped,
     Uploaded {
         nar: u64,
         file: u64,
@@ -1118,11 +1170,6 @@ async fn path_task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, tx: watc
         }
     }
     let status = match &result {
-        Ok(Outcome::Skipped) => {
-            shared.stats.skipped.fetch_add(1, Relaxed);
-            info!("skipped {shown} (already in the cache)");
-            Status::Done
-        }
         Ok(Outcome::Uploaded {
             nar,
             file,
@@ -1156,11 +1203,9 @@ async fn path_task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, tx: watc
     let _ = tx.send(status);
 }
 
+/// Uploads a path that planning found missing from the cache (not asked again: a
+/// concurrent writer's copy would be the same bytes).
 async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<Outcome, Error> {
-    if shared.in_cache(&info.path).await? {
-        shared.progress(info.nar_size);
-        return Ok(Outcome::Skipped);
-    }
     let cfg = &shared.cfg;
     let nar = {
         let _permit = shared.jobs.acquire().await.expect("never closed");

@@ -179,16 +179,31 @@ impl Nix {
     /// Path info for the closures of `roots`, which must all be valid non-derivation
     /// paths (Nix would try to build or substitute anything else).
     pub async fn closure(&self, roots: &[StorePath]) -> Result<Vec<PathInfo>, Error> {
-        let args = [
+        self.query_infos(roots, true).await
+    }
+
+    /// Path info for exactly `paths` (valid, non-derivation), not their closures.
+    pub async fn path_infos(&self, paths: &[StorePath]) -> Result<Vec<PathInfo>, Error> {
+        self.query_infos(paths, false).await
+    }
+
+    async fn query_infos(
+        &self,
+        paths: &[StorePath],
+        recursive: bool,
+    ) -> Result<Vec<PathInfo>, Error> {
+        let mut args = vec![
             "--extra-experimental-features",
             "nix-command",
             "path-info",
             "--json",
-            "--recursive",
         ];
+        if recursive {
+            args.push("--recursive");
+        }
         let mut seen = HashSet::new();
         let mut infos = Vec::new();
-        for chunk in roots.chunks(ARGS_PER_CALL) {
+        for chunk in paths.chunks(ARGS_PER_CALL) {
             let paths = self.abs(chunk);
             let out = self.run("nix", &args, &paths).await?;
             let parsed =
