@@ -12,7 +12,7 @@
 //! number of threads whatever the number of paths, each owning its compressor context
 //! and frame buffers, reused from NAR to NAR.
 //!
-//! A NAR is cut into frames of a fixed size ([`frame_size`]), read from the files
+//! A NAR is cut into frames of a fixed size (zstd 4 MiB, xz [`xz::block_size`]), read from the files
 //! straight into one contiguous buffer each. A NAR smaller than a frame is one frame.
 //! The frames of a big NAR are compressed by every idle thread at once and joined in
 //! order: zstd as independent frames one after another, xz as one stream of blocks
@@ -47,24 +47,17 @@ const SPARE_FRAMES: usize = 2;
 /// Pieces in flight from a producer to the async side.
 const PIECES_IN_FLIGHT: usize = 4;
 
-/// Uncompressed bytes per frame (zstd) or block (xz) for `compression` at `level`.
-pub fn frame_size(compression: Compression, level: Option<i32>) -> usize {
-    match compression {
-        Compression::Xz => xz::block_size(xz_level(level)),
-        Compression::Zstd | Compression::None => ZSTD_FRAME,
-    }
-}
-
 fn xz_level(level: Option<i32>) -> u32 {
     level.map_or(6, |l| l.clamp(0, 9) as u32)
 }
 
+/// The io error's text is part of the message (callers log `{e}`), not a `source`.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot archive it")]
-    Archive(#[source] io::Error),
-    #[error("compressing it failed")]
-    Compress(#[source] io::Error),
+    #[error("cannot archive it: {0}")]
+    Archive(io::Error),
+    #[error("compressing it failed: {0}")]
+    Compress(io::Error),
     #[error("the NAR engine has stopped")]
     Stopped,
 }
@@ -256,7 +249,7 @@ impl Worker {
             // Finish frames already cut before starting a new NAR: less memory held.
             match self.frames_rx.try_recv() {
                 Ok(frame) => {
-                    self.help(frame);
+                    self.guarded(|w| w.help(frame));
                     continue;
                 }
                 Err(TryRecvError::Empty) => {}
@@ -264,14 +257,26 @@ impl Worker {
             }
             channel::select! {
                 recv(self.frames_rx) -> frame => match frame {
-                    Ok(frame) => self.help(frame),
+                    Ok(frame) => self.guarded(|w| w.help(frame)),
                     Err(_) => return,
                 },
                 recv(jobs) -> job => match job {
-                    Ok(job) => self.produce(job),
+                    Ok(job) => self.guarded(|w| w.produce(job)),
                     Err(_) => return,
                 },
             }
+        }
+    }
+
+    /// Runs `f`; a panic is logged and the thread goes on with fresh contexts, so the
+    /// pool keeps its size (whoever waited on that work sees it fail).
+    fn guarded(&mut self, f: impl FnOnce(&mut Worker)) {
+        let run = std::panic::AssertUnwindSafe(|| f(self));
+        if std::panic::catch_unwind(run).is_err() {
+            log::error!("a NAR thread panicked; its NAR failed, the thread goes on");
+            self.zstd = None;
+            self.xz = None;
+            self.spare.clear();
         }
     }
 
@@ -376,7 +381,10 @@ impl Worker {
         };
         let result = p.run();
         let Producer { buf, pending, .. } = p;
-        // Frames still out are dropped with their results.
+        if result.is_err() {
+            // Helpers skip this NAR's frames still queued.
+            job.control.cancelled.store(true, Ordering::Relaxed);
+        }
         drop(pending);
         self.keep_spare(buf);
         match result {
@@ -512,7 +520,31 @@ impl Producer<'_> {
                 self.pending.push_back(Pending::Done(done));
             }
         }
+        // Send on what is ready at the front now: finished frames are not held while
+        // later ones are cut (with every thread producing, all would be).
+        while self.front_ready() {
+            if let Err(f) = self.finish_oldest() {
+                return Err(self.stop(f));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the oldest pending frame is compressed (a queued one: answered).
+    fn front_ready(&mut self) -> bool {
+        match self.pending.front_mut() {
+            None => false,
+            Some(Pending::Done(_)) => true,
+            Some(Pending::Queued(rx)) => match rx.try_recv() {
+                Ok(done) => {
+                    self.pending[0] = Pending::Done(done);
+                    true
+                }
+                Err(channel::TryRecvError::Empty) => false,
+                // The helper died: finish_oldest reports it.
+                Err(channel::TryRecvError::Disconnected) => true,
+            },
+        }
     }
 
     /// Waits for the oldest frame (helping with queued ones meanwhile) and sends it on.
@@ -740,6 +772,9 @@ mod tests {
             .nar("/nonexistent/narpipe".into(), Compression::Zstd, None)
             .await
             .unwrap();
-        assert!(matches!(s.next().await, Err(Error::Archive(_))));
+        let err = s.next().await.err().expect("an error");
+        assert!(matches!(err, Error::Archive(_)), "{err}");
+        // The cause is in the message: the daemon logs `{e}`.
+        assert!(err.to_string().contains("No such file"), "{err}");
     }
 }
