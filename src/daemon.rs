@@ -1209,14 +1209,16 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
     let cfg = &shared.cfg;
     let nar = {
         let _permit = shared.jobs.acquire().await.expect("never closed");
-        upload::upload_nar(
+        // Boxed: its state is allocated only once the upload starts, so the many
+        // tasks still waiting for a permit stay small.
+        Box::pin(upload::upload_nar(
             &shared.engine,
             &cfg.cache,
             &cfg.store_dir,
             info,
             cfg.compression,
             cfg.level,
-        )
+        ))
         .await?
     };
     // Progress follows the NARs; the narinfo may still wait for its references.
