@@ -887,42 +887,53 @@ async fn process_batch(
     let path_roots = missing.clone();
     // For each .drv root, the outputs it waits for.
     let mut drv_targets: Vec<(StorePath, Vec<StorePath>)> = Vec::new();
-    for drv in valid_drvs {
-        let outs = match drv_outputs(shared, &drv).await {
-            Ok(outs) => outs,
-            Err(e) => {
-                outcomes.push((drv, RootOutcome::Failed(e.to_string())));
-                continue;
-            }
-        };
-        if outs.is_empty() {
-            outcomes.push((
-                drv,
-                RootOutcome::Gone("none of its outputs is built".into()),
-            ));
-            continue;
-        }
-        let mut absent = Vec::new();
-        let mut failure = None;
-        for (o, present) in presence(shared, outs).await {
-            match present {
-                Ok(true) => {}
-                Ok(false) => absent.push(o),
-                Err(e) => failure = Some(e.to_string()),
-            }
-        }
-        if let Some(reason) = failure {
-            outcomes.push((drv, RootOutcome::Failed(reason)));
-        } else if absent.is_empty() {
-            shared.stats.skipped.fetch_add(1, Relaxed);
-            info!(
-                "skipped {} (its outputs are in the cache)",
-                shared.show(&drv)
+    match drv_outputs(shared, &valid_drvs).await {
+        Err(e) => {
+            let reason = e.to_string();
+            outcomes.extend(
+                valid_drvs
+                    .into_iter()
+                    .map(|d| (d, RootOutcome::Failed(reason.clone()))),
             );
-            outcomes.push((drv, RootOutcome::Done));
-        } else {
-            missing.extend(absent.iter().cloned());
-            drv_targets.push((drv, absent));
+        }
+        Ok(built) => {
+            let all: Vec<StorePath> = built.iter().flat_map(|(_, o)| o.clone()).collect();
+            let present: HashMap<StorePath, Result<bool, String>> = presence(shared, all)
+                .await
+                .into_iter()
+                .map(|(p, r)| (p, r.map_err(|e| e.to_string())))
+                .collect();
+            for (drv, outs) in built {
+                if outs.is_empty() {
+                    outcomes.push((
+                        drv,
+                        RootOutcome::Gone("none of its outputs is built".into()),
+                    ));
+                    continue;
+                }
+                let mut absent = Vec::new();
+                let mut failure = None;
+                for o in outs {
+                    match &present[&o] {
+                        Ok(true) => {}
+                        Ok(false) => absent.push(o),
+                        Err(e) => failure = Some(e.clone()),
+                    }
+                }
+                if let Some(reason) = failure {
+                    outcomes.push((drv, RootOutcome::Failed(reason)));
+                } else if absent.is_empty() {
+                    shared.stats.skipped.fetch_add(1, Relaxed);
+                    info!(
+                        "skipped {} (its outputs are in the cache)",
+                        shared.show(&drv)
+                    );
+                    outcomes.push((drv, RootOutcome::Done));
+                } else {
+                    missing.extend(absent.iter().cloned());
+                    drv_targets.push((drv, absent));
+                }
+            }
         }
     }
     if missing.is_empty() {
@@ -1031,18 +1042,34 @@ async fn build_deps(
     Ok(shared.nix.build_closure_outputs(&known).await?)
 }
 
-/// The outputs of a valid derivation that are built; unbuilt ones are reported.
-async fn drv_outputs(shared: &Shared, drv: &StorePath) -> Result<Vec<StorePath>, Error> {
-    let outs = shared.nix.outputs(std::slice::from_ref(drv)).await?;
-    let invalid = shared.nix.invalid(&outs).await?;
-    for o in &invalid {
-        warn!(
-            "output {} of {} is not built; not uploading it",
-            shared.show(o),
-            shared.show(drv)
-        );
+/// The built outputs of each valid derivation (two Nix calls for all of them);
+/// unbuilt ones are reported.
+async fn drv_outputs(
+    shared: &Shared,
+    drvs: &[StorePath],
+) -> Result<Vec<(StorePath, Vec<StorePath>)>, Error> {
+    if drvs.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(outs.into_iter().filter(|o| !invalid.contains(o)).collect())
+    let mut outputs = shared.nix.outputs(drvs).await?;
+    let all: Vec<StorePath> = outputs.values().flatten().cloned().collect();
+    let invalid = shared.nix.invalid(&all).await?;
+    Ok(drvs
+        .iter()
+        .map(|drv| {
+            let outs = outputs.remove(drv).unwrap_or_default();
+            let (unbuilt, built): (Vec<_>, Vec<_>) =
+                outs.into_iter().partition(|o| invalid.contains(o));
+            for o in unbuilt {
+                warn!(
+                    "output {} of {} is not built; not uploading it",
+                    shared.show(&o),
+                    shared.show(drv)
+                );
+            }
+            (drv.clone(), built)
+        })
+        .collect())
 }
 
 /// Path info for every path that `roots` (valid, not in the cache) need uploaded: the

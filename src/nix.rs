@@ -11,7 +11,7 @@
 //!   "references":["/nix/store/…-a"],"deriver":"/nix/store/…-b.drv","signatures":[…]}]
 //! ```
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::process::Stdio;
 
 use serde::Deserialize;
@@ -113,26 +113,31 @@ impl Nix {
         Ok(invalid)
     }
 
-    /// The output paths of valid derivations (built or not).
-    pub async fn outputs(&self, drvs: &[StorePath]) -> Result<Vec<StorePath>, Error> {
-        let mut outs = Vec::new();
+    /// The output paths of each valid derivation (built or not), from one
+    /// `nix show-derivation` call per chunk. Outputs without a known path (floating
+    /// content-addressed ones) are left out.
+    pub async fn outputs(
+        &self,
+        drvs: &[StorePath],
+    ) -> Result<HashMap<StorePath, Vec<StorePath>>, Error> {
+        let args = [
+            "--extra-experimental-features",
+            "nix-command",
+            "show-derivation",
+        ];
+        let mut all = HashMap::new();
         for chunk in drvs.chunks(ARGS_PER_CALL) {
-            let out = self
-                .run("nix-store", &["--query", "--outputs"], &self.abs(chunk))
-                .await?;
-            for line in String::from_utf8_lossy(&out).lines() {
-                match self.store_dir.parse(line.trim()) {
-                    Ok(p) => outs.push(p),
-                    Err(e) => {
-                        return Err(Error::Output {
-                            argv: "nix-store --query --outputs".into(),
-                            reason: e.to_string(),
-                        })
-                    }
+            let paths = self.abs(chunk);
+            let out = self.run("nix", &args, &paths).await?;
+            let parsed = parse_derivation_outputs(&out, &self.store_dir).map_err(|reason| {
+                Error::Output {
+                    argv: argv_text("nix", &args, &paths),
+                    reason,
                 }
-            }
+            })?;
+            all.extend(parsed);
         }
-        Ok(outs)
+        Ok(all)
     }
 
     /// The deriver of each path (None when Nix does not know it), in order.
@@ -248,6 +253,43 @@ struct RawInfo {
     ca: Option<String>,
 }
 
+/// The outputs per derivation in `nix show-derivation` (or `nix derivation show`)
+/// JSON: an object keyed by derivation path (full or base name, by Nix version), each
+/// with `outputs: {name: {path}}`.
+pub fn parse_derivation_outputs(
+    json: &[u8],
+    store_dir: &StoreDir,
+) -> Result<HashMap<StorePath, Vec<StorePath>>, String> {
+    #[derive(Deserialize)]
+    struct Drv {
+        #[serde(default)]
+        outputs: HashMap<String, Output>,
+    }
+    #[derive(Deserialize)]
+    struct Output {
+        path: Option<String>,
+    }
+    let any_path = |p: &str| {
+        store_dir
+            .parse(p)
+            .or_else(|_| StorePath::from_base_name(p))
+            .map_err(|e| e.to_string())
+    };
+    let drvs: HashMap<String, Drv> = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    drvs.into_iter()
+        .map(|(drv, d)| {
+            let mut outs = d
+                .outputs
+                .into_values()
+                .filter_map(|o| o.path)
+                .map(|p| any_path(&p))
+                .collect::<Result<Vec<_>, _>>()?;
+            outs.sort();
+            Ok((any_path(&drv)?, outs))
+        })
+        .collect()
+}
+
 /// Parses `nix path-info --json` output of any Nix version; invalid paths are skipped.
 pub fn parse_path_info(json: &[u8], store_dir: &StoreDir) -> Result<Vec<PathInfo>, String> {
     let value: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
@@ -297,6 +339,35 @@ pub fn parse_path_info(json: &[u8], store_dir: &StoreDir) -> Result<Vec<PathInfo
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn derivation_outputs_of_old_and_new_nix() {
+        let sd = StoreDir::new("/nix/store").unwrap();
+        // Nix 2.8 `nix show-derivation`: full paths everywhere.
+        let old = br#"{"/nix/store/v0jc4vw90838an28b7dfvivnq41d7n63-drvtest-b.drv":
+            {"outputs":{"dev":{"path":"/nix/store/3x3mss5wl2d6wkdbima66xmrd924d4dh-drvtest-b-dev"},
+                        "out":{"path":"/nix/store/328g2pz3i3c52zg56hkm5qi81jw29rdc-drvtest-b"}},
+             "inputSrcs":[],"env":{}}}"#;
+        let got = parse_derivation_outputs(old, &sd).unwrap();
+        let drv =
+            StorePath::from_base_name("v0jc4vw90838an28b7dfvivnq41d7n63-drvtest-b.drv").unwrap();
+        let outs: Vec<String> = got[&drv].iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            outs,
+            [
+                "328g2pz3i3c52zg56hkm5qi81jw29rdc-drvtest-b",
+                "3x3mss5wl2d6wkdbima66xmrd924d4dh-drvtest-b-dev"
+            ]
+        );
+        // Newer `nix derivation show`: base names; a floating CA output has no path.
+        let new = br#"{"v0jc4vw90838an28b7dfvivnq41d7n63-drvtest-b.drv":
+            {"outputs":{"out":{"path":"328g2pz3i3c52zg56hkm5qi81jw29rdc-drvtest-b"},
+                        "doc":{"hashAlgo":"sha256","method":"nar"}}}}"#;
+        let got = parse_derivation_outputs(new, &sd).unwrap();
+        assert_eq!(got[&drv].len(), 1);
+        assert!(parse_derivation_outputs(b"[]", &sd).is_err());
+    }
+
     use super::*;
 
     fn sd() -> StoreDir {
