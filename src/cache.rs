@@ -12,6 +12,7 @@
 //! renamed once complete and verified. Puts are atomic on every backend, so no reader
 //! ever sees a partial object; an abandoned multipart upload is aborted.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -319,6 +320,37 @@ impl Cache {
         }
     }
 
+    /// The hash parts (decoded: 20 bytes each) of the narinfos in the cache, found by
+    /// listing it (a request per 1,000 objects on S3 and GCS), or None when it holds
+    /// more than `limit` objects: then asking path by path is cheaper.
+    pub async fn narinfo_hashes(&self, limit: usize) -> Result<Option<HashSet<[u8; 20]>>, Error> {
+        use futures::StreamExt;
+        let mut objects = self.store.list(self.prefix.as_ref());
+        let root = self.prefix.as_ref().map_or(0, |p| p.parts().count());
+        let mut hashes = HashSet::new();
+        let mut seen = 0usize;
+        while let Some(meta) = objects.next().await {
+            let meta = meta.map_err(|e| self.err("list", "/", e))?;
+            seen += 1;
+            if seen > limit {
+                return Ok(None);
+            }
+            if meta.location.parts().count() != root + 1 {
+                continue; // below nar/, log/, …
+            }
+            if let Some(hash) = meta
+                .location
+                .filename()
+                .and_then(|n| n.strip_suffix(".narinfo"))
+                .and_then(|h| crate::nixbase32::decode(h, 20).ok())
+                .and_then(|h| <[u8; 20]>::try_from(h).ok())
+            {
+                hashes.insert(hash);
+            }
+        }
+        Ok(Some(hashes))
+    }
+
     /// Names of the objects at the cache root (not below `nar/`).
     pub async fn list_root(&self) -> Result<Vec<String>, Error> {
         let listing = self
@@ -588,6 +620,29 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["a.nar", "b.nar", "one.nar"]);
+    }
+
+    #[tokio::test]
+    async fn narinfo_hashes_lists_the_root_only_and_stops_at_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path().to_str().unwrap()).unwrap();
+        let (a, b) = ("0".repeat(32), "1".repeat(32));
+        for name in [
+            format!("{a}.narinfo"),
+            format!("{b}.narinfo"),
+            "nix-cache-info".to_string(),
+            "not-a-hash.narinfo".to_string(),
+            format!("nar/{a}.narinfo"),
+        ] {
+            c.put(&name, Bytes::from_static(b"x"), "text/plain")
+                .await
+                .unwrap();
+        }
+        let got = c.narinfo_hashes(100).await.unwrap().unwrap();
+        let decode =
+            |h: &str| <[u8; 20]>::try_from(crate::nixbase32::decode(h, 20).unwrap()).unwrap();
+        assert_eq!(got, HashSet::from([decode(&a), decode(&b)]));
+        assert!(c.narinfo_hashes(4).await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -512,3 +512,57 @@ fn sigterm_mid_xz_of_a_big_path_exits_quickly_leaving_nothing() {
         .unwrap_or_default();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// Registers a wide closure of `n` tiny paths with bench/make-wide.py (no builds).
+fn wide_closure(dir: &Path, n: usize) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/make-wide.py");
+    let out = run_ok(
+        nix("python3")
+            .arg(script)
+            .args(["--n", &n.to_string(), "--tag", &unique("wide")])
+            .arg("--gcroot")
+            .arg(dir.join("wide.root")),
+    );
+    out.trim().lines().last().unwrap().to_string()
+}
+
+#[test]
+fn a_large_rerun_lists_the_cache_instead_of_asking_for_each_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-test-listing");
+    let root = wide_closure(tmp.path(), 1500);
+    let closure = closure_of(&root);
+    assert_eq!(closure.len(), 1500);
+    let cache = tmp.path().join("cache");
+    let up = |paths: &[String]| {
+        feed(
+            upload_cmd()
+                .arg("--secret-key-file")
+                .arg(&keys.secret)
+                .arg(&cache),
+            paths,
+        )
+    };
+    let out = up(&closure);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(narinfo_count(&cache), 1500);
+
+    // The narinfo of path 0 (it has no references) gone: the listing shows it missing.
+    let leaf = closure
+        .iter()
+        .find(|p| p.ends_with("-0"))
+        .expect("path 0 of the wide closure");
+    std::fs::remove_file(narinfo_path(&cache, leaf)).unwrap();
+    let out = up(&closure);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("listed the cache: 1499 narinfos"), "{log}");
+    assert!(log.contains("1 uploaded"), "{log}");
+    assert!(log.contains(&format!("uploaded {leaf}")), "{log}");
+    assert_eq!(assert_closed(&cache), 1500);
+    assert_substitutes(&cache, &root, &keys.public, tmp.path());
+}
