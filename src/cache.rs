@@ -91,6 +91,8 @@ pub struct Cache {
     raw: String,
     /// Whether the backend keeps Content-Type (the local filesystem doesn't).
     attributes: bool,
+    /// Reached over the network (not a local folder).
+    remote: bool,
     cleanups: TaskTracker,
 }
 
@@ -241,8 +243,14 @@ impl Cache {
             url: shown,
             raw: url.to_string(),
             attributes,
+            remote: !matches!(parsed, CacheUrl::File { .. }),
             cleanups: TaskTracker::new(),
         })
+    }
+
+    /// Whether the cache is reached over the network (not a local folder).
+    pub fn remote(&self) -> bool {
+        self.remote
     }
 
     pub fn url(&self) -> &str {
@@ -567,6 +575,10 @@ mod tests {
         let d = dir.path().join("c");
         let c = Cache::open(&format!("file://{}", d.display())).unwrap();
         assert_eq!(c.url(), format!("file://{}", d.display()));
+        assert!(!c.remote());
+        assert!(Cache::open("s3://b/p?endpoint=http://127.0.0.1:1")
+            .unwrap()
+            .remote());
         assert!(d.is_dir());
         assert!(Cache::open(d.to_str().unwrap()).is_ok());
         for bad in [

@@ -56,6 +56,8 @@ const MAX_BATCH: usize = 2000;
 const CHECKS_IN_FLIGHT: usize = 64;
 /// Paths remembered as present in the cache.
 const KNOWN_PRESENT: usize = 200_000;
+/// Path tasks under way before planning waits for some to finish.
+const MAX_TASKS: usize = 8192;
 /// A batch with this many paths to look for lists the cache instead of asking for
 /// each (S3 and GCS list 1,000 objects a request)…
 const LIST_FROM: usize = 1000;
@@ -331,8 +333,9 @@ impl Shared {
     /// Lists the cache when `to_check` paths are to be looked for and that is cheaper
     /// than asking for each: a re-run of a 100,000-path closure then costs ~200 list
     /// requests instead of 100,000 HEADs. Tried at most once per [`LISTING_FRESH`].
+    /// Not for a local folder, where a look-up is a stat and a listing stats more.
     async fn consider_listing(&self, to_check: usize) {
-        if to_check < LIST_FROM {
+        if to_check < LIST_FROM || !self.cfg.cache.remote() {
             return;
         }
         {
@@ -557,6 +560,17 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
             continue;
         }
         batch_deadline = None;
+        // Planning waits while many paths are under way: what is planned is held in
+        // memory (and, in a one-shot run, the input is read far ahead of the uploads).
+        while tasks.len() >= MAX_TASKS && !stop.is_cancelled() {
+            tokio::select! {
+                _ = tasks.join_next() => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+        if stop.is_cancelled() {
+            break;
+        }
         let roots = std::mem::take(&mut batch);
         in_batch.clear();
         for r in &roots {

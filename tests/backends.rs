@@ -8,8 +8,9 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::servers::{mirror, FakeGcs, Seaweed};
+use common::servers::{mirror, runtime, FakeGcs, Seaweed};
 use common::*;
+use object_store::ObjectStoreExt;
 
 fn run_upload(mut cmd: Command, key: &Path, url: &str, paths: &[String]) -> Output {
     feed(cmd.arg("--secret-key-file").arg(key).arg(url), paths)
@@ -381,4 +382,43 @@ fn import_a_nix_copy_cache_into_s3_even_when_interrupted() {
         assert_substitutes(&dest, &root, key, tmp.path());
         assert_substitutes(&dest, &big, key, tmp.path());
     }
+}
+
+#[test]
+fn a_large_rerun_on_s3_lists_the_bucket_instead_of_asking_for_each_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-test-listing");
+    let s3 = Seaweed::start();
+    let root = wide_closure(tmp.path(), 1500);
+    let closure = closure_of(&root);
+    assert_eq!(closure.len(), 1500);
+    let url = s3.url("listing", "deep/prefix");
+    let out = run_upload(s3.upload_cmd(), &keys.secret, &url, &closure);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The narinfo of path 0 (it has no references) gone: the listing shows it missing.
+    let zero = closure
+        .iter()
+        .find(|p| p.ends_with("-0"))
+        .expect("path 0 of the wide closure");
+    let name = format!("deep/prefix/{}.narinfo", &zero["/nix/store/".len()..][..32]);
+    let store = s3.store("listing");
+    runtime()
+        .block_on(store.delete(&name.as_str().into()))
+        .unwrap();
+    let out = run_upload(s3.upload_cmd(), &keys.secret, &url, &closure);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("listed the cache: 1499 narinfos"), "{log}");
+    assert!(log.contains("1 uploaded"), "{log}");
+    assert!(log.contains(&format!("uploaded {zero}")), "{log}");
+
+    let dest = tmp.path().join("mirror");
+    mirror(&*store, "deep/prefix", &dest);
+    assert_eq!(assert_closed(&dest), 1500);
+    assert_substitutes(&dest, &root, &keys.public, tmp.path());
 }

@@ -319,3 +319,17 @@ pub fn assert_closed(dir: &Path) -> usize {
     }
     n
 }
+
+/// Registers a wide closure of `n` tiny paths with bench/make-wide.py (no builds);
+/// returns its root.
+pub fn wide_closure(dir: &Path, n: usize) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/make-wide.py");
+    let out = run_ok(
+        nix("python3")
+            .arg(script)
+            .args(["--n", &n.to_string(), "--tag", &unique("wide")])
+            .arg("--gcroot")
+            .arg(dir.join("wide.root")),
+    );
+    out.trim().lines().last().unwrap().to_string()
+}
