@@ -1,13 +1,18 @@
 //! The uploader: read store paths, resolve closures, upload what the cache lacks.
 //!
 //! ```text
-//! input ─▶ reader ─(bounded)─▶ batcher ─▶ nix (batched) ─▶ one task per missing path
-//!  FIFO/stdin/file  lines→paths   50 ms window   validity, .drv outputs, closure
+//! input ─▶ reader ─(bounded)─▶ batcher ─▶ plan (batched) ─▶ one task per missing path
+//!  FIFO/stdin/file  lines→paths   50 ms window   presence, validity,  (≤ MAX_TASKS run,
+//!                                                .drv outputs, new    the rest wait)
+//!                                                paths level by level
 //! ```
-//! A path task uploads its NAR under the `--jobs` limit, then waits until every
-//! reference's narinfo is in the cache, then writes its own narinfo: at no moment does
-//! the cache hold a narinfo whose NAR or references are missing. NARs start largest
-//! first. One path's failure is logged and fails only the paths that depend on it.
+//! Planning asks the cache about each path once (a HEAD, or one listing for a large
+//! batch on a remote cache) and Nix only about paths not known yet, so its work is
+//! linear in the number of new paths. A path task uploads its NAR under the `--jobs`
+//! limit, then waits until every reference's narinfo is in the cache, then writes its
+//! own narinfo: at no moment does the cache hold a narinfo whose NAR or references are
+//! missing. NARs start largest first. One path's failure is logged and fails only the
+//! paths that depend on it.
 //!
 //! Accepted roots are recorded in the [`Journal`] (when there is a state directory)
 //! before anything else happens to them, and retired only when their whole closure is in
@@ -506,8 +511,9 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
         batch_deadline = Some(tokio::time::Instant::now());
     }
 
-    let mut tasks = JoinSet::new();
+    let mut tasks = Tasks::default();
     loop {
+        tasks.top_up(&shared);
         let queued = outstanding.len()
             + batch
                 .iter()
@@ -551,6 +557,8 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
                 flush = true;
             }
             _ = tokio::time::sleep_until(batch_deadline.unwrap_or_else(tokio::time::Instant::now)), if batch_deadline.is_some() => flush = true,
+            // A task ended while others wait to start: start them.
+            Some(_) = tasks.running.join_next(), if !tasks.waiting.is_empty() => {}
         }
         if batch.is_empty() {
             batch_deadline = None;
@@ -564,7 +572,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
         // memory (and, in a one-shot run, the input is read far ahead of the uploads).
         while tasks.len() >= MAX_TASKS && !stop.is_cancelled() {
             tokio::select! {
-                _ = tasks.join_next() => {}
+                _ = tasks.running.join_next() => tasks.top_up(&shared),
                 _ = stop.cancelled() => {}
             }
         }
@@ -633,7 +641,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
                 }
             }
         }
-        while tasks.try_join_next().is_some() {}
+        while tasks.running.try_join_next().is_some() {}
     }
     reader.abort();
     if let Some(s) = spooler {
@@ -641,9 +649,14 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
     }
     let unfinished = outstanding.len() as u64;
     if stop.is_cancelled() {
-        tasks.shutdown().await;
+        tasks.running.shutdown().await;
     } else {
-        while tasks.join_next().await.is_some() {}
+        loop {
+            tasks.top_up(&shared);
+            if tasks.running.join_next().await.is_none() {
+                break;
+            }
+        }
     }
     shared
         .cfg
@@ -896,7 +909,7 @@ async fn watch_spool(
 async fn process_batch(
     shared: &Arc<Shared>,
     roots: Vec<StorePath>,
-    tasks: &mut JoinSet<()>,
+    tasks: &mut Tasks,
 ) -> Vec<(StorePath, RootOutcome)> {
     let mut outcomes = Vec::new();
     let (drvs, mut paths): (Vec<_>, Vec<_>) = roots.into_iter().partition(|p| p.is_derivation());
@@ -1198,15 +1211,51 @@ async fn presence(shared: &Shared, paths: Vec<StorePath>) -> Vec<(StorePath, Res
     futures::future::join_all(checks).await
 }
 
-/// Starts a task for every path of the closure that is neither known present nor
+/// Path tasks: those running, and those planned that wait to start.
+#[derive(Default)]
+struct Tasks {
+    running: JoinSet<()>,
+    /// In start order: references before referrers, so a running task never waits
+    /// for one that has not started, and tasks can be started a few at a time.
+    waiting: VecDeque<Waiting>,
+}
+
+/// A planned path whose task has not started.
+struct Waiting {
+    info: PathInfo,
+    deps: Vec<Dep>,
+    tx: watch::Sender<Status>,
+}
+
+impl Tasks {
+    fn len(&self) -> usize {
+        self.running.len() + self.waiting.len()
+    }
+
+    /// Starts waiting tasks while fewer than [`MAX_TASKS`] run: a waiting path costs
+    /// its path info, a running one its whole task.
+    fn top_up(&mut self, shared: &Arc<Shared>) {
+        while self.running.try_join_next().is_some() {}
+        while self.running.len() < MAX_TASKS {
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            self.running
+                .spawn(path_task(shared.clone(), w.info, w.deps, w.tx));
+        }
+    }
+}
+
+/// Plans a task for every path of the closure that is neither known present nor
 /// under way; returns a status watch for each path under way. Every new path gets its
-/// watch before any task starts, so a task can wait on any reference; NARs then start
+/// watch before any task starts, so a task can wait on any reference. NARs start
 /// largest first, which keeps both cores busy to the end (the narinfos still commit in
-/// dependency order, through those waits).
+/// dependency order, through those waits); when more than [`MAX_TASKS`] would run, the
+/// rest wait and start references first (see [`start_order`]).
 fn spawn_closure(
     shared: &Arc<Shared>,
     infos: Vec<PathInfo>,
-    tasks: &mut JoinSet<()>,
+    tasks: &mut Tasks,
 ) -> HashMap<StorePath, watch::Receiver<Status>> {
     let mut state = shared.state.lock().unwrap();
     let mut new: Vec<(PathInfo, watch::Sender<Status>)> = Vec::new();
@@ -1224,13 +1273,23 @@ fn spawn_closure(
         watches.insert(info.path.clone(), rx);
         new.push((info, tx));
     }
-    new.sort_by_key(|(info, _)| std::cmp::Reverse(info.nar_size));
+    let order = if tasks.len() + new.len() <= MAX_TASKS {
+        // All start now: any order is safe, and largest first keeps the cores busy.
+        let mut order: Vec<usize> = (0..new.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(new[i].0.nar_size));
+        order
+    } else {
+        start_order(&new)
+    };
     shared.stats.planned.fetch_add(new.len() as u64, Relaxed);
     shared
         .stats
         .planned_bytes
         .fetch_add(new.iter().map(|(i, _)| i.nar_size).sum(), Relaxed);
-    for (info, tx) in new {
+    let mut new: Vec<Option<(PathInfo, watch::Sender<Status>)>> =
+        new.into_iter().map(Some).collect();
+    for i in order {
+        let (info, tx) = new[i].take().expect("each index once");
         let deps = info
             .references
             .iter()
@@ -1240,9 +1299,45 @@ fn spawn_closure(
                 None => Dep::Check(r.clone()),
             })
             .collect();
-        tasks.spawn(path_task(shared.clone(), info, deps, tx));
+        tasks.waiting.push_back(Waiting { info, deps, tx });
     }
+    drop(state);
+    tasks.top_up(shared);
     watches
+}
+
+/// Indices of `new` in start order: by level (a path's is above all of its references'
+/// in the set), then largest NAR first.
+fn start_order(new: &[(PathInfo, watch::Sender<Status>)]) -> Vec<usize> {
+    let index: HashMap<&StorePath, usize> = new
+        .iter()
+        .enumerate()
+        .map(|(i, (info, _))| (&info.path, i))
+        .collect();
+    let mut referrers: Vec<Vec<usize>> = vec![Vec::new(); new.len()];
+    let mut unplaced = vec![0usize; new.len()];
+    for (i, (info, _)) in new.iter().enumerate() {
+        for r in info.references.iter().filter(|r| **r != info.path) {
+            if let Some(&j) = index.get(r) {
+                referrers[j].push(i);
+                unplaced[i] += 1;
+            }
+        }
+    }
+    let mut level = vec![0usize; new.len()];
+    let mut ready: Vec<usize> = (0..new.len()).filter(|&i| unplaced[i] == 0).collect();
+    while let Some(j) = ready.pop() {
+        for &i in &referrers[j] {
+            level[i] = level[i].max(level[j] + 1);
+            unplaced[i] -= 1;
+            if unplaced[i] == 0 {
+                ready.push(i);
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..new.len()).collect();
+    order.sort_by_key(|&i| (level[i], std::cmp::Reverse(new[i].0.nar_size)));
+    order
 }
 
 enum Outcome {
