@@ -19,7 +19,6 @@ import argparse
 import http.client
 import http.server
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -28,6 +27,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
+
+from run import machine_line  # bench/run.py: one way to name the machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
@@ -162,8 +163,8 @@ def main():
         log.close()
     lines = [
         "narpipe S3 requests per path, %s" % time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine: %d cores, %s; SeaweedFS 4.48 behind a counting proxy; wide closure of %d tiny paths"
-        % (os.cpu_count(), platform.platform(), a.n),
+        machine_line(),
+        "SeaweedFS 4.48 behind a counting proxy; wide closure of %d tiny paths" % a.n,
         "start-up (nix-cache-info and write check), counted apart: %s on an empty bucket, %s after"
         % (dict(startup), dict(startup_again)),
         "",

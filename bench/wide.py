@@ -17,12 +17,13 @@ paths; re-run <= 0.5 s at 100,000. Expects release binaries (bench/run.sh builds
 """
 import argparse
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+
+from run import machine_line  # bench/run.py: one way to name the machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
@@ -122,16 +123,9 @@ def main():
             ("%d paths, daemon: peak RSS (MB)" % n, d_rss, None, None, rss_goal, d_rss <= 150 if rss_goal else None),
         ]
         shutil.rmtree(tmp, ignore_errors=True)
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    nix_version = subprocess.run(["nix", "--version"], env=ENV, text=True, stdout=subprocess.PIPE).stdout.strip()
     lines = [
         "narpipe wide-closure benchmark, %s" % time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine: %d cores (%s), %s; %s" % (os.cpu_count(), cpu, platform.platform(), nix_version),
+        machine_line(),
         "closures: bench/make-wide.py (tiny paths, <= 3 references); caches in %s; MB = 10^6 bytes"
         % (a.tmp or tempfile.gettempdir()),
         "",

@@ -91,8 +91,8 @@ pub struct Cache {
     raw: String,
     /// Whether the backend keeps Content-Type (the local filesystem doesn't).
     attributes: bool,
-    /// Reached over the network (not a local folder).
-    remote: bool,
+    /// A local folder's directory: look-ups there are stats (see `exist_local`).
+    local_dir: Option<std::path::PathBuf>,
     cleanups: TaskTracker,
 }
 
@@ -243,14 +243,12 @@ impl Cache {
             url: shown,
             raw: url.to_string(),
             attributes,
-            remote: !matches!(parsed, CacheUrl::File { .. }),
+            local_dir: match &parsed {
+                CacheUrl::File { dir } => Some(dir.into()),
+                _ => None,
+            },
             cleanups: TaskTracker::new(),
         })
-    }
-
-    /// Whether the cache is reached over the network (not a local folder).
-    pub fn remote(&self) -> bool {
-        self.remote
     }
 
     pub fn url(&self) -> &str {
@@ -328,11 +326,60 @@ impl Cache {
         }
     }
 
+    /// Whether each of `rels` exists, for a local folder (None for other caches): one
+    /// blocking call stats them all, where a look-up through object_store is a thread
+    /// hand-off per object.
+    pub async fn exist_local(&self, rels: Vec<String>) -> Option<Result<Vec<bool>, Error>> {
+        let dir = self.local_dir.clone()?;
+        let url = self.url.clone();
+        let failed = move |reason: String| Error::Setup { url, reason };
+        let stats = tokio::task::spawn_blocking(move || {
+            rels.iter()
+                .map(|rel| match std::fs::symlink_metadata(dir.join(rel)) {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                    Err(e) => Err(format!("cannot look up {rel}: {e}")),
+                })
+                .collect::<Result<Vec<bool>, String>>()
+        })
+        .await;
+        Some(match stats {
+            Ok(r) => r.map_err(failed),
+            Err(e) => Err(failed(format!("look-ups stopped: {e}"))),
+        })
+    }
+
     /// The hash parts (decoded: 20 bytes each) of the narinfos in the cache, found by
     /// listing it (a request per 1,000 objects on S3 and GCS), or None when it holds
     /// more than `limit` objects: then asking path by path is cheaper.
     pub async fn narinfo_hashes(&self, limit: usize) -> Result<Option<HashSet<[u8; 20]>>, Error> {
         use futures::StreamExt;
+        if let Some(dir) = self.local_dir.clone() {
+            // A local folder: its top directory only, names only (object_store's listing
+            // walks nar/ too and stats every file).
+            let url = self.url.clone();
+            return tokio::task::spawn_blocking(move || {
+                let mut hashes = HashSet::new();
+                let entries = std::fs::read_dir(&dir).map_err(|e| e.to_string())?;
+                for (seen, entry) in entries.enumerate() {
+                    if seen >= limit {
+                        return Ok(None);
+                    }
+                    let name = entry.map_err(|e| e.to_string())?.file_name();
+                    if let Some(hash) = name.to_str().and_then(narinfo_hash) {
+                        hashes.insert(hash);
+                    }
+                }
+                Ok(Some(hashes))
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|reason| Error::Setup {
+                url,
+                reason: format!("cannot list it: {reason}"),
+            });
+        }
         let mut objects = self.store.list(self.prefix.as_ref());
         let root = self.prefix.as_ref().map_or(0, |p| p.parts().count());
         let mut hashes = HashSet::new();
@@ -346,13 +393,7 @@ impl Cache {
             if meta.location.parts().count() != root + 1 {
                 continue; // below nar/, log/, …
             }
-            if let Some(hash) = meta
-                .location
-                .filename()
-                .and_then(|n| n.strip_suffix(".narinfo"))
-                .and_then(|h| crate::nixbase32::decode(h, 20).ok())
-                .and_then(|h| <[u8; 20]>::try_from(h).ok())
-            {
+            if let Some(hash) = meta.location.filename().and_then(narinfo_hash) {
                 hashes.insert(hash);
             }
         }
@@ -565,6 +606,12 @@ impl Drop for NarWriter {
     }
 }
 
+/// The decoded hash part of a narinfo's object name.
+fn narinfo_hash(name: &str) -> Option<[u8; 20]> {
+    let hash = name.strip_suffix(".narinfo")?;
+    crate::nixbase32::decode(hash, 20).ok()?.try_into().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,10 +622,6 @@ mod tests {
         let d = dir.path().join("c");
         let c = Cache::open(&format!("file://{}", d.display())).unwrap();
         assert_eq!(c.url(), format!("file://{}", d.display()));
-        assert!(!c.remote());
-        assert!(Cache::open("s3://b/p?endpoint=http://127.0.0.1:1")
-            .unwrap()
-            .remote());
         assert!(d.is_dir());
         assert!(Cache::open(d.to_str().unwrap()).is_ok());
         for bad in [
@@ -654,7 +697,26 @@ mod tests {
         let decode =
             |h: &str| <[u8; 20]>::try_from(crate::nixbase32::decode(h, 20).unwrap()).unwrap();
         assert_eq!(got, HashSet::from([decode(&a), decode(&b)]));
+        // Objects at the top: 4 files and nar/.
         assert!(c.narinfo_hashes(4).await.unwrap().is_none());
+        assert!(c.narinfo_hashes(5).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn local_look_ups_in_one_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path().to_str().unwrap()).unwrap();
+        c.put("a.narinfo", Bytes::from_static(b"x"), "text/plain")
+            .await
+            .unwrap();
+        let got = c
+            .exist_local(vec!["a.narinfo".into(), "b.narinfo".into()])
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, [true, false]);
+        let s3 = Cache::open("s3://b/p?endpoint=http://127.0.0.1:1").unwrap();
+        assert!(s3.exist_local(vec!["a.narinfo".into()]).await.is_none());
     }
 
     #[tokio::test]

@@ -312,20 +312,8 @@ impl Shared {
 
     /// Whether the cache has `p`'s narinfo (remembered once seen).
     async fn in_cache(&self, p: &StorePath) -> Result<bool, Error> {
-        if self.known_present(p) {
-            return Ok(true);
-        }
-        if let Some(l) = &*self.listing.lock().unwrap() {
-            if l.at.elapsed() < LISTING_FRESH {
-                let found = crate::nixbase32::decode(p.hash_part(), 20)
-                    .ok()
-                    .and_then(|h| <[u8; 20]>::try_from(h).ok())
-                    .is_some_and(|h| l.hashes.contains(&h));
-                if found {
-                    self.state.lock().unwrap().present.insert(p.clone());
-                }
-                return Ok(found);
-            }
+        if let Some(found) = self.known_presence(p) {
+            return Ok(found);
         }
         let _permit = self.checks.acquire().await.expect("never closed");
         let found = self.cfg.cache.exists(&Self::narinfo_key(p)).await?;
@@ -335,12 +323,31 @@ impl Shared {
         Ok(found)
     }
 
+    /// Whether `p` is in the cache, when that is known without asking: remembered as
+    /// present, or answered by a fresh listing.
+    fn known_presence(&self, p: &StorePath) -> Option<bool> {
+        if self.known_present(p) {
+            return Some(true);
+        }
+        let listing = self.listing.lock().unwrap();
+        let l = listing
+            .as_ref()
+            .filter(|l| l.at.elapsed() < LISTING_FRESH)?;
+        let found = crate::nixbase32::decode(p.hash_part(), 20)
+            .ok()
+            .and_then(|h| <[u8; 20]>::try_from(h).ok())
+            .is_some_and(|h| l.hashes.contains(&h));
+        if found {
+            self.state.lock().unwrap().present.insert(p.clone());
+        }
+        Some(found)
+    }
+
     /// Lists the cache when `to_check` paths are to be looked for and that is cheaper
     /// than asking for each: a re-run of a 100,000-path closure then costs ~200 list
     /// requests instead of 100,000 HEADs. Tried at most once per [`LISTING_FRESH`].
-    /// Not for a local folder, where a look-up is a stat and a listing stats more.
     async fn consider_listing(&self, to_check: usize) {
-        if to_check < LIST_FROM || !self.cfg.cache.remote() {
+        if to_check < LIST_FROM {
             return;
         }
         {
@@ -1204,6 +1211,29 @@ async fn plan(shared: &Shared, roots: Vec<StorePath>) -> Result<Vec<PathInfo>, E
 
 /// Whether each path's narinfo is in the cache, checked concurrently.
 async fn presence(shared: &Shared, paths: Vec<StorePath>) -> Vec<(StorePath, Result<bool, Error>)> {
+    let known: Vec<Option<bool>> = paths.iter().map(|p| shared.known_presence(p)).collect();
+    // A local folder: the rest in one blocking call (a failure falls back to one by one).
+    let ask: Vec<String> = paths
+        .iter()
+        .zip(&known)
+        .filter(|(_, k)| k.is_none())
+        .map(|(p, _)| Shared::narinfo_key(p))
+        .collect();
+    if let Some(Ok(found)) = shared.cfg.cache.exist_local(ask).await {
+        let mut found = found.into_iter();
+        let mut state = shared.state.lock().unwrap();
+        return paths
+            .into_iter()
+            .zip(known)
+            .map(|(p, k)| {
+                let present = k.unwrap_or_else(|| found.next().expect("one answer each"));
+                if present {
+                    state.present.insert(p.clone());
+                }
+                (p, Ok(present))
+            })
+            .collect();
+    }
     let checks = paths.into_iter().map(|p| async move {
         let r = shared.in_cache(&p).await;
         (p, r)
