@@ -77,9 +77,10 @@ impl StoreDir {
 }
 
 /// The base name of a store path: hash part and name. Print it with
-/// [`StoreDir::display`] to get the absolute path.
+/// [`StoreDir::display`] to get the absolute path. Shared, not copied, when cloned: a
+/// planned path is held in several maps and in each of its referrers' waits.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StorePath(String);
+pub struct StorePath(std::sync::Arc<str>);
 
 impl StorePath {
     pub fn from_base_name(base: &str) -> Result<Self, Error> {
@@ -101,7 +102,7 @@ impl StorePath {
         {
             return Err(bad());
         }
-        Ok(StorePath(base.to_string()))
+        Ok(StorePath(base.into()))
     }
 
     pub fn hash_part(&self) -> &str {
