@@ -608,8 +608,7 @@ impl Drop for NarWriter {
 
 /// The decoded hash part of a narinfo's object name.
 fn narinfo_hash(name: &str) -> Option<[u8; 20]> {
-    let hash = name.strip_suffix(".narinfo")?;
-    crate::nixbase32::decode(hash, 20).ok()?.try_into().ok()
+    crate::store_path::decode_hash_part(name.strip_suffix(".narinfo")?)
 }
 
 #[cfg(test)]
@@ -694,8 +693,7 @@ mod tests {
                 .unwrap();
         }
         let got = c.narinfo_hashes(100).await.unwrap().unwrap();
-        let decode =
-            |h: &str| <[u8; 20]>::try_from(crate::nixbase32::decode(h, 20).unwrap()).unwrap();
+        let decode = |h: &str| crate::store_path::decode_hash_part(h).unwrap();
         assert_eq!(got, HashSet::from([decode(&a), decode(&b)]));
         // Objects at the top: 4 files and nar/.
         assert!(c.narinfo_hashes(4).await.unwrap().is_none());

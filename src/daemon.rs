@@ -6,8 +6,8 @@
 //!                                                .drv outputs, new    the rest wait)
 //!                                                paths level by level
 //! ```
-//! Planning asks the cache about each path once (a HEAD, or one listing for a large
-//! batch on a remote cache) and Nix only about paths not known yet, so its work is
+//! Planning asks the cache about each path once (a HEAD or a stat, or one listing for
+//! a large batch) and Nix only about paths not known yet, so its work is
 //! linear in the number of new paths. A path task uploads its NAR under the `--jobs`
 //! limit, then waits until every reference's narinfo is in the cache, then writes its
 //! own narinfo: at no moment does the cache hold a narinfo whose NAR or references are
@@ -333,10 +333,7 @@ impl Shared {
         let l = listing
             .as_ref()
             .filter(|l| l.at.elapsed() < LISTING_FRESH)?;
-        let found = crate::nixbase32::decode(p.hash_part(), 20)
-            .ok()
-            .and_then(|h| <[u8; 20]>::try_from(h).ok())
-            .is_some_and(|h| l.hashes.contains(&h));
+        let found = p.hash_bytes().is_some_and(|h| l.hashes.contains(&h));
         if found {
             self.state.lock().unwrap().present.insert(p.clone());
         }

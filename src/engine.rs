@@ -134,7 +134,6 @@ struct Compressed {
 pub struct Engine {
     jobs: Sender<Job>,
     permits: Arc<Semaphore>,
-    threads: usize,
 }
 
 impl Engine {
@@ -161,12 +160,7 @@ impl Engine {
         Ok(Engine {
             jobs: jobs_tx,
             permits: Arc::new(Semaphore::new(threads)),
-            threads,
         })
-    }
-
-    pub fn threads(&self) -> usize {
-        self.threads
     }
 
     /// Starts making the NAR of `path`; waits while every thread has a NAR of its own.

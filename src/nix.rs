@@ -1,7 +1,7 @@
 //! The one place that runs Nix's command-line tools.
 //!
 //! Every call is batched (a spawn costs 30–60 ms): validity of many paths, outputs of
-//! many derivations, path info of whole closures, each in one process. A failing call
+//! many derivations, path info of many paths, each in one process. A failing call
 //! becomes an error carrying its argv and stderr; a dropped call kills its child.
 //!
 //! `nix path-info --json` prints an array of objects with a `path` field up to Nix
@@ -181,31 +181,15 @@ impl Nix {
         Ok(all.into_iter().filter(|p| !invalid.contains(p)).collect())
     }
 
-    /// Path info for the closures of `roots`, which must all be valid non-derivation
-    /// paths (Nix would try to build or substitute anything else).
-    pub async fn closure(&self, roots: &[StorePath]) -> Result<Vec<PathInfo>, Error> {
-        self.query_infos(roots, true).await
-    }
-
-    /// Path info for exactly `paths` (valid, non-derivation), not their closures.
+    /// Path info for exactly `paths` (valid, non-derivation: Nix would try to build or
+    /// substitute anything else), not their closures.
     pub async fn path_infos(&self, paths: &[StorePath]) -> Result<Vec<PathInfo>, Error> {
-        self.query_infos(paths, false).await
-    }
-
-    async fn query_infos(
-        &self,
-        paths: &[StorePath],
-        recursive: bool,
-    ) -> Result<Vec<PathInfo>, Error> {
-        let mut args = vec![
+        let args = [
             "--extra-experimental-features",
             "nix-command",
             "path-info",
             "--json",
         ];
-        if recursive {
-            args.push("--recursive");
-        }
         let mut seen = HashSet::new();
         let mut infos = Vec::new();
         for chunk in paths.chunks(ARGS_PER_CALL) {

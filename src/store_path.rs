@@ -76,6 +76,11 @@ impl StoreDir {
     }
 }
 
+/// A store path's hash part (32 nix-base32 characters, as in a narinfo's name) decoded.
+pub fn decode_hash_part(hash: &str) -> Option<[u8; 20]> {
+    nixbase32::decode(hash, 20).ok()?.try_into().ok()
+}
+
 /// The base name of a store path: hash part and name. Print it with
 /// [`StoreDir::display`] to get the absolute path. Shared, not copied, when cloned: a
 /// planned path is held in several maps and in each of its referrers' waits.
@@ -107,6 +112,11 @@ impl StorePath {
 
     pub fn hash_part(&self) -> &str {
         &self.0[..HASH_LEN]
+    }
+
+    /// The hash part decoded: 20 bytes.
+    pub fn hash_bytes(&self) -> Option<[u8; 20]> {
+        decode_hash_part(self.hash_part())
     }
 
     pub fn name(&self) -> &str {
