@@ -7,7 +7,8 @@
 //! - adapters: [`compress`]; [`engine`] (makes compressed NARs on a pool of plain threads)
 //! - IO edges, independent of each other: [`resolve`] (input → store path), [`nix`]
 //!   (runs the Nix CLI), [`cache`] (the binary cache through `object_store`)
-//! - orchestration: [`upload`] (one path), [`daemon`] (the whole uploader)
+//! - orchestration: [`daemon`] (the whole uploader, one module per stage; one path's life
+//!   in `daemon::path`)
 //!
 //! The binaries `upload` and `send` are thin: arguments, logging, signals, exit codes.
 
@@ -32,6 +33,5 @@ pub mod signing;
 pub mod spool;
 pub mod stats;
 pub mod store_path;
-pub mod upload;
 pub mod verify;
 pub mod xz;

@@ -1,15 +1,28 @@
-//! Uploading one store path: stream its NAR, then build and sign its narinfo.
+//! One path's life: its NAR is made on the engine's threads and streamed to the cache,
+//! checked against the store's database, and committed under its FileHash; then the
+//! task waits until every reference's narinfo is in the cache, signs, and writes its own
+//! narinfo — the commit point. Whether the path is needed at all was settled when it
+//! was planned (see [`super::plan`]), in one batch with its closure.
 //!
 //! ```text
 //! filesystem ─ engine (plain threads: walk, NarHash, compress, FileHash) ─▶ NarWriter
 //!                                             bounded channel            (async task)
+//! NAR committed ─▶ references' narinfos present? ─▶ sign ─▶ <hash>.narinfo
 //! ```
-//! The NAR is never whole in memory. When the stream ends its hash and size are
-//! compared with the store's database; a mismatch drops the writer, so nothing is
-//! published. Only then is the NAR committed under `nar/<FileHash>.nar.<ext>`.
+//! The NAR is never whole in memory. A NAR whose hash or size differs from the store's
+//! database is dropped: nothing is published.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
 
+use bytes::Bytes;
+use log::{error, info};
+use tokio::sync::watch;
+
+use super::tasks::{settled, Dep, Status};
+use super::Shared;
 use crate::cache::{self, Cache};
 use crate::compress::Compression;
 use crate::engine::{self, Engine, Next};
@@ -17,7 +30,135 @@ use crate::hash::Sha256;
 use crate::narinfo::NarInfo;
 use crate::nix::PathInfo;
 use crate::signing::SecretKey;
+use crate::stats::human;
 use crate::store_path::StoreDir;
+
+enum Outcome {
+    Uploaded {
+        nar: u64,
+        file: u64,
+        compression: Compression,
+    },
+}
+
+pub(super) async fn task(
+    shared: Arc<Shared>,
+    info: PathInfo,
+    deps: Vec<Dep>,
+    tx: watch::Sender<Status>,
+) {
+    let start = Instant::now();
+    let shown = shared.show(&info.path);
+    let result = tokio::select! {
+        r = upload_one(&shared, &info, deps) => r,
+        _ = shared.stop.cancelled() => Err(Error::Interrupted),
+    };
+    shared
+        .stats
+        .upload_micros
+        .fetch_add(start.elapsed().as_micros() as u64, Relaxed);
+    // Progress counts a path when its NAR is done (or found present): see upload_one.
+    // A failure before that still completes its share of the progress.
+    if let Err(e) = &result {
+        if !matches!(
+            e,
+            Error::Interrupted | Error::ReferenceFailed { .. } | Error::ReferenceMissing(_)
+        ) {
+            shared.progress(info.nar_size);
+        }
+    }
+    let status = match &result {
+        Ok(Outcome::Uploaded {
+            nar,
+            file,
+            compression,
+        }) => {
+            shared.stats.uploaded.fetch_add(1, Relaxed);
+            shared.stats.nar_bytes.fetch_add(*nar, Relaxed);
+            shared.stats.file_bytes.fetch_add(*file, Relaxed);
+            info!(
+                "uploaded {shown} ({} NAR, {} {compression}, {:.2}s)",
+                human(*nar),
+                human(*file),
+                start.elapsed().as_secs_f64()
+            );
+            Status::Done
+        }
+        Err(Error::Interrupted) => Status::Failed("interrupted".into()),
+        Err(e) => {
+            shared.stats.errors.fetch_add(1, Relaxed);
+            error!("failed {shown}: {e}");
+            Status::Failed(e.to_string().into())
+        }
+    };
+    {
+        let mut state = shared.state.lock().unwrap();
+        state.inflight.remove(&info.path);
+        if matches!(status, Status::Done) {
+            state.present.insert(info.path.clone());
+        }
+    }
+    let _ = tx.send(status);
+}
+
+/// Uploads a path that planning found missing from the cache (not asked again: a
+/// concurrent writer's copy would be the same bytes).
+async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<Outcome, Error> {
+    let cfg = &shared.cfg;
+    let nar = {
+        let _permit = shared.jobs.acquire().await.expect("never closed");
+        // Boxed: its state is allocated only once the upload starts, so the many
+        // tasks still waiting for a permit stay small.
+        Box::pin(upload_nar(
+            &shared.engine,
+            &cfg.cache,
+            &cfg.store_dir,
+            info,
+            cfg.compression,
+            cfg.level,
+        ))
+        .await?
+    };
+    // Progress follows the NARs; the narinfo may still wait for its references.
+    shared.progress(info.nar_size);
+    for dep in deps {
+        match dep {
+            Dep::Task(r, mut rx) => {
+                if let Status::Failed(reason) = settled(&mut rx).await {
+                    return Err(Error::ReferenceFailed {
+                        reference: shared.show(&r),
+                        reason: reason.to_string(),
+                    });
+                }
+            }
+            Dep::Check(r) => {
+                if !shared.in_cache(&r).await? {
+                    return Err(Error::ReferenceMissing(shared.show(&r)));
+                }
+            }
+        }
+    }
+    let narinfo = narinfo(&cfg.store_dir, info, &nar, &cfg.keys);
+    cfg.cache
+        .put(
+            &Shared::narinfo_key(&info.path),
+            Bytes::from(narinfo.to_string()),
+            "text/x-nix-narinfo",
+        )
+        .await?;
+    Ok(Outcome::Uploaded {
+        nar: info.nar_size,
+        file: nar.file_size,
+        compression: nar.compression,
+    })
+}
+
+impl Shared {
+    fn progress(&self, nar_size: u64) {
+        self.stats.finished.fetch_add(1, Relaxed);
+        self.stats.finished_bytes.fetch_add(nar_size, Relaxed);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -37,11 +178,17 @@ pub enum Error {
     },
     #[error(transparent)]
     Cache(#[from] cache::Error),
+    #[error("reference {reference} failed: {reason}")]
+    ReferenceFailed { reference: String, reason: String },
+    #[error("reference {0} is not in the cache")]
+    ReferenceMissing(String),
+    #[error("interrupted")]
+    Interrupted,
 }
 
 /// Where a NAR went and what it looks like compressed.
 #[derive(Debug, Clone)]
-pub struct NarFile {
+struct NarFile {
     pub url: String,
     pub compression: Compression,
     pub file_hash: Sha256,
@@ -49,7 +196,7 @@ pub struct NarFile {
 }
 
 /// Streams the NAR of `info.path` into the cache and returns where it went.
-pub async fn upload_nar(
+async fn upload_nar(
     engine: &Engine,
     cache: &Cache,
     store_dir: &StoreDir,
@@ -98,12 +245,7 @@ pub async fn upload_nar(
 
 /// The narinfo for `info` whose NAR is `nar`, signed with `keys` (a store signature by
 /// a key of the same name is replaced, others are kept).
-pub fn narinfo(
-    store_dir: &StoreDir,
-    info: &PathInfo,
-    nar: &NarFile,
-    keys: &[SecretKey],
-) -> NarInfo {
+fn narinfo(store_dir: &StoreDir, info: &PathInfo, nar: &NarFile, keys: &[SecretKey]) -> NarInfo {
     let mut n = NarInfo {
         store_path: store_dir.display(&info.path),
         url: nar.url.clone(),

@@ -1,0 +1,82 @@
+//! Accept and journal: a root counts as accepted once the [`Journal`] holds it (when
+//! there is a state directory), before anything else happens to it; it is retired when
+//! its closure is in the cache or can never be, and marked failed (kept for the next
+//! start) when its attempts run out. Journal writes may fsync, so they run off the
+//! async threads.
+
+use std::sync::{Arc, Mutex};
+
+use log::{error, info, warn};
+
+use super::{Error, Shared};
+use crate::journal::{self, Journal, Pending};
+use crate::store_path::StorePath;
+
+/// Opens the journal in `state_dir`, returning it with what it still holds.
+pub fn open_journal(
+    state_dir: &std::path::Path,
+) -> Result<(Arc<Mutex<Journal>>, Vec<Pending>), Error> {
+    let (j, pending) = Journal::open(state_dir)?;
+    Ok((Arc::new(Mutex::new(j)), pending))
+}
+
+impl Shared {
+    /// What an earlier run accepted and did not finish, to be planned first; entries
+    /// that are not store paths (of this store) are reported and retired.
+    pub(super) async fn replay(&self, pending: Vec<Pending>) -> Vec<StorePath> {
+        let mut roots = Vec::with_capacity(pending.len());
+        for p in pending {
+            match self.cfg.store_dir.parse(&p.path) {
+                Ok(sp) => {
+                    if let Some(reason) = &p.failed {
+                        info!("retrying {} (failed before: {reason})", p.path);
+                    } else {
+                        info!("resuming {}", p.path);
+                    }
+                    roots.push(sp);
+                }
+                Err(e) => {
+                    warn!("dropping unreadable journal entry {:?}: {e}", p.path);
+                    self.journal_retire(p.path).await;
+                }
+            }
+        }
+        roots
+    }
+
+    /// Runs a journal operation off the async threads (it may fsync).
+    async fn journal_op(
+        &self,
+        op: impl FnOnce(&mut Journal) -> Result<(), journal::Error> + Send + 'static,
+    ) -> bool {
+        let Some(j) = self.cfg.journal.clone() else {
+            return true;
+        };
+        let res = tokio::task::spawn_blocking(move || op(&mut j.lock().unwrap())).await;
+        match res {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                error!("{e}");
+                false
+            }
+            Err(e) => {
+                error!("state journal: {e}");
+                false
+            }
+        }
+    }
+
+    /// Records roots as accepted (durably, when there is a journal).
+    pub(super) async fn journal_accept(&self, roots: &[StorePath]) -> bool {
+        let paths: Vec<String> = roots.iter().map(|p| self.show(p)).collect();
+        self.journal_op(move |j| j.accept(&paths)).await
+    }
+
+    pub(super) async fn journal_retire(&self, path: String) {
+        self.journal_op(move |j| j.retire(&path)).await;
+    }
+
+    pub(super) async fn journal_fail(&self, path: String, reason: String) {
+        self.journal_op(move |j| j.fail(&path, &reason)).await;
+    }
+}

@@ -1,0 +1,362 @@
+//! The uploader: read store paths, resolve closures, upload what the cache lacks.
+//!
+//! ```text
+//! input ──▶ accept ──(bounded)──▶ batch ─▶ plan ─────────▶ tasks ─▶ path ──▶ retry
+//! FIFO,     journal   50 ms window         presence,       one per   NAR, refs,  retire,
+//! stdin,    (durable)  or 2,000 roots      validity, .drv  missing   sign,       back off,
+//! spool                                    outputs, new    path      narinfo     give up
+//!                                          paths by level
+//! ```
+//! One module per stage: [`input`] reads lines into store paths, [`accept`] records
+//! them in the [`Journal`] before anything else happens to them, this module gathers
+//! them into batches, [`plan`] (with [`presence`]) turns a batch into the paths the
+//! cache lacks, [`tasks`] starts one task per path in a safe order, [`path`] is one
+//! path's whole life, and [`retry`] settles each root: retired when its closure is in
+//! the cache or can never be, retried with backoff, or reported and kept for the next
+//! start. At no moment does the cache hold a narinfo whose NAR or references are
+//! missing; one path's failure fails only the paths that depend on it.
+//!
+//! [`Shutdown`] is how the caller stops it: `drain` stops reading (after what is already
+//! in a pipe) and lets queued work finish; `stop` abandons work promptly.
+
+mod accept;
+mod input;
+mod path;
+mod plan;
+mod presence;
+mod retry;
+mod tasks;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{self, Cache};
+use crate::cache_info::CacheInfo;
+use crate::compress::Compression;
+use crate::engine::Engine;
+use crate::filter::Filter;
+use crate::journal::{self, Journal, Pending};
+use crate::nix::{self, Nix};
+use crate::signing::SecretKey;
+use crate::stats::Stats;
+use crate::store_path::{StoreDir, StorePath};
+
+pub use crate::stats::Summary;
+pub use accept::open_journal;
+pub use input::Input;
+use presence::{BoundedSet, Listing, CHECKS_IN_FLIGHT};
+use retry::Roots;
+use tasks::{Status, Tasks, MAX_TASKS};
+
+/// How long arriving paths are gathered before their closures are resolved together.
+const WINDOW: Duration = Duration::from_millis(50);
+const MAX_BATCH: usize = 2000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Cache(#[from] cache::Error),
+    #[error(transparent)]
+    Nix(#[from] nix::Error),
+    #[error(transparent)]
+    Journal(#[from] journal::Error),
+    #[error("{diagnosis}: {cause}")]
+    Startup {
+        diagnosis: &'static str,
+        cause: cache::Error,
+    },
+    #[error("the cache's nix-cache-info says StoreDir {cache}, but this store is {ours}")]
+    StoreDirMismatch { cache: String, ours: String },
+    #[error("cannot open input {path}: {source}")]
+    Input {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+pub struct Config {
+    pub cache: Cache,
+    pub store_dir: StoreDir,
+    pub keys: Vec<SecretKey>,
+    pub compression: Compression,
+    pub level: Option<i32>,
+    pub jobs: usize,
+    pub priority: u32,
+    /// The durable record of accepted roots; None: nothing survives a crash.
+    pub journal: Option<Arc<Mutex<Journal>>>,
+    /// Roots the journal held at open, replayed first.
+    pub pending: Vec<Pending>,
+    /// Where `send` leaves paths when upload is away; polled while running.
+    pub spool_dir: Option<PathBuf>,
+    /// Attempts per root before it is reported failed (and kept for the next start).
+    pub max_attempts: u32,
+    /// Which paths may be pushed.
+    pub filter: Filter,
+    /// Also push the built outputs of each root's whole build closure.
+    pub include_build_deps: bool,
+    /// Counters, shared with whoever displays them.
+    pub stats: Arc<Stats>,
+}
+
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    pub drain: CancellationToken,
+    pub stop: CancellationToken,
+}
+
+/// Checks the cache before any work is accepted: reachable, readable, writable, and
+/// made for this store (creates nix-cache-info when missing). Fails fast: few retries.
+pub async fn prepare(cfg: &Config) -> Result<(), Error> {
+    prepare_cache(&cfg.cache, cfg.store_dir.as_str(), cfg.priority).await
+}
+
+/// [`prepare`] for any cache: reachable, readable, writable, for `store_dir`.
+pub async fn prepare_cache(cache: &Cache, store_dir: &str, priority: u32) -> Result<(), Error> {
+    let probe = cache.probe()?;
+    let explain = |e: cache::Error| match e.diagnosis() {
+        Some(d) => Error::Startup {
+            diagnosis: d,
+            cause: e,
+        },
+        None => Error::Cache(e),
+    };
+    let ours = store_dir.to_string();
+    match probe.get("nix-cache-info").await.map_err(explain)? {
+        Some(text) => {
+            let existing = CacheInfo::parse(&String::from_utf8_lossy(&text));
+            if let Some(theirs) = existing.store_dir {
+                if theirs != ours {
+                    return Err(Error::StoreDirMismatch {
+                        cache: theirs,
+                        ours,
+                    });
+                }
+            }
+            // Prove we may write before accepting paths (a hidden, tiny object).
+            probe
+                .put(WRITE_CHECK, Bytes::from_static(b"narpipe\n"), "text/plain")
+                .await
+                .map_err(explain)?;
+        }
+        None => {
+            let fresh = CacheInfo::new(&ours, priority).to_string();
+            probe
+                .create(
+                    "nix-cache-info",
+                    Bytes::from(fresh),
+                    "text/x-nix-cache-info",
+                )
+                .await
+                .map_err(explain)?;
+        }
+    }
+    Ok(())
+}
+
+/// Written at start when nix-cache-info already exists, to check write access.
+pub const WRITE_CHECK: &str = ".narpipe-write-check";
+
+struct State {
+    present: BoundedSet,
+    inflight: HashMap<StorePath, watch::Receiver<Status>>,
+}
+
+struct Shared {
+    cfg: Config,
+    /// A recent listing of the cache, if one was made (see [`Shared::consider_listing`]).
+    listing: Mutex<Option<Listing>>,
+    /// When a listing was last tried, made or not.
+    listing_tried: Mutex<Option<Instant>>,
+    nix: Nix,
+    engine: Engine,
+    jobs: Semaphore,
+    checks: Semaphore,
+    state: Mutex<State>,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+}
+
+impl Shared {
+    fn show(&self, p: &StorePath) -> String {
+        self.cfg.store_dir.display(p)
+    }
+
+    fn narinfo_key(p: &StorePath) -> String {
+        format!("{}.narinfo", p.hash_part())
+    }
+}
+
+/// Runs until the input ends (or `send --finish`, or `shutdown.drain`) and every
+/// accepted path is in the cache or given up; `shutdown.stop` abandons work (it stays
+/// in the journal).
+pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
+    let pending = std::mem::take(&mut cfg.pending);
+    let spool_dir = cfg.spool_dir.clone();
+    // Without threads nothing can be uploaded; failing to start them is out of resources.
+    let engine = Engine::new(cfg.jobs).expect("cannot start the NAR threads");
+    let shared = Arc::new(Shared {
+        nix: Nix::new(cfg.store_dir.clone()),
+        engine,
+        listing: Mutex::new(None),
+        listing_tried: Mutex::new(None),
+        jobs: Semaphore::new(2 * cfg.jobs.max(1)),
+        checks: Semaphore::new(CHECKS_IN_FLIGHT),
+        state: Mutex::new(State {
+            present: BoundedSet::default(),
+            inflight: HashMap::new(),
+        }),
+        stats: cfg.stats.clone(),
+        stop: shutdown.stop.clone(),
+        cfg,
+    });
+    let (tx, mut rx) = mpsc::channel::<Vec<StorePath>>(1024);
+    let input_done = CancellationToken::new();
+    let reader = tokio::spawn(input::read(
+        input,
+        shared.clone(),
+        tx.clone(),
+        shutdown.drain.clone(),
+        input_done.clone(),
+    ));
+    let spooler = spool_dir.map(|dir| {
+        tokio::spawn(input::watch_spool(
+            dir,
+            shared.clone(),
+            tx.clone(),
+            input_done.clone(),
+        ))
+    });
+    drop(tx);
+
+    let (done_tx, mut done_rx) = mpsc::channel::<retry::Settled>(1024);
+    let mut roots = Roots::default();
+    let mut batch = Batch::default();
+    let mut input_open = true;
+    let stop = shutdown.stop.clone();
+
+    // What an earlier run accepted and did not finish comes first.
+    batch.add(shared.replay(pending).await, &roots);
+    if !batch.is_empty() {
+        batch.deadline = Some(tokio::time::Instant::now());
+    }
+
+    let mut tasks = Tasks::default();
+    loop {
+        tasks.top_up(&shared);
+        let queued = roots.len() + batch.paths.iter().filter(|p| !roots.contains(p)).count();
+        shared.stats.queue.store(queued as u64, Relaxed);
+        if !input_open && roots.len() == 0 && batch.is_empty() {
+            break;
+        }
+        let next_retry = roots.next_retry();
+        let mut flush = false;
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            Some((root, result)) = done_rx.recv() => roots.settle(&shared, root, result).await,
+            got = rx.recv(), if input_open => match got {
+                Some(new) => batch.add(new, &roots),
+                None => input_open = false,
+            },
+            _ = tokio::time::sleep_until(next_retry.unwrap_or_else(tokio::time::Instant::now)), if next_retry.is_some() => {
+                roots.take_due(tokio::time::Instant::now(), &mut batch.paths);
+                flush = true;
+            }
+            _ = tokio::time::sleep_until(batch.deadline.unwrap_or_else(tokio::time::Instant::now)), if batch.deadline.is_some() => flush = true,
+            // A task ended while others wait to start: start them.
+            Some(_) = tasks.running.join_next(), if !tasks.waiting.is_empty() => {}
+        }
+        if batch.is_empty() {
+            batch.deadline = None;
+            continue;
+        }
+        if !(flush || batch.paths.len() >= MAX_BATCH || !input_open) {
+            continue;
+        }
+        // Planning waits while many paths are under way: what is planned is held in
+        // memory (and, in a one-shot run, the input is read far ahead of the uploads).
+        while tasks.len() >= MAX_TASKS && !stop.is_cancelled() {
+            tokio::select! {
+                _ = tasks.running.join_next() => tasks.top_up(&shared),
+                _ = stop.cancelled() => {}
+            }
+        }
+        if stop.is_cancelled() {
+            break;
+        }
+        let planned = batch.take();
+        for r in &planned {
+            roots.track(r);
+        }
+        let asked: HashSet<StorePath> = planned.iter().cloned().collect();
+        let outcomes = tokio::select! {
+            o = plan::batch(&shared, planned, &mut tasks) => o,
+            _ = stop.cancelled() => break,
+        };
+        roots.outcomes(&shared, &asked, outcomes, &done_tx).await;
+        while tasks.running.try_join_next().is_some() {}
+    }
+    reader.abort();
+    if let Some(s) = spooler {
+        s.abort();
+    }
+    let unfinished = roots.len() as u64;
+    if stop.is_cancelled() {
+        tasks.running.shutdown().await;
+    } else {
+        loop {
+            tasks.top_up(&shared);
+            if tasks.running.join_next().await.is_none() {
+                break;
+            }
+        }
+    }
+    shared
+        .cfg
+        .cache
+        .finish_cleanups(Duration::from_secs(5))
+        .await;
+    shared.stats.summary(unfinished)
+}
+
+/// Roots gathered for the next plan: planned together when the window closes, when
+/// there are MAX_BATCH of them, or when a retry falls due.
+#[derive(Default)]
+struct Batch {
+    paths: Vec<StorePath>,
+    /// The same paths, to find one without a scan.
+    set: HashSet<StorePath>,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+
+    /// Adds the roots not already gathered or outstanding, and opens the window.
+    fn add(&mut self, new: Vec<StorePath>, roots: &Roots) {
+        for r in new {
+            if !roots.contains(&r) && self.set.insert(r.clone()) {
+                self.paths.push(r);
+            }
+        }
+        if !self.paths.is_empty() {
+            self.deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + WINDOW);
+        }
+    }
+
+    fn take(&mut self) -> Vec<StorePath> {
+        self.set.clear();
+        self.deadline = None;
+        std::mem::take(&mut self.paths)
+    }
+}

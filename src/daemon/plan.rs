@@ -1,0 +1,321 @@
+//! Batch and plan: a batch of roots becomes the paths the cache lacks, level by level,
+//! and a task for each (see [`super::tasks`]). The cache is asked about each path once
+//! (see [`super::presence`]) and Nix only about paths not known yet, so planning costs
+//! work linear in the number of new paths.
+//!
+//! ```text
+//! roots ─▶ in the cache? ─▶ valid? ─▶ .drv → outputs ─▶ closure (new paths only,
+//!          (skip: closure   (gone)                       level by level) ─▶ filter ─▶ tasks
+//!           is there too)
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use log::{info, warn};
+
+use super::presence::presence;
+use super::retry::RootOutcome;
+use super::tasks::{spawn_closure, Tasks};
+use super::{Error, Shared};
+use crate::nix::PathInfo;
+use crate::store_path::StorePath;
+
+/// Resolves a batch of roots to the paths the cache lacks, starts their tasks, and says
+/// what each root now waits for.
+pub(super) async fn batch(
+    shared: &Arc<Shared>,
+    roots: Vec<StorePath>,
+    tasks: &mut Tasks,
+) -> Vec<(StorePath, RootOutcome)> {
+    let mut outcomes = Vec::new();
+    let (drvs, mut paths): (Vec<_>, Vec<_>) = roots.into_iter().partition(|p| p.is_derivation());
+    if shared.cfg.include_build_deps {
+        match build_deps(shared, &paths, &drvs).await {
+            Ok(extra) => {
+                let known: HashSet<StorePath> = paths.iter().cloned().collect();
+                paths.extend(extra.into_iter().filter(|p| !known.contains(p)));
+            }
+            Err(e) => {
+                let reason = format!("cannot list build-time dependencies: {e}");
+                return drvs
+                    .into_iter()
+                    .chain(paths)
+                    .map(|p| (p, RootOutcome::Failed(reason.clone())))
+                    .collect();
+            }
+        }
+    }
+
+    // A root whose narinfo exists has its whole closure in the cache (the invariant
+    // we keep, and that `nix copy` keeps): no need to ask Nix about it.
+    let unknown = paths.iter().filter(|p| !shared.known_present(p)).count();
+    shared.consider_listing(unknown).await;
+    let mut missing = Vec::new();
+    for (p, present) in presence(shared, paths).await {
+        match present {
+            Ok(true) => {
+                shared.stats.skipped.fetch_add(1, Relaxed);
+                info!("skipped {} (already in the cache)", shared.show(&p));
+                outcomes.push((p, RootOutcome::Done));
+            }
+            Ok(false) => missing.push(p),
+            Err(e) => outcomes.push((p, RootOutcome::Failed(e.to_string()))),
+        }
+    }
+    let mut ask: Vec<StorePath> = missing.clone();
+    ask.extend(drvs.iter().cloned());
+    let mut valid_drvs = Vec::new();
+    if !ask.is_empty() {
+        match shared.nix.invalid(&ask).await {
+            Ok(invalid) => {
+                for p in invalid.iter() {
+                    outcomes.push((
+                        p.clone(),
+                        RootOutcome::Gone(
+                            "not a valid path in the store (not built, not registered, or garbage-collected)"
+                                .into(),
+                        ),
+                    ));
+                }
+                missing.retain(|p| !invalid.contains(p));
+                valid_drvs = drvs.into_iter().filter(|p| !invalid.contains(p)).collect();
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                outcomes.extend(
+                    ask.into_iter()
+                        .map(|p| (p, RootOutcome::Failed(reason.clone()))),
+                );
+                return outcomes;
+            }
+        }
+    }
+    // The path roots, each waiting for itself (also when it is a .drv root's output).
+    let path_roots = missing.clone();
+    // For each .drv root, the outputs it waits for.
+    let mut drv_targets: Vec<(StorePath, Vec<StorePath>)> = Vec::new();
+    match drv_outputs(shared, &valid_drvs).await {
+        Err(e) => {
+            let reason = e.to_string();
+            outcomes.extend(
+                valid_drvs
+                    .into_iter()
+                    .map(|d| (d, RootOutcome::Failed(reason.clone()))),
+            );
+        }
+        Ok(built) => {
+            let all: Vec<StorePath> = built.iter().flat_map(|(_, o)| o.clone()).collect();
+            let present: HashMap<StorePath, Result<bool, String>> = presence(shared, all)
+                .await
+                .into_iter()
+                .map(|(p, r)| (p, r.map_err(|e| e.to_string())))
+                .collect();
+            for (drv, outs) in built {
+                if outs.is_empty() {
+                    outcomes.push((
+                        drv,
+                        RootOutcome::Gone("none of its outputs is built".into()),
+                    ));
+                    continue;
+                }
+                let mut absent = Vec::new();
+                let mut failure = None;
+                for o in outs {
+                    match &present[&o] {
+                        Ok(true) => {}
+                        Ok(false) => absent.push(o),
+                        Err(e) => failure = Some(e.clone()),
+                    }
+                }
+                if let Some(reason) = failure {
+                    outcomes.push((drv, RootOutcome::Failed(reason)));
+                } else if absent.is_empty() {
+                    shared.stats.skipped.fetch_add(1, Relaxed);
+                    info!(
+                        "skipped {} (its outputs are in the cache)",
+                        shared.show(&drv)
+                    );
+                    outcomes.push((drv, RootOutcome::Done));
+                } else {
+                    missing.extend(absent.iter().cloned());
+                    drv_targets.push((drv, absent));
+                }
+            }
+        }
+    }
+    if missing.is_empty() {
+        return outcomes;
+    }
+    missing.sort();
+    missing.dedup();
+    let infos = match plan(shared, missing).await {
+        Ok(i) => i,
+        Err(e) => {
+            let reason = e.to_string();
+            outcomes.extend(
+                path_roots
+                    .iter()
+                    .map(|p| (p.clone(), RootOutcome::Failed(reason.clone()))),
+            );
+            outcomes.extend(
+                drv_targets
+                    .iter()
+                    .map(|(d, _)| (d.clone(), RootOutcome::Failed(reason.clone()))),
+            );
+            return outcomes;
+        }
+    };
+    let blocked = shared
+        .cfg
+        .filter
+        .blocked(infos.iter().map(|i| (&i.path, i.references.as_slice())));
+    let mut blocked_shown: Vec<_> = blocked.iter().collect();
+    blocked_shown.sort();
+    for (p, why) in blocked_shown {
+        shared.stats.excluded.fetch_add(1, Relaxed);
+        warn!("excluded {}: {why}", shared.show(p));
+    }
+    let infos: Vec<PathInfo> = infos
+        .into_iter()
+        .filter(|i| !blocked.contains_key(&i.path))
+        .collect();
+    let watches = spawn_closure(shared, infos, tasks);
+    // A target with no watch finished (or failed) already: its narinfo decides.
+    let wait_for = |targets: &[StorePath]| {
+        if targets.iter().all(|t| blocked.contains_key(t)) {
+            return RootOutcome::Excluded;
+        }
+        let mut waits = Vec::new();
+        for t in targets.iter().filter(|t| !blocked.contains_key(*t)) {
+            // Planned now, or under way since an earlier batch.
+            let watch = watches
+                .get(t)
+                .cloned()
+                .or_else(|| shared.state.lock().unwrap().inflight.get(t).cloned());
+            match watch {
+                Some(rx) => waits.push((t.clone(), rx)),
+                None if shared.known_present(t) => {}
+                None => {
+                    return RootOutcome::Failed(format!(
+                        "{} did not reach the cache",
+                        shared.show(t)
+                    ))
+                }
+            }
+        }
+        if waits.is_empty() {
+            RootOutcome::Done
+        } else {
+            RootOutcome::Wait(waits)
+        }
+    };
+    for p in &path_roots {
+        outcomes.push((p.clone(), wait_for(std::slice::from_ref(p))));
+    }
+    for (drv, outs) in &drv_targets {
+        outcomes.push((drv.clone(), wait_for(outs)));
+    }
+    outcomes
+}
+
+/// The built outputs of the build closures of `drvs` and of the derivers of `paths`.
+/// They are uploaded as roots of their own.
+async fn build_deps(
+    shared: &Shared,
+    paths: &[StorePath],
+    drvs: &[StorePath],
+) -> Result<Vec<StorePath>, Error> {
+    let mut all_drvs: Vec<StorePath> = drvs.to_vec();
+    if !paths.is_empty() {
+        // Roots not valid in the store are reported later; ask only about valid ones.
+        let invalid = shared.nix.invalid(paths).await?;
+        let valid: Vec<StorePath> = paths
+            .iter()
+            .filter(|p| !invalid.contains(*p))
+            .cloned()
+            .collect();
+        all_drvs.extend(shared.nix.derivers(&valid).await?.into_iter().flatten());
+    }
+    all_drvs.sort();
+    all_drvs.dedup();
+    let invalid = shared.nix.invalid(&all_drvs).await?;
+    let known: Vec<StorePath> = all_drvs
+        .into_iter()
+        .filter(|d| !invalid.contains(d))
+        .collect();
+    if known.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(shared.nix.build_closure_outputs(&known).await?)
+}
+
+/// The built outputs of each valid derivation (two Nix calls for all of them);
+/// unbuilt ones are reported.
+async fn drv_outputs(
+    shared: &Shared,
+    drvs: &[StorePath],
+) -> Result<Vec<(StorePath, Vec<StorePath>)>, Error> {
+    if drvs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut outputs = shared.nix.outputs(drvs).await?;
+    let all: Vec<StorePath> = outputs.values().flatten().cloned().collect();
+    let invalid = shared.nix.invalid(&all).await?;
+    Ok(drvs
+        .iter()
+        .map(|drv| {
+            let outs = outputs.remove(drv).unwrap_or_default();
+            let (unbuilt, built): (Vec<_>, Vec<_>) =
+                outs.into_iter().partition(|o| invalid.contains(o));
+            for o in unbuilt {
+                warn!(
+                    "output {} of {} is not built; not uploading it",
+                    shared.show(&o),
+                    shared.show(drv)
+                );
+            }
+            (drv.clone(), built)
+        })
+        .collect())
+}
+
+/// Path info for every path that `roots` (valid, not in the cache) need uploaded: the
+/// roots and, level by level, the references that are neither known (under way, or
+/// known present) nor in the cache. Nix is asked only about paths not known yet, each
+/// once, so planning costs work linear in the number of new paths; a reference found
+/// in the cache ends its branch (its closure is there too, by the invariant).
+async fn plan(shared: &Shared, roots: Vec<StorePath>) -> Result<Vec<PathInfo>, Error> {
+    let mut seen: HashSet<StorePath> = HashSet::new();
+    let mut frontier: Vec<StorePath> = roots
+        .into_iter()
+        .filter(|p| !shared.is_known(p) && seen.insert(p.clone()))
+        .collect();
+    let mut infos = Vec::new();
+    let mut roots_level = true;
+    while !frontier.is_empty() {
+        if !roots_level {
+            let mut absent = Vec::new();
+            for (p, present) in presence(shared, frontier).await {
+                if !present? {
+                    absent.push(p);
+                }
+            }
+            frontier = absent;
+        }
+        roots_level = false;
+        let level = shared.nix.path_infos(&frontier).await?;
+        let mut next = Vec::new();
+        for info in &level {
+            for r in &info.references {
+                if *r != info.path && !shared.is_known(r) && seen.insert(r.clone()) {
+                    next.push(r.clone());
+                }
+            }
+        }
+        infos.extend(level);
+        frontier = next;
+    }
+    Ok(infos)
+}

@@ -1,0 +1,261 @@
+//! Commit and retry: the roots accepted and not yet settled. A root is retired (from
+//! the journal) when its whole closure is in the cache, or when it can never be; a
+//! failed attempt is tried again after an exponential backoff with jitter, and after
+//! `max_attempts` it is reported and kept in the journal for the next start.
+//!
+//! ```text
+//! attempt 1 fails ─▶ wait ~1 s ─▶ attempt 2 fails ─▶ wait ~2 s ─▶ … ─▶ failed (kept)
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use log::{error, warn};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::tasks::{settled, Status};
+use super::Shared;
+use crate::store_path::StorePath;
+
+/// What became of a root in one attempt.
+pub(super) enum RootOutcome {
+    /// Its closure is in the cache.
+    Done,
+    /// It can never be uploaded (not valid in the store, garbage-collected): retire it.
+    Gone(String),
+    /// This attempt failed; try again later.
+    Failed(String),
+    /// Kept out by --include/--exclude: retire it, not a failure.
+    Excluded,
+    /// Uploads are under way; these paths must all end Done.
+    Wait(Vec<(StorePath, watch::Receiver<Status>)>),
+}
+
+/// How a root's attempt ended, sent back by the task that waited for it.
+pub(super) type Settled = (StorePath, Result<(), String>);
+
+/// What to do after a failed attempt.
+#[derive(Debug, PartialEq)]
+enum Next {
+    /// Try again after this long; the number is the attempt that failed.
+    Retry(Duration, u32),
+    GiveUp,
+}
+
+/// The roots accepted and not settled, with their failed attempts, and the retries
+/// scheduled.
+#[derive(Default)]
+pub(super) struct Roots {
+    attempts: HashMap<StorePath, u32>,
+    retries: Vec<(Instant, StorePath)>,
+}
+
+impl Roots {
+    pub(super) fn len(&self) -> usize {
+        self.attempts.len()
+    }
+
+    pub(super) fn contains(&self, root: &StorePath) -> bool {
+        self.attempts.contains_key(root)
+    }
+
+    /// Starts tracking `root`; false when it already was.
+    pub(super) fn track(&mut self, root: &StorePath) -> bool {
+        if self.attempts.contains_key(root) {
+            return false;
+        }
+        self.attempts.insert(root.clone(), 0);
+        true
+    }
+
+    /// When the next retry is due.
+    pub(super) fn next_retry(&self) -> Option<Instant> {
+        self.retries.iter().map(|(t, _)| *t).min()
+    }
+
+    /// Moves the roots whose retry is due into `batch`.
+    pub(super) fn take_due(&mut self, now: Instant, batch: &mut Vec<StorePath>) {
+        self.retries.retain(|(t, p)| {
+            if *t <= now {
+                batch.push(p.clone());
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Counts a failed attempt of `root` and says what comes next.
+    fn failed(&mut self, root: &StorePath, max_attempts: u32) -> Next {
+        let max = max_attempts.max(1);
+        let attempts = self.attempts.entry(root.clone()).or_insert(0);
+        *attempts += 1;
+        if *attempts < max {
+            Next::Retry(backoff(*attempts), *attempts)
+        } else {
+            self.attempts.remove(root);
+            Next::GiveUp
+        }
+    }
+
+    /// A root's attempt ended: retire it, or schedule another attempt, or give up for now.
+    pub(super) async fn settle(
+        &mut self,
+        shared: &Shared,
+        root: StorePath,
+        result: Result<(), String>,
+    ) {
+        let shown = shared.show(&root);
+        let reason = match result {
+            Ok(()) => {
+                self.attempts.remove(&root);
+                shared.journal_retire(shown).await;
+                return;
+            }
+            Err(reason) => reason,
+        };
+        let max = shared.cfg.max_attempts.max(1);
+        match self.failed(&root, max) {
+            Next::Retry(delay, attempt) => {
+                warn!(
+                    "retrying {shown} in {:.1}s (attempt {attempt} of {max} failed: {reason})",
+                    delay.as_secs_f64(),
+                );
+                self.retries.push((Instant::now() + delay, root));
+            }
+            Next::GiveUp => {
+                shared.stats.failed.fetch_add(1, Relaxed);
+                let kept = if shared.cfg.journal.is_some() {
+                    "; kept in the state dir, retried on the next start"
+                } else {
+                    ""
+                };
+                error!("failed {shown} after {max} attempts: {reason}{kept}");
+                shared.journal_fail(shown, reason).await;
+            }
+        }
+    }
+
+    /// Takes the outcomes of one planned batch. Roots not `asked` for are build-time
+    /// dependencies (--include-build-deps) that planning added: they are recorded and
+    /// tracked like accepted ones, unless already under way. A root whose uploads are
+    /// under way is settled through `done` when they end.
+    pub(super) async fn outcomes(
+        &mut self,
+        shared: &Shared,
+        asked: &HashSet<StorePath>,
+        outcomes: Vec<(StorePath, RootOutcome)>,
+        done: &mpsc::Sender<Settled>,
+    ) {
+        let mut extras = Vec::new();
+        let mut kept = Vec::with_capacity(outcomes.len());
+        for (root, outcome) in outcomes {
+            if !asked.contains(&root) {
+                if !self.track(&root) {
+                    continue;
+                }
+                extras.push(root.clone());
+            }
+            kept.push((root, outcome));
+        }
+        if !extras.is_empty() {
+            shared.journal_accept(&extras).await;
+        }
+        for (root, outcome) in kept {
+            match outcome {
+                RootOutcome::Done => self.settle(shared, root, Ok(())).await,
+                RootOutcome::Failed(reason) => self.settle(shared, root, Err(reason)).await,
+                RootOutcome::Excluded => {
+                    self.attempts.remove(&root);
+                    shared.journal_retire(shared.show(&root)).await;
+                }
+                RootOutcome::Gone(reason) => {
+                    shared.stats.failed.fetch_add(1, Relaxed);
+                    error!("failed {}: {reason}", shared.show(&root));
+                    self.attempts.remove(&root);
+                    shared.journal_retire(shared.show(&root)).await;
+                }
+                RootOutcome::Wait(targets) => {
+                    let done = done.clone();
+                    tokio::spawn(async move {
+                        let mut result = Ok(());
+                        for (path, mut rx) in targets {
+                            if let Status::Failed(reason) = settled(&mut rx).await {
+                                result = Err(format!("{path}: {reason}"));
+                                break;
+                            }
+                        }
+                        let _ = done.send((root, result)).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Delay before attempt `n + 1` (n ≥ 1): exponential from 1 s, capped, ±25 % jitter.
+fn backoff(n: u32) -> Duration {
+    let base = 1000u64
+        .saturating_mul(1 << n.saturating_sub(1).min(6))
+        .min(60_000);
+    let jitter = fastrand::u64(0..=base / 2);
+    Duration::from_millis(base - base / 4 + jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_a_second_to_a_minute_with_a_quarter_of_jitter() {
+        for _ in 0..200 {
+            for (n, base) in [(1, 1000), (2, 2000), (3, 4000), (6, 32_000), (7, 60_000)] {
+                let ms = backoff(n).as_millis() as u64;
+                assert!(
+                    ms >= base - base / 4 && ms <= base + base / 4,
+                    "attempt {n}: {ms} ms"
+                );
+            }
+            // Far past the cap it stays capped (no overflow).
+            let ms = backoff(u32::MAX).as_millis() as u64;
+            assert!((45_000..=75_000).contains(&ms), "{ms} ms");
+        }
+    }
+
+    fn path(name: &str) -> StorePath {
+        StorePath::from_base_name(&format!("{}-{name}", "a".repeat(32))).unwrap()
+    }
+
+    #[test]
+    fn a_root_is_retried_until_its_last_attempt_then_given_up() {
+        let mut roots = Roots::default();
+        let p = path("p");
+        assert!(roots.track(&p));
+        assert!(!roots.track(&p), "tracked once");
+        assert!(matches!(roots.failed(&p, 3), Next::Retry(_, 1)));
+        assert!(matches!(roots.failed(&p, 3), Next::Retry(_, 2)));
+        assert_eq!(roots.failed(&p, 3), Next::GiveUp);
+        assert!(!roots.contains(&p), "given up: no longer outstanding");
+        // max_attempts 0 means one attempt.
+        roots.track(&p);
+        assert_eq!(roots.failed(&p, 0), Next::GiveUp);
+    }
+
+    #[test]
+    fn due_retries_move_to_the_batch_and_the_rest_wait() {
+        let mut roots = Roots::default();
+        let now = Instant::now();
+        let (a, b) = (path("a"), path("b"));
+        roots
+            .retries
+            .push((now + Duration::from_secs(5), a.clone()));
+        roots.retries.push((now, b.clone()));
+        assert_eq!(roots.next_retry(), Some(now));
+        let mut batch = Vec::new();
+        roots.take_due(now, &mut batch);
+        assert_eq!(batch, vec![b]);
+        assert_eq!(roots.next_retry(), Some(now + Duration::from_secs(5)));
+    }
+}

@@ -1,0 +1,217 @@
+//! Path tasks: one task per path to upload, each with a status watch that referrers
+//! and roots wait on. Every new path gets its watch before any task starts, so a task
+//! can wait on any reference; at most [`MAX_TASKS`] run, the rest wait in an order
+//! that starts references before referrers.
+//!
+//! ```text
+//! planned ─▶ waiting (path info only) ─▶ running (path::task) ─▶ Done | Failed(reason)
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::{path, Shared};
+use crate::nix::PathInfo;
+use crate::store_path::StorePath;
+
+/// Path tasks under way before planning waits for some to finish.
+pub(super) const MAX_TASKS: usize = 8192;
+
+#[derive(Clone, Debug)]
+pub(super) enum Status {
+    Pending,
+    Done,
+    Failed(Arc<str>),
+}
+
+/// The final status behind a watch (a task that vanished counts as failed).
+pub(super) async fn settled(rx: &mut watch::Receiver<Status>) -> Status {
+    rx.wait_for(|s| !matches!(s, Status::Pending))
+        .await
+        .map(|s| s.clone())
+        .unwrap_or(Status::Failed("abandoned".into()))
+}
+
+/// A path a task must see in the cache before writing its narinfo.
+pub(super) enum Dep {
+    /// Being uploaded by a task of ours.
+    Task(StorePath, watch::Receiver<Status>),
+    /// Not known either way: checked in the cache before committing.
+    Check(StorePath),
+}
+
+/// Path tasks: those running, and those planned that wait to start.
+#[derive(Default)]
+pub(super) struct Tasks {
+    pub(super) running: JoinSet<()>,
+    /// In start order: references before referrers, so a running task never waits
+    /// for one that has not started, and tasks can be started a few at a time.
+    pub(super) waiting: VecDeque<Waiting>,
+}
+
+/// A planned path whose task has not started.
+pub(super) struct Waiting {
+    info: PathInfo,
+    deps: Vec<Dep>,
+    tx: watch::Sender<Status>,
+}
+
+impl Tasks {
+    pub(super) fn len(&self) -> usize {
+        self.running.len() + self.waiting.len()
+    }
+
+    /// Starts waiting tasks while fewer than [`MAX_TASKS`] run: a waiting path costs
+    /// its path info, a running one its whole task.
+    pub(super) fn top_up(&mut self, shared: &Arc<Shared>) {
+        while self.running.try_join_next().is_some() {}
+        while self.running.len() < MAX_TASKS {
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            self.running
+                .spawn(path::task(shared.clone(), w.info, w.deps, w.tx));
+        }
+    }
+}
+
+/// Plans a task for every path of the closure that is neither known present nor
+/// under way; returns a status watch for each path under way. Every new path gets its
+/// watch before any task starts, so a task can wait on any reference. NARs start
+/// largest first, which keeps both cores busy to the end (the narinfos still commit in
+/// dependency order, through those waits); when more than [`MAX_TASKS`] would run, the
+/// rest wait and start references first (see [`start_order`]).
+pub(super) fn spawn_closure(
+    shared: &Arc<Shared>,
+    infos: Vec<PathInfo>,
+    tasks: &mut Tasks,
+) -> HashMap<StorePath, watch::Receiver<Status>> {
+    let mut state = shared.state.lock().unwrap();
+    let mut new: Vec<(PathInfo, watch::Sender<Status>)> = Vec::new();
+    let mut watches = HashMap::new();
+    for info in infos {
+        if state.present.contains(&info.path) {
+            continue;
+        }
+        if let Some(rx) = state.inflight.get(&info.path) {
+            watches.insert(info.path.clone(), rx.clone());
+            continue;
+        }
+        let (tx, rx) = watch::channel(Status::Pending);
+        state.inflight.insert(info.path.clone(), rx.clone());
+        watches.insert(info.path.clone(), rx);
+        new.push((info, tx));
+    }
+    let order = if tasks.len() + new.len() <= MAX_TASKS {
+        // All start now: any order is safe, and largest first keeps the cores busy.
+        let mut order: Vec<usize> = (0..new.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(new[i].0.nar_size));
+        order
+    } else {
+        start_order(&new)
+    };
+    shared.stats.planned.fetch_add(new.len() as u64, Relaxed);
+    shared
+        .stats
+        .planned_bytes
+        .fetch_add(new.iter().map(|(i, _)| i.nar_size).sum(), Relaxed);
+    let mut new: Vec<Option<(PathInfo, watch::Sender<Status>)>> =
+        new.into_iter().map(Some).collect();
+    for i in order {
+        let (info, tx) = new[i].take().expect("each index once");
+        let deps = info
+            .references
+            .iter()
+            .filter(|r| **r != info.path && !state.present.contains(r))
+            .map(|r| match state.inflight.get(r) {
+                Some(rx) => Dep::Task(r.clone(), rx.clone()),
+                None => Dep::Check(r.clone()),
+            })
+            .collect();
+        tasks.waiting.push_back(Waiting { info, deps, tx });
+    }
+    drop(state);
+    tasks.top_up(shared);
+    watches
+}
+
+/// Indices of `new` in start order: by level (a path's is above all of its references'
+/// in the set), then largest NAR first.
+fn start_order(new: &[(PathInfo, watch::Sender<Status>)]) -> Vec<usize> {
+    let index: HashMap<&StorePath, usize> = new
+        .iter()
+        .enumerate()
+        .map(|(i, (info, _))| (&info.path, i))
+        .collect();
+    let mut referrers: Vec<Vec<usize>> = vec![Vec::new(); new.len()];
+    let mut unplaced = vec![0usize; new.len()];
+    for (i, (info, _)) in new.iter().enumerate() {
+        for r in info.references.iter().filter(|r| **r != info.path) {
+            if let Some(&j) = index.get(r) {
+                referrers[j].push(i);
+                unplaced[i] += 1;
+            }
+        }
+    }
+    let mut level = vec![0usize; new.len()];
+    let mut ready: Vec<usize> = (0..new.len()).filter(|&i| unplaced[i] == 0).collect();
+    while let Some(j) = ready.pop() {
+        for &i in &referrers[j] {
+            level[i] = level[i].max(level[j] + 1);
+            unplaced[i] -= 1;
+            if unplaced[i] == 0 {
+                ready.push(i);
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..new.len()).collect();
+    order.sort_by_key(|&i| (level[i], std::cmp::Reverse(new[i].0.nar_size)));
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::Sha256;
+
+    fn info(name: &str, size: u64, refs: &[&str]) -> (PathInfo, watch::Sender<Status>) {
+        let path = |n: &str| StorePath::from_base_name(&format!("{}-{n}", "a".repeat(32)));
+        let info = PathInfo {
+            path: path(name).unwrap(),
+            nar_hash: Sha256([0; 32]),
+            nar_size: size,
+            // A path may refer to itself; that puts no constraint on the order.
+            references: refs
+                .iter()
+                .chain([&name])
+                .map(|r| path(r).unwrap())
+                .collect(),
+            deriver: None,
+            sigs: Vec::new(),
+            ca: None,
+        };
+        (info, watch::channel(Status::Pending).0)
+    }
+
+    #[test]
+    fn references_start_before_referrers_and_larger_first_within_a_level() {
+        // app → lib → libc; big and small depend on nothing planned; lib also refers
+        // to a path outside the set (already in the cache).
+        let new = vec![
+            info("app", 10, &["lib"]),
+            info("lib", 5, &["libc", "elsewhere"]),
+            info("libc", 1, &[]),
+            info("big", 100, &[]),
+            info("small", 2, &[]),
+        ];
+        let names: Vec<String> = start_order(&new)
+            .into_iter()
+            .map(|i| new[i].0.path.name().to_string())
+            .collect();
+        assert_eq!(names, ["big", "small", "libc", "lib", "app"]);
+    }
+}
