@@ -28,7 +28,9 @@ use object_store::{
 };
 use tokio_util::task::TaskTracker;
 
+use crate::cache_info::CacheInfo;
 use crate::cache_url::{self, CacheUrl};
+use crate::store_path::StorePath;
 
 /// NARs whose compressed size fits here are uploaded with one put.
 pub const SMALL_NAR: usize = 8 << 20;
@@ -45,6 +47,14 @@ pub enum Error {
     BadUrl(#[from] cache_url::Error),
     #[error("cache {url}: {reason}")]
     Setup { url: String, reason: String },
+    /// A start-up check failed, with what that most likely means.
+    #[error("{diagnosis}: {cause}")]
+    Unusable {
+        diagnosis: &'static str,
+        cause: Box<Error>,
+    },
+    #[error("the cache's nix-cache-info says StoreDir {cache}, but this store is {ours}")]
+    StoreDirMismatch { cache: String, ours: String },
     /// The object_store error is shown, not chained: its text already holds its causes.
     #[error("cache {url}: {op} {key}: {cause}")]
     Backend {
@@ -79,6 +89,15 @@ impl Error {
             _ => return None,
         })
     }
+}
+
+/// Written and deleted at start when nix-cache-info already exists, to check write
+/// access.
+pub const WRITE_CHECK: &str = ".narpipe-write-check";
+
+/// The object name of a path's narinfo.
+pub fn narinfo_key(p: &StorePath) -> String {
+    format!("{}.narinfo", p.hash_part())
 }
 
 #[derive(Clone)]
@@ -249,6 +268,57 @@ impl Cache {
             },
             cleanups: TaskTracker::new(),
         })
+    }
+
+    /// Checks the cache before any work is accepted: reachable, readable, writable, and
+    /// made for `store_dir` (writes nix-cache-info when missing, with `priority`).
+    /// Fails fast: few retries.
+    pub async fn prepare(&self, store_dir: &str, priority: u32) -> Result<(), Error> {
+        let probe = self.probe()?;
+        let explain = |e: Error| match e.diagnosis() {
+            Some(diagnosis) => Error::Unusable {
+                diagnosis,
+                cause: Box::new(e),
+            },
+            None => e,
+        };
+        let ours = store_dir.to_string();
+        match probe.get("nix-cache-info").await.map_err(explain)? {
+            Some(text) => {
+                let existing = CacheInfo::parse(&String::from_utf8_lossy(&text));
+                if let Some(theirs) = existing.store_dir {
+                    if theirs != ours {
+                        return Err(Error::StoreDirMismatch {
+                            cache: theirs,
+                            ours,
+                        });
+                    }
+                }
+                // Prove we may write before accepting paths (a hidden, tiny object,
+                // removed again: a cache is left as it was found).
+                probe
+                    .put(WRITE_CHECK, Bytes::from_static(b"narpipe\n"), "text/plain")
+                    .await
+                    .map_err(explain)?;
+                match probe.store.delete(&probe.key(WRITE_CHECK)).await {
+                    // Another uploader starting at the same moment removed it.
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => log::warn!("cannot remove {WRITE_CHECK} from {}: {e}", self.url),
+                }
+            }
+            None => {
+                let fresh = CacheInfo::new(&ours, priority).to_string();
+                probe
+                    .create(
+                        "nix-cache-info",
+                        Bytes::from(fresh),
+                        "text/x-nix-cache-info",
+                    )
+                    .await
+                    .map_err(explain)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn url(&self) -> &str {
@@ -614,6 +684,23 @@ fn narinfo_hash(name: &str) -> Option<[u8; 20]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn prepare_writes_cache_info_once_and_leaves_no_write_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path().to_str().unwrap()).unwrap();
+        c.prepare("/nix/store", 41).await.unwrap();
+        let info = std::fs::read_to_string(dir.path().join("nix-cache-info")).unwrap();
+        assert!(info.contains("StoreDir: /nix/store") && info.contains("Priority: 41"));
+        // Present now: checked for the store and for write access, left as it was.
+        c.prepare("/nix/store", 10).await.unwrap();
+        let again = std::fs::read_to_string(dir.path().join("nix-cache-info")).unwrap();
+        assert_eq!(info, again);
+        assert!(!dir.path().join(WRITE_CHECK).exists());
+        let err = c.prepare("/other/store", 41).await.unwrap_err();
+        assert!(matches!(err, Error::StoreDirMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("/other/store"), "{err}");
+    }
 
     #[test]
     fn urls() {

@@ -16,10 +16,72 @@ use sha2::Digest;
 use tokio::io::AsyncReadExt;
 
 use crate::cache::{self, Cache};
+use crate::cache_info::CacheInfo;
 use crate::compress;
 use crate::hash::Sha256;
 use crate::narinfo::NarInfo;
 use crate::signing::SecretKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Cache(#[from] cache::Error),
+    #[error("{0} has no nix-cache-info: is it a binary cache?")]
+    NotACache(String),
+}
+
+/// Why one entry was not copied (it is reported; the import goes on).
+#[derive(Debug, thiserror::Error)]
+enum CopyError {
+    #[error("its NAR {0} is missing from the source")]
+    NarMissing(String),
+    #[error("its NAR {url} has unknown compression {compression:?}")]
+    UnknownCompression {
+        url: String,
+        compression: Option<String>,
+    },
+    /// The decoder's error is shown, not chained: it is the whole story.
+    #[error("its NAR {url} does not decompress: {cause}")]
+    Decompress { url: String, cause: std::io::Error },
+    #[error("its NAR {url} holds {got_hash} ({got_size} bytes), the narinfo says {want_hash} ({want_size} bytes)")]
+    NarMismatch {
+        url: String,
+        got_hash: Sha256,
+        got_size: u64,
+        want_hash: Sha256,
+        want_size: u64,
+    },
+    #[error("its NAR {url} has FileHash {got}, the narinfo says {want}")]
+    FileHash {
+        url: String,
+        got: Sha256,
+        want: Sha256,
+    },
+    #[error("its NAR {url} has {got} bytes, FileSize says {want}")]
+    FileSize { url: String, got: u64, want: u64 },
+    #[error(transparent)]
+    Cache(#[from] cache::Error),
+    #[error("the task checking its NAR failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Opens both caches for an import: the source must be a binary cache (it has a
+/// nix-cache-info); the destination is prepared for the same store (see
+/// [`Cache::prepare`]).
+pub async fn open(source_url: &str, dest_url: &str) -> Result<(Cache, Cache), Error> {
+    let source = Cache::open(source_url)?;
+    let dest = Cache::open(dest_url)?;
+    let info = source
+        .probe()?
+        .get("nix-cache-info")
+        .await?
+        .map(|t| CacheInfo::parse(&String::from_utf8_lossy(&t)))
+        .ok_or_else(|| Error::NotACache(source.url().to_string()))?;
+    let store_dir = info.store_dir.unwrap_or_else(|| "/nix/store".to_string());
+    dest.prepare(&store_dir, info.priority.unwrap_or(40))
+        .await?;
+    Ok((source, dest))
+}
 
 #[derive(Debug, Default)]
 pub struct Report {
@@ -65,10 +127,16 @@ pub async fn import(
     let mut entries: HashMap<String, NarInfo> = HashMap::new();
     for f in fetched {
         let (name, text) = f?;
-        let hash = name.trim_end_matches(".narinfo").to_string();
         match text.map(|t| String::from_utf8_lossy(&t).parse::<NarInfo>()) {
+            Some(Ok(info)) if cache::narinfo_key(&info.path) != name => {
+                error!(
+                    "source {name} describes {}, a path with another hash; not imported",
+                    info.store_path()
+                );
+                report.failed += 1;
+            }
             Some(Ok(info)) => {
-                entries.insert(hash, info);
+                entries.insert(info.path.hash_part().to_string(), info);
             }
             Some(Err(e)) => {
                 error!("source {name}: {e}; not imported");
@@ -92,13 +160,13 @@ pub async fn import(
             !entries[h]
                 .references
                 .iter()
-                .any(|r| failed.contains(r.get(..32).unwrap_or(r)))
+                .any(|r| failed.contains(r.hash_part()))
         });
         for h in blocked {
             report.failed += 1;
             error!(
                 "failed {}: a reference of it failed to copy",
-                entries[&h].store_path
+                entries[&h].store_path()
             );
             failed.insert(h);
         }
@@ -116,11 +184,11 @@ pub async fn import(
             match r {
                 Ok(()) => {
                     report.imported += 1;
-                    info!("imported {}", info.store_path);
+                    info!("imported {}", info.store_path());
                 }
                 Err(e) => {
                     report.failed += 1;
-                    error!("failed {}: {e:#}", info.store_path);
+                    error!("failed {}: {e}", info.store_path());
                     failed.insert(hash);
                 }
             }
@@ -139,8 +207,8 @@ fn levels(
     let refs = |info: &NarInfo| -> Vec<String> {
         info.references
             .iter()
-            .map(|r| r.get(..32).unwrap_or(r).to_string())
-            .filter(|r| !info.store_path.contains(&format!("/{r}-")))
+            .filter(|r| **r != info.path)
+            .map(|r| r.hash_part().to_string())
             .collect()
     };
     let mut level_of: HashMap<String, usize> = HashMap::new();
@@ -159,7 +227,7 @@ fn levels(
             {
                 warn!(
                     "not importing {}: its reference {missing} is not in either cache",
-                    entries[h].store_path
+                    entries[h].store_path()
                 );
                 broken.insert(h.clone());
                 report.failed += 1;
@@ -178,7 +246,10 @@ fn levels(
         }
         if !progressed {
             for h in &next {
-                warn!("not importing {}: reference cycle", entries[*h].store_path);
+                warn!(
+                    "not importing {}: reference cycle",
+                    entries[*h].store_path()
+                );
                 report.failed += 1;
             }
             break;
@@ -198,19 +269,23 @@ async fn copy_one(
     dest: &Cache,
     mut info: NarInfo,
     keys: &[SecretKey],
-) -> anyhow::Result<()> {
+) -> Result<(), CopyError> {
+    let url = info.url.clone();
     let mut stream = source
-        .get_stream(&info.url)
+        .get_stream(&url)
         .await?
-        .ok_or_else(|| anyhow::anyhow!("its NAR {} is missing from the source", info.url))?;
-    let compression = info.compression.clone();
+        .ok_or_else(|| CopyError::NarMissing(url.clone()))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
     let reader = tokio_util::io::StreamReader::new(Box::pin(futures::stream::unfold(
         rx,
         |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx)) },
     )));
-    let mut decoder = compress::decoder(compression.as_deref(), reader)
-        .ok_or_else(|| anyhow::anyhow!("unknown compression {compression:?}"))?;
+    let mut decoder = compress::decoder(info.compression.as_deref(), reader).ok_or_else(|| {
+        CopyError::UnknownCompression {
+            url: url.clone(),
+            compression: info.compression.clone(),
+        }
+    })?;
     // Decompress beside the copy to check the NarHash.
     let checker = tokio::spawn(async move {
         let mut hasher = sha2::Sha256::new();
@@ -239,52 +314,89 @@ async fn copy_one(
         }
     }
     drop(tx);
-    let (nar_hash, nar_size) = checker
-        .await?
-        .map_err(|e| anyhow::anyhow!("its NAR {} does not decompress: {e}", info.url))?;
+    let (nar_hash, nar_size) = checker.await?.map_err(|cause| CopyError::Decompress {
+        url: url.clone(),
+        cause,
+    })?;
     let file_hash = Sha256(file_hasher.finalize().into());
-    anyhow::ensure!(
-        nar_hash == info.nar_hash && nar_size == info.nar_size,
-        "its NAR {} holds {nar_hash} ({nar_size} bytes), the narinfo says {} ({} bytes)",
-        info.url,
-        info.nar_hash,
-        info.nar_size
-    );
-    if let Some(want) = info.file_hash {
-        anyhow::ensure!(
-            want == file_hash,
-            "its NAR {} has FileHash {file_hash}, the narinfo says {want}",
-            info.url
-        );
+    if nar_hash != info.nar_hash || nar_size != info.nar_size {
+        return Err(CopyError::NarMismatch {
+            url,
+            got_hash: nar_hash,
+            got_size: nar_size,
+            want_hash: info.nar_hash,
+            want_size: info.nar_size,
+        });
     }
-    if let Some(want) = info.file_size {
-        anyhow::ensure!(
-            want == file_size,
-            "its NAR {} has {file_size} bytes, FileSize says {want}",
-            info.url
-        );
+    if let Some(want) = info.file_hash.filter(|w| *w != file_hash) {
+        return Err(CopyError::FileHash {
+            url,
+            got: file_hash,
+            want,
+        });
     }
-    writer.commit(&info.url).await?;
+    if let Some(want) = info.file_size.filter(|w| *w != file_size) {
+        return Err(CopyError::FileSize {
+            url,
+            got: file_size,
+            want,
+        });
+    }
+    writer.commit(&url).await?;
     info.file_hash = Some(file_hash);
     info.file_size = Some(file_size);
-    let fp = info.fingerprint();
-    for key in keys {
-        let prefix = format!("{}:", key.name());
-        info.sigs.retain(|s| !s.starts_with(&prefix));
-        info.sigs.push(key.sign(&fp));
-    }
-    let hash = info
-        .store_path
-        .rsplit('/')
-        .next()
-        .and_then(|b| b.get(..32))
-        .ok_or_else(|| anyhow::anyhow!("bad StorePath {}", info.store_path))?
-        .to_string();
+    info.sign(keys);
     dest.put(
-        &format!("{hash}.narinfo"),
+        &cache::narinfo_key(&info.path),
         bytes::Bytes::from(info.to_string()),
         "text/x-nix-narinfo",
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A narinfo for `<c×32>-<name>` referring to the paths named by `refs`.
+    fn entry(c: char, refs: &[char]) -> (String, NarInfo) {
+        let base = |c: char| format!("{}-{c}", c.to_string().repeat(32));
+        let refs: Vec<String> = refs.iter().map(|r| base(*r)).collect();
+        let text = format!(
+            "StorePath: /nix/store/{}\nURL: nar/x.nar\nNarHash: sha256:{}\nNarSize: 1\nReferences: {}\n",
+            base(c),
+            "0".repeat(52),
+            refs.join(" ")
+        );
+        (c.to_string().repeat(32), text.parse().unwrap())
+    }
+
+    #[test]
+    fn levels_put_references_first_and_leave_out_broken_chains_and_cycles() {
+        let entries: HashMap<String, NarInfo> = [
+            entry('a', &['a']), // refers to itself only
+            entry('b', &['a']),
+            entry('c', &['b', 'a']),
+            entry('h', &['x']), // x is in the destination already
+            entry('d', &['z']), // z is in neither cache
+            entry('f', &['d']), // refers to a broken entry
+            entry('g', &['i']), // g and i refer to each other
+            entry('i', &['g']),
+        ]
+        .into_iter()
+        .collect();
+        let present: HashSet<String> = ["x".repeat(32)].into();
+        let mut report = Report::default();
+        let mut levels = levels(&entries, &present, &mut report);
+        for l in &mut levels {
+            l.sort();
+        }
+        let names: Vec<Vec<char>> = levels
+            .iter()
+            .map(|l| l.iter().map(|h| h.chars().next().unwrap()).collect())
+            .collect();
+        assert_eq!(names, vec![vec!['a', 'h'], vec!['b'], vec!['c']]);
+        assert_eq!(report.failed, 4, "d, f (broken), g, i (cycle)");
+    }
 }

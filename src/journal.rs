@@ -20,11 +20,18 @@ use std::path::{Path, PathBuf};
 const FILE: &str = "journal";
 const COMPACT_MIN: usize = 4096;
 
+/// The io error's text is part of the message (callers log `{e}`), not a `source`.
 #[derive(Debug, thiserror::Error)]
-#[error("state journal {path}: {source}")]
-pub struct Error {
-    path: String,
-    source: io::Error,
+pub enum Error {
+    #[error("state journal {path}: {cause}")]
+    Io { path: String, cause: io::Error },
+    #[error("state dir {} is in use by another upload{} (it holds {})", .dir.display(), .holder.map(|p| format!(", process {p}")).unwrap_or_default(), .lock.display())]
+    Locked {
+        dir: PathBuf,
+        lock: PathBuf,
+        /// The process that holds it, as it wrote in the lock file.
+        holder: Option<u32>,
+    },
 }
 
 /// A path still owed to the cache, with the reason of its last failure if any.
@@ -72,24 +79,31 @@ fn parse(line: &str) -> Option<(char, String, Option<String>)> {
 impl Journal {
     /// Opens (creating) the journal in `dir` and returns what is still pending.
     pub fn open(dir: &Path) -> Result<(Journal, Vec<Pending>), Error> {
-        let err = |source| Error {
+        let err = |cause| Error::Io {
             path: dir.join(FILE).display().to_string(),
-            source,
+            cause,
         };
         fs::create_dir_all(dir).map_err(err)?;
+        let lock_path = dir.join("lock");
         let lock_file = OpenOptions::new()
             .create(true)
             .truncate(false)
+            .read(true)
             .write(true)
-            .open(dir.join("lock"))
+            .open(&lock_path)
             .map_err(err)?;
         let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, errno)| {
-                err(io::Error::other(format!(
-                    "{} is in use by another upload ({errno})",
-                    dir.display()
-                )))
+            .map_err(|_| Error::Locked {
+                dir: dir.to_path_buf(),
+                holder: fs::read_to_string(&lock_path)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok()),
+                lock: lock_path.clone(),
             })?;
+        // Who holds it, for the message a second upload gets (best effort).
+        lock.set_len(0)
+            .and_then(|()| writeln!(&*lock, "{}", std::process::id()))
+            .map_err(err)?;
         let mut live = BTreeMap::new();
         match File::open(dir.join(FILE)) {
             Ok(f) => {
@@ -161,10 +175,10 @@ impl Journal {
         OpenOptions::new().append(true).open(dir.join(FILE))
     }
 
-    fn err(&self, source: io::Error) -> Error {
-        Error {
+    fn err(&self, cause: io::Error) -> Error {
+        Error::Io {
             path: self.dir.join(FILE).display().to_string(),
-            source,
+            cause,
         }
     }
 
@@ -321,9 +335,18 @@ mod tests {
         let err = Journal::open(dir.path())
             .err()
             .expect("second open refused");
+        // Said once, naming the lock file and the process holding it.
+        let text = format!("{:#}", anyhow::Error::from(err));
+        let lock = dir.path().join("lock").display().to_string();
+        assert_eq!(
+            text.matches("in use by another upload").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains(&lock), "{text}");
         assert!(
-            err.to_string().contains("in use by another upload"),
-            "{err}"
+            text.contains(&format!("process {}", std::process::id())),
+            "{text}"
         );
         drop(first);
         assert!(Journal::open(dir.path()).is_ok());

@@ -18,6 +18,7 @@ pub mod cache_url;
 pub mod compress;
 pub mod daemon;
 pub mod engine;
+pub mod exec;
 pub mod filter;
 pub mod hash;
 pub mod import;

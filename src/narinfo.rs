@@ -19,6 +19,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::hash::Sha256;
+use crate::signing::SecretKey;
+use crate::store_path::{StoreDir, StorePath};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -32,8 +34,9 @@ pub enum Error {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NarInfo {
-    /// Absolute store path.
-    pub store_path: String,
+    /// The store the path belongs to (the directory part of `StorePath`).
+    pub store_dir: StoreDir,
+    pub path: StorePath,
     /// NAR file location, relative to the cache root.
     pub url: String,
     pub compression: Option<String>,
@@ -41,10 +44,9 @@ pub struct NarInfo {
     pub file_size: Option<u64>,
     pub nar_hash: Sha256,
     pub nar_size: u64,
-    /// Base names (`<hash>-<name>`) of the references, sorted.
-    pub references: Vec<String>,
-    /// Base name of the deriver.
-    pub deriver: Option<String>,
+    /// Sorted, as Nix writes them; may include `path` itself.
+    pub references: Vec<StorePath>,
+    pub deriver: Option<StorePath>,
     pub system: Option<String>,
     pub sigs: Vec<String>,
     pub ca: Option<String>,
@@ -53,49 +55,64 @@ pub struct NarInfo {
 }
 
 impl NarInfo {
+    /// The absolute store path.
+    pub fn store_path(&self) -> String {
+        self.store_dir.display(&self.path)
+    }
+
     /// The string Nix signs: `1;<path>;<narhash>;<narsize>;<comma-separated ref paths>`.
     pub fn fingerprint(&self) -> String {
-        let store_dir = self
-            .store_path
-            .rsplit_once('/')
-            .map(|(dir, _)| dir)
-            .unwrap_or("");
-        fingerprint(
-            store_dir,
-            &self.store_path,
-            &self.nar_hash,
+        let refs: Vec<String> = self
+            .references
+            .iter()
+            .map(|r| self.store_dir.display(r))
+            .collect();
+        format!(
+            "1;{};{};{};{}",
+            self.store_path(),
+            self.nar_hash,
             self.nar_size,
-            &self.references,
+            refs.join(",")
         )
+    }
+
+    /// Signs with each of `keys`; a signature by a key of the same name is replaced,
+    /// others are kept.
+    pub fn sign(&mut self, keys: &[SecretKey]) {
+        let fingerprint = self.fingerprint();
+        for key in keys {
+            let prefix = format!("{}:", key.name());
+            self.sigs.retain(|s| !s.starts_with(&prefix));
+            self.sigs.push(key.sign(&fingerprint));
+        }
     }
 }
 
-pub fn fingerprint(
-    store_dir: &str,
-    store_path: &str,
-    nar_hash: &Sha256,
-    nar_size: u64,
-    reference_base_names: &[String],
-) -> String {
-    let refs: Vec<String> = reference_base_names
-        .iter()
-        .map(|r| format!("{store_dir}/{r}"))
-        .collect();
-    format!("1;{store_path};{nar_hash};{nar_size};{}", refs.join(","))
+fn bad(field: &'static str, value: &str) -> Error {
+    Error::BadValue {
+        field,
+        value: value.to_string(),
+    }
 }
 
 fn parse_u64(field: &'static str, v: &str) -> Result<u64, Error> {
-    v.parse().map_err(|_| Error::BadValue {
-        field,
-        value: v.to_string(),
-    })
+    v.parse().map_err(|_| bad(field, v))
 }
 
 fn parse_hash(field: &'static str, v: &str) -> Result<Sha256, Error> {
-    v.parse().map_err(|_| Error::BadValue {
-        field,
-        value: v.to_string(),
-    })
+    v.parse().map_err(|_| bad(field, v))
+}
+
+fn parse_base_name(field: &'static str, v: &str) -> Result<StorePath, Error> {
+    StorePath::from_base_name(v).map_err(|_| bad(field, v))
+}
+
+/// `StorePath: /nix/store/<hash>-<name>` split into its store and its path.
+fn parse_store_path(v: &str) -> Result<(StoreDir, StorePath), Error> {
+    let (dir, base) = v.rsplit_once('/').ok_or_else(|| bad("StorePath", v))?;
+    let dir =
+        StoreDir::new(if dir.is_empty() { "/" } else { dir }).map_err(|_| bad("StorePath", v))?;
+    Ok((dir, parse_base_name("StorePath", base)?))
 }
 
 impl FromStr for NarInfo {
@@ -106,21 +123,15 @@ impl FromStr for NarInfo {
         let mut url = None;
         let mut nar_hash = None;
         let mut nar_size = None;
-        let mut info = NarInfo {
-            store_path: String::new(),
-            url: String::new(),
-            compression: None,
-            file_hash: None,
-            file_size: None,
-            nar_hash: Sha256([0; 32]),
-            nar_size: 0,
-            references: Vec::new(),
-            deriver: None,
-            system: None,
-            sigs: Vec::new(),
-            ca: None,
-            extra: Vec::new(),
-        };
+        let mut compression = None;
+        let mut file_hash = None;
+        let mut file_size = None;
+        let mut references = Vec::new();
+        let mut deriver = None;
+        let mut system = None;
+        let mut sigs = Vec::new();
+        let mut ca = None;
+        let mut extra = Vec::new();
         for line in s.lines() {
             if line.is_empty() {
                 continue;
@@ -132,35 +143,51 @@ impl FromStr for NarInfo {
                 .or_else(|| line.strip_suffix(':').map(|k| (k, "")))
                 .ok_or_else(|| Error::BadLine(line.to_string()))?;
             match key {
-                "StorePath" => store_path = Some(value.to_string()),
+                "StorePath" => store_path = Some(parse_store_path(value)?),
                 "URL" => url = Some(value.to_string()),
-                "Compression" => info.compression = Some(value.to_string()),
-                "FileHash" => info.file_hash = Some(parse_hash("FileHash", value)?),
-                "FileSize" => info.file_size = Some(parse_u64("FileSize", value)?),
+                "Compression" => compression = Some(value.to_string()),
+                "FileHash" => file_hash = Some(parse_hash("FileHash", value)?),
+                "FileSize" => file_size = Some(parse_u64("FileSize", value)?),
                 "NarHash" => nar_hash = Some(parse_hash("NarHash", value)?),
                 "NarSize" => nar_size = Some(parse_u64("NarSize", value)?),
                 "References" => {
-                    info.references = value.split_whitespace().map(str::to_string).collect()
+                    references = value
+                        .split_whitespace()
+                        .map(|r| parse_base_name("References", r))
+                        .collect::<Result<_, _>>()?
                 }
-                "Deriver" if value != "unknown-deriver" => info.deriver = Some(value.to_string()),
-                "Deriver" => {}
-                "System" => info.system = Some(value.to_string()),
-                "Sig" => info.sigs.push(value.to_string()),
-                "CA" => info.ca = Some(value.to_string()),
-                _ => info.extra.push((key.to_string(), value.to_string())),
+                // As Nix does: an unknown deriver is no deriver.
+                "Deriver" if value == "unknown-deriver" => {}
+                "Deriver" => deriver = Some(parse_base_name("Deriver", value)?),
+                "System" => system = Some(value.to_string()),
+                "Sig" => sigs.push(value.to_string()),
+                "CA" => ca = Some(value.to_string()),
+                _ => extra.push((key.to_string(), value.to_string())),
             }
         }
-        info.store_path = store_path.ok_or(Error::Missing("StorePath"))?;
-        info.url = url.ok_or(Error::Missing("URL"))?;
-        info.nar_hash = nar_hash.ok_or(Error::Missing("NarHash"))?;
-        info.nar_size = nar_size.ok_or(Error::Missing("NarSize"))?;
-        Ok(info)
+        let (store_dir, path) = store_path.ok_or(Error::Missing("StorePath"))?;
+        Ok(NarInfo {
+            store_dir,
+            path,
+            url: url.ok_or(Error::Missing("URL"))?,
+            compression,
+            file_hash,
+            file_size,
+            nar_hash: nar_hash.ok_or(Error::Missing("NarHash"))?,
+            nar_size: nar_size.ok_or(Error::Missing("NarSize"))?,
+            references,
+            deriver,
+            system,
+            sigs,
+            ca,
+            extra,
+        })
     }
 }
 
 impl fmt::Display for NarInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "StorePath: {}", self.store_path)?;
+        writeln!(f, "StorePath: {}", self.store_path())?;
         writeln!(f, "URL: {}", self.url)?;
         if let Some(c) = &self.compression {
             writeln!(f, "Compression: {c}")?;
@@ -173,7 +200,15 @@ impl fmt::Display for NarInfo {
         }
         writeln!(f, "NarHash: {}", self.nar_hash)?;
         writeln!(f, "NarSize: {}", self.nar_size)?;
-        writeln!(f, "References: {}", self.references.join(" "))?;
+        write!(f, "References:")?;
+        if self.references.is_empty() {
+            // Nix writes the space even when the list is empty.
+            write!(f, " ")?;
+        }
+        for r in &self.references {
+            write!(f, " {r}")?;
+        }
+        writeln!(f)?;
         if let Some(d) = &self.deriver {
             writeln!(f, "Deriver: {d}")?;
         }
@@ -232,9 +267,12 @@ Deriver: n7wsi22m77azhfv9fnlp9vgc2js3xsfz-probe-a.drv
         assert_eq!(info.nar_size, 224);
         assert_eq!(info.references.len(), 2);
         assert_eq!(
-            info.deriver.as_deref(),
+            info.deriver.as_ref().map(|d| d.base_name()),
             Some("0vx0w3yni5b94y2jbjkz2ja6zz70c5fq-probe-c.drv")
         );
+        assert_eq!(info.path.hash_part(), "xav0pws0268idny9wi60ylqqiyryzfz6");
+        assert_eq!(info.store_dir.as_str(), "/nix/store");
+        assert_eq!(info.references[0].name(), "probe-b");
     }
 
     #[test]
@@ -244,6 +282,29 @@ Deriver: n7wsi22m77azhfv9fnlp9vgc2js3xsfz-probe-a.drv
         assert_eq!(info.sigs, ["k:abc", "j:def"]);
         assert_eq!(info.ca.as_deref(), Some("fixed:r:sha256:xyz"));
         assert_eq!(info.to_string(), text);
+    }
+
+    #[test]
+    fn an_unknown_deriver_is_no_deriver() {
+        let text = NO_REFS.replace(
+            "n7wsi22m77azhfv9fnlp9vgc2js3xsfz-probe-a.drv",
+            "unknown-deriver",
+        );
+        assert_eq!(text.parse::<NarInfo>().unwrap().deriver, None);
+    }
+
+    #[test]
+    fn signing_replaces_a_signature_by_the_same_key_and_keeps_others() {
+        let key: SecretKey = "test1:r24vQqTnkATLONjgTaM8aV7fa8eXJyaoyvEZXPKB8pUeYGoppkkXqZu/Sa5bm0UGNTBDygnOi6lW5aKp+Z9JWQ==".parse().unwrap();
+        let mut info: NarInfo = format!("{NO_REFS}Sig: other:keep\nSig: test1:stale\n")
+            .parse()
+            .unwrap();
+        info.sign(std::slice::from_ref(&key));
+        assert_eq!(info.sigs.len(), 2);
+        assert_eq!(info.sigs[0], "other:keep");
+        assert!(key
+            .public_key()
+            .verifies(&info.fingerprint(), &info.sigs[1]));
     }
 
     #[test]
@@ -271,6 +332,23 @@ Deriver: n7wsi22m77azhfv9fnlp9vgc2js3xsfz-probe-a.drv
         assert!(matches!(
             "garbage".parse::<NarInfo>(),
             Err(Error::BadLine(_))
+        ));
+        // Store paths are checked, not sliced: a bad reference or path is named.
+        let bad_ref = FROM_NIX_COPY.replace("9ngqiqshf9l3pfc47n2pgw5z7w61rc18-probe-b", "short-b");
+        assert_eq!(
+            bad_ref.parse::<NarInfo>(),
+            Err(Error::BadValue {
+                field: "References",
+                value: "short-b".into()
+            })
+        );
+        let bad_path = FROM_NIX_COPY.replace("StorePath: /nix/store/", "StorePath: nix/store/");
+        assert!(matches!(
+            bad_path.parse::<NarInfo>(),
+            Err(Error::BadValue {
+                field: "StorePath",
+                ..
+            })
         ));
     }
 }

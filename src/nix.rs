@@ -21,10 +21,10 @@ use crate::store_path::{StoreDir, StorePath};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot run {program}: {source}")]
+    #[error("cannot run {program}: {cause}")]
     Spawn {
         program: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("`{argv}` failed ({status}): {stderr}")]
     Failed {
@@ -75,9 +75,9 @@ impl Nix {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let out = cmd.output().await.map_err(|source| Error::Spawn {
+        let out = cmd.output().await.map_err(|cause| Error::Spawn {
             program: program.to_string(),
-            source,
+            cause,
         })?;
         if !out.status.success() {
             return Err(Error::Failed {

@@ -18,15 +18,15 @@ pub enum Error {
     NotUtf8(String),
     #[error("input \"{0}\" contains control characters")]
     Control(String),
-    #[error("input \"{input}\": {source}")]
+    #[error("input \"{input}\": {cause}")]
     Path {
         input: String,
-        source: store_path::Error,
+        cause: store_path::Error,
     },
-    #[error("input \"{input}\" cannot be resolved: {source}")]
+    #[error("input \"{input}\" cannot be resolved: {cause}")]
     Io {
         input: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("input \"{input}\" leads to {target}, outside the store {store_dir}")]
     OutsideStore {
@@ -46,17 +46,17 @@ pub fn resolve(raw: &[u8], store_dir: &StoreDir) -> Result<StorePath, Error> {
 }
 
 fn resolve_str(text: &str, store_dir: &StoreDir) -> Result<StorePath, Error> {
-    let path_err = |source| Error::Path {
+    let path_err = |cause| Error::Path {
         input: escape(text.as_bytes()),
-        source,
+        cause,
     };
     match store_dir.reduce(text) {
         Ok(sp) => Ok(sp),
         // Outside the store lexically: it may be a symlink (./result) into the store.
         Err(store_path::Error::NotInStore { .. }) => {
-            let target = std::fs::canonicalize(Path::new(text)).map_err(|source| Error::Io {
+            let target = std::fs::canonicalize(Path::new(text)).map_err(|cause| Error::Io {
                 input: escape(text.as_bytes()),
-                source,
+                cause,
             })?;
             let target = target.to_string_lossy().into_owned();
             store_dir.reduce(&target).map_err(|e| match e {
@@ -79,19 +79,19 @@ pub fn resolve_arg(arg: &str, store_dir: &StoreDir) -> Result<StorePath, Error> 
         return resolve(arg.as_bytes(), store_dir);
     }
     let abs = std::env::current_dir()
-        .map_err(|source| Error::Io {
+        .map_err(|cause| Error::Io {
             input: escape(arg.as_bytes()),
-            source,
+            cause,
         })?
         .join(arg);
-    let target = std::fs::canonicalize(&abs).map_err(|source| Error::Io {
+    let target = std::fs::canonicalize(&abs).map_err(|cause| Error::Io {
         input: escape(arg.as_bytes()),
-        source,
+        cause,
     })?;
     resolve(target.as_os_str().as_encoded_bytes(), store_dir).map_err(|e| match e {
-        Error::Path { source, .. } => Error::Path {
+        Error::Path { cause, .. } => Error::Path {
             input: escape(arg.as_bytes()),
-            source,
+            cause,
         },
         other => other,
     })

@@ -91,11 +91,10 @@ async fn check(
         }
     };
     let hash = name.trim_end_matches(".narinfo");
-    let base = info.store_path.rsplit('/').next().unwrap_or("");
-    if !base.starts_with(&format!("{hash}-")) {
+    if info.path.hash_part() != hash {
         say(format!(
             "describes {}, not a path with hash {hash}",
-            info.store_path
+            info.store_path()
         ));
     }
     match cache.size(&info.url).await? {
@@ -112,8 +111,7 @@ async fn check(
         }
     }
     for r in &info.references {
-        let r_hash = r.get(..32).unwrap_or(r);
-        if !present.contains(r_hash) {
+        if !present.contains(r.hash_part()) {
             say(format!("reference {r} has no narinfo"));
         }
     }

@@ -135,7 +135,7 @@ fn no_narinfo_is_visible_before_its_nar_and_its_references() {
             info.url
         );
         for r in &info.references {
-            let r_hash = &r[..32];
+            let r_hash = r.hash_part();
             if r_hash == hash {
                 continue;
             }

@@ -131,12 +131,12 @@ fn narinfo_written_by_nix_copy_round_trips_and_our_signature_matches_nix_sign() 
                 nix("nix")
                     .args(["store", "sign", "--key-file"])
                     .arg(&keys.secret)
-                    .arg(&info.store_path),
+                    .arg(info.store_path()),
             );
             let json = run_ok(
                 nix("nix")
                     .args(["path-info", "--json"])
-                    .arg(&info.store_path),
+                    .arg(info.store_path()),
             );
             assert!(json.contains(&sk.sign(&info.fingerprint())), "{json}");
         }

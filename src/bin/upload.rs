@@ -553,107 +553,55 @@ async fn verify(url: &str, keys: &[String], jobs: usize) -> ExitCode {
 
 /// `upload exec`: a private FIFO and post-build-hook for one command.
 async fn exec(args: RunArgs, command: Vec<String>) -> ExitCode {
-    let setup = async {
-        let mut cfg = config(&args)?;
-        let tmp = tempfile::Builder::new().prefix("narpipe-exec-").tempdir()?;
-        let fifo = tmp.path().join("pipe");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
-            .with_context(|| format!("mkfifo {}", fifo.display()))?;
-        let input = Input::open(fifo.to_str().context("temporary dir is not UTF-8")?).await?;
-        if let Some(dir) = state_dir(&args, false) {
-            let (journal, pending) = daemon::open_journal(&dir)?;
-            cfg.journal = Some(journal);
-            cfg.pending = pending;
-        }
-        let spool = tmp.path().join("spool");
-        cfg.spool_dir = Some(spool.clone());
-        daemon::prepare(&cfg).await?;
-        let send = std::env::current_exe()
-            .ok()
-            .and_then(|e| e.parent().map(|d| d.join("send")))
-            .filter(|p| p.exists())
-            .map_or_else(|| "send".to_string(), |p| p.display().to_string());
-        let hook = tmp.path().join("post-build-hook");
-        std::fs::write(
-            &hook,
-            format!(
-                "#!/bin/sh\n# narpipe exec: queue what Nix just built; never fail the build.\n\
-                 {send:?} -o {fifo:?} --spool-dir {spool:?} || true\n"
-            ),
-        )?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))?;
-        Ok::<_, anyhow::Error>((cfg, input, tmp, hook))
-    };
-    let (cfg, input, _tmp, hook) = match setup.await {
-        Ok(v) => v,
+    let mut cfg = match config(&args) {
+        Ok(cfg) => cfg,
         Err(e) => {
             log::error!("{e:#}");
             return ExitCode::from(2);
         }
     };
+    if let Some(dir) = state_dir(&args, false) {
+        match daemon::open_journal(&dir) {
+            Ok((journal, pending)) => {
+                cfg.journal = Some(journal);
+                cfg.pending = pending;
+            }
+            Err(e) => {
+                log::error!("{e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let shutdown = Shutdown::default();
     if let Err(e) = watch_signals(shutdown.clone()) {
         log::error!("{e:#}");
         return ExitCode::from(2);
     }
-    let daemon = tokio::spawn(daemon::run(cfg, input, shutdown.clone()));
-    // Nix reads extra settings from NIX_CONFIG, after its configuration files.
-    let mut nix_config = std::env::var("NIX_CONFIG").unwrap_or_default();
-    nix_config.push_str(&format!("\npost-build-hook = {}\n", hook.display()));
-    let status = tokio::process::Command::new(&command[0])
-        .args(&command[1..])
-        .env("NIX_CONFIG", nix_config)
-        .status()
-        .await;
-    // The hook runs before Nix reports a build done, so everything is in the pipe now.
-    shutdown.drain.cancel();
-    let summary = daemon.await;
-    let code = match &status {
-        Ok(st) => st
-            .code()
-            .or_else(|| std::os::unix::process::ExitStatusExt::signal(st).map(|s| 128 + s))
-            .unwrap_or(1),
-        Err(e) => {
-            log::error!("cannot run {:?}: {e}", command[0]);
-            127
-        }
-    };
-    match summary {
-        Ok(summary) => {
-            log::info!("summary: {summary}");
-            if code == 0 && !summary.all_ok() {
-                return ExitCode::from(1);
+    // The send beside this binary, else the one on $PATH.
+    let send = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("send")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("send"));
+    match narpipe::exec::run(cfg, &send, &command, shutdown).await {
+        Ok(finished) => {
+            if let Err(e) = &finished.command {
+                log::error!("cannot run {:?}: {e}", command[0]);
             }
+            log::info!("summary: {}", finished.summary);
+            ExitCode::from(finished.exit_code())
         }
         Err(e) => {
-            log::error!("upload task: {e}");
-            if code == 0 {
-                return ExitCode::from(1);
-            }
+            log::error!("{:#}", anyhow::Error::from(e));
+            ExitCode::from(2)
         }
     }
-    ExitCode::from(code.clamp(0, 255) as u8)
 }
 
 async fn import(source: &str, dest: &str, key_files: &[PathBuf], jobs: usize) -> ExitCode {
     let setup = async {
-        let source = Cache::open(source)?;
-        let dest = Cache::open(dest)?;
         let keys = read_keys(key_files)?;
-        let info = source
-            .probe()?
-            .get("nix-cache-info")
-            .await?
-            .map(|t| narpipe::cache_info::CacheInfo::parse(&String::from_utf8_lossy(&t)))
-            .with_context(|| {
-                format!(
-                    "{} has no nix-cache-info: is it a binary cache?",
-                    source.url()
-                )
-            })?;
-        let store_dir = info.store_dir.unwrap_or_else(|| "/nix/store".to_string());
-        daemon::prepare_cache(&dest, &store_dir, info.priority.unwrap_or(40)).await?;
+        let (source, dest) = narpipe::import::open(source, dest).await?;
         Ok::<_, anyhow::Error>((source, dest, keys))
     };
     let (source, dest, keys) = match setup.await {

@@ -38,9 +38,9 @@ impl Input {
         if path == "-" {
             return Ok(Input::Stdin);
         }
-        let err = |source| Error::Input {
+        let err = |cause| Error::Input {
             path: path.to_string(),
-            source,
+            cause,
         };
         let meta = std::fs::metadata(path).map_err(err)?;
         use std::os::unix::fs::FileTypeExt;

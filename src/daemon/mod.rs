@@ -33,12 +33,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{self, Cache};
-use crate::cache_info::CacheInfo;
 use crate::compress::Compression;
 use crate::engine::Engine;
 use crate::filter::Filter;
@@ -67,18 +65,8 @@ pub enum Error {
     Nix(#[from] nix::Error),
     #[error(transparent)]
     Journal(#[from] journal::Error),
-    #[error("{diagnosis}: {cause}")]
-    Startup {
-        diagnosis: &'static str,
-        cause: cache::Error,
-    },
-    #[error("the cache's nix-cache-info says StoreDir {cache}, but this store is {ours}")]
-    StoreDirMismatch { cache: String, ours: String },
-    #[error("cannot open input {path}: {source}")]
-    Input {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot open input {path}: {cause}")]
+    Input { path: String, cause: std::io::Error },
 }
 
 pub struct Config {
@@ -111,57 +99,13 @@ pub struct Shutdown {
     pub stop: CancellationToken,
 }
 
-/// Checks the cache before any work is accepted: reachable, readable, writable, and
-/// made for this store (creates nix-cache-info when missing). Fails fast: few retries.
+/// Checks the cache before any work is accepted (see [`Cache::prepare`]).
 pub async fn prepare(cfg: &Config) -> Result<(), Error> {
-    prepare_cache(&cfg.cache, cfg.store_dir.as_str(), cfg.priority).await
+    Ok(cfg
+        .cache
+        .prepare(cfg.store_dir.as_str(), cfg.priority)
+        .await?)
 }
-
-/// [`prepare`] for any cache: reachable, readable, writable, for `store_dir`.
-pub async fn prepare_cache(cache: &Cache, store_dir: &str, priority: u32) -> Result<(), Error> {
-    let probe = cache.probe()?;
-    let explain = |e: cache::Error| match e.diagnosis() {
-        Some(d) => Error::Startup {
-            diagnosis: d,
-            cause: e,
-        },
-        None => Error::Cache(e),
-    };
-    let ours = store_dir.to_string();
-    match probe.get("nix-cache-info").await.map_err(explain)? {
-        Some(text) => {
-            let existing = CacheInfo::parse(&String::from_utf8_lossy(&text));
-            if let Some(theirs) = existing.store_dir {
-                if theirs != ours {
-                    return Err(Error::StoreDirMismatch {
-                        cache: theirs,
-                        ours,
-                    });
-                }
-            }
-            // Prove we may write before accepting paths (a hidden, tiny object).
-            probe
-                .put(WRITE_CHECK, Bytes::from_static(b"narpipe\n"), "text/plain")
-                .await
-                .map_err(explain)?;
-        }
-        None => {
-            let fresh = CacheInfo::new(&ours, priority).to_string();
-            probe
-                .create(
-                    "nix-cache-info",
-                    Bytes::from(fresh),
-                    "text/x-nix-cache-info",
-                )
-                .await
-                .map_err(explain)?;
-        }
-    }
-    Ok(())
-}
-
-/// Written at start when nix-cache-info already exists, to check write access.
-pub const WRITE_CHECK: &str = ".narpipe-write-check";
 
 struct State {
     present: BoundedSet,
@@ -186,10 +130,6 @@ struct Shared {
 impl Shared {
     fn show(&self, p: &StorePath) -> String {
         self.cfg.store_dir.display(p)
-    }
-
-    fn narinfo_key(p: &StorePath) -> String {
-        format!("{}.narinfo", p.hash_part())
     }
 }
 

@@ -141,7 +141,7 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
     let narinfo = narinfo(&cfg.store_dir, info, &nar, &cfg.keys);
     cfg.cache
         .put(
-            &Shared::narinfo_key(&info.path),
+            &cache::narinfo_key(&info.path),
             Bytes::from(narinfo.to_string()),
             "text/x-nix-narinfo",
         )
@@ -162,12 +162,8 @@ impl Shared {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Engine {
-        path: String,
-        #[source]
-        source: engine::Error,
-    },
+    #[error("{path}: {cause}")]
+    Engine { path: String, cause: engine::Error },
     #[error("{path} does not match the store's database (NAR {got_hash}, {got_size} bytes; expected {want_hash}, {want_size} bytes): refusing to publish")]
     Mismatch {
         path: String,
@@ -205,9 +201,9 @@ async fn upload_nar(
     level: Option<i32>,
 ) -> Result<NarFile, Error> {
     let path_text = store_dir.display(&info.path);
-    let failed = |source| Error::Engine {
+    let failed = |cause| Error::Engine {
         path: path_text.clone(),
-        source,
+        cause,
     };
     let mut nar = engine
         .nar(PathBuf::from(&path_text), compression, level)
@@ -247,26 +243,22 @@ async fn upload_nar(
 /// a key of the same name is replaced, others are kept).
 fn narinfo(store_dir: &StoreDir, info: &PathInfo, nar: &NarFile, keys: &[SecretKey]) -> NarInfo {
     let mut n = NarInfo {
-        store_path: store_dir.display(&info.path),
+        store_dir: store_dir.clone(),
+        path: info.path.clone(),
         url: nar.url.clone(),
         compression: Some(nar.compression.to_string()),
         file_hash: Some(nar.file_hash),
         file_size: Some(nar.file_size),
         nar_hash: info.nar_hash,
         nar_size: info.nar_size,
-        references: info.references.iter().map(|r| r.to_string()).collect(),
-        deriver: info.deriver.as_ref().map(|d| d.to_string()),
+        references: info.references.clone(),
+        deriver: info.deriver.clone(),
         system: None,
         sigs: info.sigs.clone(),
         ca: info.ca.clone(),
         extra: Vec::new(),
     };
-    let fingerprint = n.fingerprint();
-    for key in keys {
-        let prefix = format!("{}:", key.name());
-        n.sigs.retain(|s| !s.starts_with(&prefix));
-        n.sigs.push(key.sign(&fingerprint));
-    }
+    n.sign(keys);
     n
 }
 

@@ -96,7 +96,7 @@ impl Shared {
             return Ok(found);
         }
         let _permit = self.checks.acquire().await.expect("never closed");
-        let found = self.cfg.cache.exists(&Self::narinfo_key(p)).await?;
+        let found = self.cfg.cache.exists(&cache::narinfo_key(p)).await?;
         if found {
             self.state.lock().unwrap().present.insert(p.clone());
         }
@@ -162,7 +162,7 @@ pub(super) async fn presence(
         .iter()
         .zip(&known)
         .filter(|(_, k)| k.is_none())
-        .map(|(p, _)| Shared::narinfo_key(p))
+        .map(|(p, _)| cache::narinfo_key(p))
         .collect();
     if let Some(Ok(found)) = shared.cfg.cache.exist_local(ask).await {
         let mut found = found.into_iter();

@@ -309,7 +309,7 @@ pub fn assert_closed(dir: &Path) -> usize {
             }
             for r in &info.references {
                 assert!(
-                    dir.join(format!("{}.narinfo", &r[..32])).exists(),
+                    dir.join(format!("{}.narinfo", r.hash_part())).exists(),
                     "{} lacks reference {r}",
                     p.display()
                 );
