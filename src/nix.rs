@@ -208,6 +208,38 @@ impl Nix {
         }
         Ok(infos)
     }
+
+    /// Path info for the valid ones of `paths`, and which are not valid, in one call per
+    /// chunk: `path-info` reports an invalid path as such (`"valid": false`, or `null`
+    /// in newer versions), so a path it does not describe is not valid. Should a Nix
+    /// version refuse the call instead, the chunk is checked for validity and asked
+    /// again without the invalid paths.
+    pub async fn valid_path_infos(
+        &self,
+        paths: &[StorePath],
+    ) -> Result<(Vec<PathInfo>, HashSet<StorePath>), Error> {
+        let mut infos = Vec::new();
+        let mut invalid = HashSet::new();
+        for chunk in paths.chunks(ARGS_PER_CALL) {
+            let found = match self.path_infos(chunk).await {
+                Ok(found) => found,
+                Err(Error::Failed { .. }) => {
+                    let bad = self.invalid(chunk).await?;
+                    let valid: Vec<StorePath> = chunk
+                        .iter()
+                        .filter(|p| !bad.contains(*p))
+                        .cloned()
+                        .collect();
+                    self.path_infos(&valid).await?
+                }
+                Err(e) => return Err(e),
+            };
+            let described: HashSet<&StorePath> = found.iter().map(|i| &i.path).collect();
+            invalid.extend(chunk.iter().filter(|p| !described.contains(p)).cloned());
+            infos.extend(found);
+        }
+        Ok((infos, invalid))
+    }
 }
 
 fn argv_text(program: &str, args: &[&str], paths: &[String]) -> String {

@@ -33,7 +33,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{self, Cache};
@@ -51,7 +51,7 @@ pub use accept::open_journal;
 pub use input::Input;
 use presence::{BoundedSet, Listing, CHECKS_IN_FLIGHT};
 use retry::Roots;
-use tasks::{Status, Tasks, MAX_TASKS};
+use tasks::{Tasks, Watch, MAX_TASKS};
 
 /// How long arriving paths are gathered before their closures are resolved together.
 const WINDOW: Duration = Duration::from_millis(50);
@@ -109,7 +109,16 @@ pub async fn prepare(cfg: &Config) -> Result<(), Error> {
 
 struct State {
     present: BoundedSet,
-    inflight: HashMap<StorePath, watch::Receiver<Status>>,
+    inflight: HashMap<StorePath, Watch>,
+}
+
+impl State {
+    /// The path as held here when it is known present or under way.
+    fn known(&self, p: &StorePath) -> Option<&StorePath> {
+        self.present
+            .get(p)
+            .or_else(|| self.inflight.get_key_value(p).map(|(k, _)| k))
+    }
 }
 
 struct Shared {

@@ -19,9 +19,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use log::{error, info};
-use tokio::sync::watch;
 
-use super::tasks::{settled, Dep, Status};
+use super::tasks::{Dep, Settle, Status};
 use super::Shared;
 use crate::cache::{self, Cache};
 use crate::compress::Compression;
@@ -41,12 +40,7 @@ enum Outcome {
     },
 }
 
-pub(super) async fn task(
-    shared: Arc<Shared>,
-    info: PathInfo,
-    deps: Vec<Dep>,
-    tx: watch::Sender<Status>,
-) {
+pub(super) async fn task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, settle: Settle) {
     let start = Instant::now();
     let shown = shared.show(&info.path);
     let result = tokio::select! {
@@ -98,7 +92,7 @@ pub(super) async fn task(
             state.present.insert(info.path.clone());
         }
     }
-    let _ = tx.send(status);
+    settle.set(status);
 }
 
 /// Uploads a path that planning found missing from the cache (not asked again: a
@@ -123,8 +117,8 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
     shared.progress(info.nar_size);
     for dep in deps {
         match dep {
-            Dep::Task(r, mut rx) => {
-                if let Status::Failed(reason) = settled(&mut rx).await {
+            Dep::Task(r, watch) => {
+                if let Status::Failed(reason) = watch.settled().await {
                     return Err(Error::ReferenceFailed {
                         reference: shared.show(&r),
                         reason: reason.to_string(),

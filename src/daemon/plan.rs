@@ -64,34 +64,50 @@ pub(super) async fn batch(
             Err(e) => outcomes.push((p, RootOutcome::Failed(e.to_string()))),
         }
     }
-    let mut ask: Vec<StorePath> = missing.clone();
-    ask.extend(drvs.iter().cloned());
-    let mut valid_drvs = Vec::new();
-    if !ask.is_empty() {
-        match shared.nix.invalid(&ask).await {
-            Ok(invalid) => {
-                for p in invalid.iter() {
-                    outcomes.push((
-                        p.clone(),
-                        RootOutcome::Gone(
-                            "not a valid path in the store (not built, not registered, or garbage-collected)"
-                                .into(),
-                        ),
-                    ));
-                }
-                missing.retain(|p| !invalid.contains(p));
-                valid_drvs = drvs.into_iter().filter(|p| !invalid.contains(p)).collect();
-            }
+    // Path info for the roots comes with their validity: one Nix call in the usual case
+    // where all are valid (see Nix::valid_path_infos). Roots under way need neither.
+    let ask: Vec<StorePath> = missing
+        .iter()
+        .filter(|p| !shared.is_known(p))
+        .cloned()
+        .collect();
+    let (root_infos, mut invalid) = match shared.nix.valid_path_infos(&ask).await {
+        Ok(found) => found,
+        Err(e) => {
+            let reason = e.to_string();
+            outcomes.extend(
+                missing
+                    .into_iter()
+                    .chain(drvs)
+                    .map(|p| (p, RootOutcome::Failed(reason.clone()))),
+            );
+            return outcomes;
+        }
+    };
+    if !drvs.is_empty() {
+        match shared.nix.invalid(&drvs).await {
+            Ok(more) => invalid.extend(more),
             Err(e) => {
                 let reason = e.to_string();
                 outcomes.extend(
-                    ask.into_iter()
+                    drvs.into_iter()
                         .map(|p| (p, RootOutcome::Failed(reason.clone()))),
                 );
                 return outcomes;
             }
         }
     }
+    for p in invalid.iter() {
+        outcomes.push((
+            p.clone(),
+            RootOutcome::Gone(
+                "not a valid path in the store (not built, not registered, or garbage-collected)"
+                    .into(),
+            ),
+        ));
+    }
+    missing.retain(|p| !invalid.contains(p));
+    let valid_drvs: Vec<StorePath> = drvs.into_iter().filter(|p| !invalid.contains(p)).collect();
     // The path roots, each waiting for itself (also when it is a .drv root's output).
     let path_roots = missing.clone();
     // For each .drv root, the outputs it waits for.
@@ -148,9 +164,17 @@ pub(super) async fn batch(
     if missing.is_empty() {
         return outcomes;
     }
-    missing.sort();
-    missing.dedup();
-    let infos = match plan(shared, missing).await {
+    // Outputs of .drv roots still need their path info (the path roots have theirs).
+    let asked: HashSet<&StorePath> = ask.iter().collect();
+    let mut more: Vec<StorePath> = drv_targets
+        .iter()
+        .flat_map(|(_, outs)| outs.iter())
+        .filter(|o| !asked.contains(o))
+        .cloned()
+        .collect();
+    more.sort();
+    more.dedup();
+    let infos = match plan(shared, root_infos, more).await {
         Ok(i) => i,
         Err(e) => {
             let reason = e.to_string();
@@ -285,16 +309,25 @@ async fn drv_outputs(
 /// roots and, level by level, the references that are neither known (under way, or
 /// known present) nor in the cache. Nix is asked only about paths not known yet, each
 /// once, so planning costs work linear in the number of new paths; a reference found
-/// in the cache ends its branch (its closure is there too, by the invariant).
-async fn plan(shared: &Shared, roots: Vec<StorePath>) -> Result<Vec<PathInfo>, Error> {
+/// in the cache ends its branch (its closure is there too, by the invariant). The
+/// roots' path info is given (`root_infos`) or asked for (`more_roots`).
+async fn plan(
+    shared: &Shared,
+    root_infos: Vec<PathInfo>,
+    more_roots: Vec<StorePath>,
+) -> Result<Vec<PathInfo>, Error> {
     let mut seen: HashSet<StorePath> = HashSet::new();
-    let mut frontier: Vec<StorePath> = roots
+    let mut given: Vec<PathInfo> = root_infos
+        .into_iter()
+        .filter(|i| !shared.is_known(&i.path) && seen.insert(i.path.clone()))
+        .collect();
+    let mut frontier: Vec<StorePath> = more_roots
         .into_iter()
         .filter(|p| !shared.is_known(p) && seen.insert(p.clone()))
         .collect();
     let mut infos = Vec::new();
     let mut roots_level = true;
-    while !frontier.is_empty() {
+    while !frontier.is_empty() || !given.is_empty() {
         if !roots_level {
             let mut absent = Vec::new();
             for (p, present) in presence(shared, frontier).await {
@@ -305,15 +338,28 @@ async fn plan(shared: &Shared, roots: Vec<StorePath>) -> Result<Vec<PathInfo>, E
             frontier = absent;
         }
         roots_level = false;
-        let level = shared.nix.path_infos(&frontier).await?;
+        let mut level = std::mem::take(&mut given);
+        if !frontier.is_empty() {
+            level.extend(shared.nix.path_infos(&frontier).await?);
+        }
         let mut next = Vec::new();
-        for info in &level {
-            for r in &info.references {
-                if *r != info.path && !shared.is_known(r) && seen.insert(r.clone()) {
+        // Each path is held once however many paths refer to it: references share the
+        // allocation of the path they name (Nix's JSON spells every one out anew).
+        let state = shared.state.lock().unwrap();
+        for info in &mut level {
+            if let Some(p) = seen.get(&info.path) {
+                info.path = p.clone();
+            }
+            for r in &mut info.references {
+                if let Some(p) = seen.get(r).or_else(|| state.known(r)) {
+                    *r = p.clone();
+                } else {
+                    seen.insert(r.clone());
                     next.push(r.clone());
                 }
             }
         }
+        drop(state);
         infos.extend(level);
         frontier = next;
     }

@@ -60,6 +60,10 @@ impl BoundedSet {
         self.set.contains(p)
     }
 
+    pub(super) fn get(&self, p: &StorePath) -> Option<&StorePath> {
+        self.set.get(p)
+    }
+
     /// Remembers `p`, forgetting the oldest path when full.
     pub(super) fn insert(&mut self, p: StorePath) {
         if self.set.insert(p.clone()) {

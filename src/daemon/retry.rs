@@ -12,10 +12,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use log::{error, warn};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::tasks::{settled, Status};
+use super::tasks::{Status, Watch};
 use super::Shared;
 use crate::store_path::StorePath;
 
@@ -30,7 +30,7 @@ pub(super) enum RootOutcome {
     /// Kept out by --include/--exclude: retire it, not a failure.
     Excluded,
     /// Uploads are under way; these paths must all end Done.
-    Wait(Vec<(StorePath, watch::Receiver<Status>)>),
+    Wait(Vec<(StorePath, Watch)>),
 }
 
 /// How a root's attempt ended, sent back by the task that waited for it.
@@ -181,8 +181,8 @@ impl Roots {
                     let done = done.clone();
                     tokio::spawn(async move {
                         let mut result = Ok(());
-                        for (path, mut rx) in targets {
-                            if let Status::Failed(reason) = settled(&mut rx).await {
+                        for (path, watch) in targets {
+                            if let Status::Failed(reason) = watch.settled().await {
                                 result = Err(format!("{path}: {reason}"));
                                 break;
                             }

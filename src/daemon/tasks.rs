@@ -11,7 +11,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use tokio::sync::watch;
+use std::sync::OnceLock;
+
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use super::{path, Shared};
@@ -21,25 +23,69 @@ use crate::store_path::StorePath;
 /// Path tasks under way before planning waits for some to finish.
 pub(super) const MAX_TASKS: usize = 8192;
 
+/// How a path task ended.
 #[derive(Clone, Debug)]
 pub(super) enum Status {
-    Pending,
     Done,
     Failed(Arc<str>),
 }
 
-/// The final status behind a watch (a task that vanished counts as failed).
-pub(super) async fn settled(rx: &mut watch::Receiver<Status>) -> Status {
-    rx.wait_for(|s| !matches!(s, Status::Pending))
-        .await
-        .map(|s| s.clone())
-        .unwrap_or(Status::Failed("abandoned".into()))
+/// A path task's status, set once by the task and awaited by its referrers and roots.
+/// A large closure holds one per planned path, so it is small: a tokio watch channel
+/// (eight notifiers and a lock) took ~450 bytes a path.
+#[derive(Clone)]
+pub(super) struct Watch(Arc<Cell>);
+
+struct Cell {
+    status: OnceLock<Status>,
+    notify: Notify,
+}
+
+impl Watch {
+    fn new() -> Watch {
+        Watch(Arc::new(Cell {
+            status: OnceLock::new(),
+            notify: Notify::new(),
+        }))
+    }
+
+    /// The final status, once the task has one.
+    pub(super) async fn settled(&self) -> Status {
+        loop {
+            let notified = self.0.notify.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so a status set in between still wakes us.
+            notified.as_mut().enable();
+            if let Some(status) = self.0.status.get() {
+                return status.clone();
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The task's side of its [`Watch`]. Dropped without a status (the task was aborted or
+/// panicked), the path counts as failed.
+pub(super) struct Settle(Watch);
+
+impl Settle {
+    pub(super) fn set(&self, status: Status) {
+        if self.0 .0.status.set(status).is_ok() {
+            self.0 .0.notify.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        self.set(Status::Failed("abandoned".into()));
+    }
 }
 
 /// A path a task must see in the cache before writing its narinfo.
 pub(super) enum Dep {
     /// Being uploaded by a task of ours.
-    Task(StorePath, watch::Receiver<Status>),
+    Task(StorePath, Watch),
     /// Not known either way: checked in the cache before committing.
     Check(StorePath),
 }
@@ -57,7 +103,7 @@ pub(super) struct Tasks {
 pub(super) struct Waiting {
     info: PathInfo,
     deps: Vec<Dep>,
-    tx: watch::Sender<Status>,
+    settle: Settle,
 }
 
 impl Tasks {
@@ -74,7 +120,7 @@ impl Tasks {
                 break;
             };
             self.running
-                .spawn(path::task(shared.clone(), w.info, w.deps, w.tx));
+                .spawn(path::task(shared.clone(), w.info, w.deps, w.settle));
         }
     }
 }
@@ -89,9 +135,9 @@ pub(super) fn spawn_closure(
     shared: &Arc<Shared>,
     infos: Vec<PathInfo>,
     tasks: &mut Tasks,
-) -> HashMap<StorePath, watch::Receiver<Status>> {
+) -> HashMap<StorePath, Watch> {
     let mut state = shared.state.lock().unwrap();
-    let mut new: Vec<(PathInfo, watch::Sender<Status>)> = Vec::new();
+    let mut new: Vec<(PathInfo, Settle)> = Vec::new();
     let mut watches = HashMap::new();
     for info in infos {
         if state.present.contains(&info.path) {
@@ -101,7 +147,8 @@ pub(super) fn spawn_closure(
             watches.insert(info.path.clone(), rx.clone());
             continue;
         }
-        let (tx, rx) = watch::channel(Status::Pending);
+        let rx = Watch::new();
+        let tx = Settle(rx.clone());
         state.inflight.insert(info.path.clone(), rx.clone());
         watches.insert(info.path.clone(), rx);
         new.push((info, tx));
@@ -119,10 +166,9 @@ pub(super) fn spawn_closure(
         .stats
         .planned_bytes
         .fetch_add(new.iter().map(|(i, _)| i.nar_size).sum(), Relaxed);
-    let mut new: Vec<Option<(PathInfo, watch::Sender<Status>)>> =
-        new.into_iter().map(Some).collect();
+    let mut new: Vec<Option<(PathInfo, Settle)>> = new.into_iter().map(Some).collect();
     for i in order {
-        let (info, tx) = new[i].take().expect("each index once");
+        let (info, settle) = new[i].take().expect("each index once");
         let deps = info
             .references
             .iter()
@@ -132,7 +178,7 @@ pub(super) fn spawn_closure(
                 None => Dep::Check(r.clone()),
             })
             .collect();
-        tasks.waiting.push_back(Waiting { info, deps, tx });
+        tasks.waiting.push_back(Waiting { info, deps, settle });
     }
     drop(state);
     tasks.top_up(shared);
@@ -141,7 +187,7 @@ pub(super) fn spawn_closure(
 
 /// Indices of `new` in start order: by level (a path's is above all of its references'
 /// in the set), then largest NAR first.
-fn start_order(new: &[(PathInfo, watch::Sender<Status>)]) -> Vec<usize> {
+fn start_order(new: &[(PathInfo, Settle)]) -> Vec<usize> {
     let index: HashMap<&StorePath, usize> = new
         .iter()
         .enumerate()
@@ -178,7 +224,7 @@ mod tests {
     use super::*;
     use crate::hash::Sha256;
 
-    fn info(name: &str, size: u64, refs: &[&str]) -> (PathInfo, watch::Sender<Status>) {
+    fn info(name: &str, size: u64, refs: &[&str]) -> (PathInfo, Settle) {
         let path = |n: &str| StorePath::from_base_name(&format!("{}-{n}", "a".repeat(32)));
         let info = PathInfo {
             path: path(name).unwrap(),
@@ -194,7 +240,37 @@ mod tests {
             sigs: Vec::new(),
             ca: None,
         };
-        (info, watch::channel(Status::Pending).0)
+        (info, Settle(Watch::new()))
+    }
+
+    #[tokio::test]
+    async fn a_watch_wakes_its_waiters_once_and_an_abandoned_task_counts_as_failed() {
+        let watch = Watch::new();
+        let settle = Settle(watch.clone());
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let w = watch.clone();
+                tokio::spawn(async move { w.settled().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        settle.set(Status::Done);
+        settle.set(Status::Failed("late".into())); // set once: ignored
+        for w in waiters {
+            assert!(matches!(w.await.unwrap(), Status::Done));
+        }
+        assert!(
+            matches!(watch.settled().await, Status::Done),
+            "after the fact too"
+        );
+
+        let watch = Watch::new();
+        let waiter = {
+            let w = watch.clone();
+            tokio::spawn(async move { w.settled().await })
+        };
+        drop(Settle(watch.clone()));
+        assert!(matches!(waiter.await.unwrap(), Status::Failed(r) if &*r == "abandoned"));
     }
 
     #[test]
