@@ -196,6 +196,45 @@ fn check_validates_and_exits_without_reading_input() {
 }
 
 #[test]
+fn a_secret_key_file_others_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-exposed");
+    let key = keys.secret.to_str().unwrap();
+    let cache = tmp.path().join("cache");
+    let chmod = |mode| {
+        std::fs::set_permissions(&keys.secret, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    // A normal run (nothing to upload) and --check, each with a key the world can read.
+    let runs = || {
+        [
+            upload_with(&["--secret-key-file", key], &cache, &[]),
+            upload_with(&["--check", "--secret-key-file", key], &cache, &[]),
+        ]
+    };
+    chmod(0o644);
+    for out in runs() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let warning: Vec<&str> = err.lines().filter(|l| l.contains("not private")).collect();
+        assert_eq!(warning.len(), 1, "one line: {err}");
+        assert!(
+            warning[0].contains(key) && warning[0].contains("mode 0644"),
+            "{err}"
+        );
+    }
+    chmod(0o600);
+    for out in runs() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(
+            !err.contains("not private") && !err.contains("0600"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn verify_reports_each_kind_of_broken_entry() {
     let tmp = tempfile::tempdir().unwrap();
     let keys = keygen(tmp.path(), "narpipe-verify");
