@@ -325,6 +325,56 @@ fn verify_reports_each_kind_of_broken_entry() {
         "{report}"
     );
     assert!(report.lines().all(|l| l.starts_with("BROKEN ")), "{report}");
+    // Into a pipe nobody reads any more (`| head -1`): the same verdict, no panic.
+    let out = Command::new(UPLOAD)
+        .arg("verify")
+        .arg(&cache)
+        .args(["--trusted-public-key", &keys.public])
+        .stdout(closed_pipe())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked") && err.contains("broken"), "{err}");
+}
+
+#[test]
+fn output_into_a_pipe_nobody_reads_ends_quietly() {
+    // `upload completions bash | head -c1` and the like: no panic, no message, exit 0.
+    let commands: [(&str, &[&str]); 7] = [
+        (UPLOAD, &["completions", "bash"]),
+        (UPLOAD, &["man"]),
+        (UPLOAD, &["--help"]),
+        (UPLOAD, &["--version"]),
+        (UPLOAD, &["verify", "--help"]),
+        (SEND, &["--help"]),
+        (SEND, &["--version"]),
+    ];
+    for (program, args) in commands {
+        let out = Command::new(program)
+            .args(args)
+            .stdout(closed_pipe())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{program} {args:?}: {err}");
+        assert!(err.is_empty(), "{program} {args:?}: {err}");
+    }
+    // send's warnings go to stderr, the build log: one that is gone must not fail the
+    // build either.
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let out = Command::new(SEND)
+        .arg("-o")
+        .arg(tmp.path().join("no-pipe"))
+        .arg("--spool-dir")
+        .arg(&spool)
+        .arg("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-gone")
+        .stderr(closed_pipe())
+        .status()
+        .unwrap();
+    assert!(out.success(), "{out}");
+    assert_eq!(narpipe::spool::list(&spool).unwrap().len(), 1);
 }
 
 #[test]

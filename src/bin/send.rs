@@ -83,9 +83,11 @@ fn seconds(s: &str) -> Result<Duration, String> {
     ))
 }
 
-/// One line on stderr, which a post-build-hook's output goes to (the build log).
+/// One line on stderr, which a post-build-hook's output goes to (the build log). A
+/// stderr that cannot take it is no reason to fail (eprintln! would panic on EPIPE).
 fn say(line: &str) {
-    eprintln!("send: {line}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "send: {line}");
 }
 
 fn count(n: usize) -> String {
