@@ -3,6 +3,7 @@
 //! `nix-store --generate-binary-cache-key NAME sk pk` writes `NAME:base64(64 bytes)`
 //! (seed then public key) and `NAME:base64(32 bytes)`. A signature is
 //! `NAME:base64(64 bytes)` over a narinfo's fingerprint (see [`crate::narinfo`]).
+//! [`key_file_exposure`] judges a secret key file's mode bits (0644 exposes the key).
 
 use std::str::FromStr;
 
@@ -137,6 +138,42 @@ impl PublicKey {
     }
 }
 
+/// What is wrong with a secret key file's permission bits: users other than its owner
+/// may read it (and sign as the cache) or write it (and swap the key). Shown as
+/// `readable by group and others (mode 0644)`; `chmod 600` cures it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExposedKeyFile {
+    mode: u32,
+}
+
+/// Checks a secret key file's mode (`st_mode`, or its permission bits alone): `None`
+/// when only its owner may read or write it. Execute bits expose nothing.
+pub fn key_file_exposure(mode: u32) -> Option<ExposedKeyFile> {
+    (mode & 0o066 != 0).then_some(ExposedKeyFile {
+        mode: mode & 0o7777,
+    })
+}
+
+impl std::fmt::Display for ExposedKeyFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let who = |group: u32, others: u32| match (self.mode & group != 0, self.mode & others != 0)
+        {
+            (true, true) => Some("group and others"),
+            (true, false) => Some("group"),
+            (false, true) => Some("others"),
+            (false, false) => None,
+        };
+        let access: Vec<String> = [
+            ("readable", who(0o040, 0o004)),
+            ("writable", who(0o020, 0o002)),
+        ]
+        .into_iter()
+        .filter_map(|(what, who)| who.map(|who| format!("{what} by {who}")))
+        .collect();
+        write!(f, "{} (mode {:04o})", access.join(", "), self.mode)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +199,36 @@ mod tests {
         assert!(pk.verifies(FP, NIX_SIG));
         assert!(!pk.verifies(&FP.replace("224", "225"), NIX_SIG));
         assert!(!pk.verifies(FP, &NIX_SIG.replace("test1:", "other:")));
+    }
+
+    #[test]
+    fn key_files_open_to_group_or_others_are_exposed() {
+        let shown = |mode| key_file_exposure(mode).map(|e| e.to_string());
+        for private in [0o600, 0o400, 0o700, 0o611, 0o100600, 0o000] {
+            assert_eq!(shown(private), None, "{private:o}");
+        }
+        // A key copied into place under the usual umask 022; st_mode includes the file
+        // type, which is not shown.
+        assert_eq!(
+            shown(0o100644).as_deref(),
+            Some("readable by group and others (mode 0644)")
+        );
+        assert_eq!(
+            shown(0o640).as_deref(),
+            Some("readable by group (mode 0640)")
+        );
+        assert_eq!(
+            shown(0o604).as_deref(),
+            Some("readable by others (mode 0604)")
+        );
+        assert_eq!(
+            shown(0o620).as_deref(),
+            Some("writable by group (mode 0620)")
+        );
+        assert_eq!(
+            shown(0o2666).as_deref(),
+            Some("readable by group and others, writable by group and others (mode 2666)")
+        );
     }
 
     #[test]

@@ -196,6 +196,45 @@ fn check_validates_and_exits_without_reading_input() {
 }
 
 #[test]
+fn a_secret_key_file_others_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-exposed");
+    let key = keys.secret.to_str().unwrap();
+    let cache = tmp.path().join("cache");
+    let chmod = |mode| {
+        std::fs::set_permissions(&keys.secret, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    // A normal run (nothing to upload) and --check, each with a key the world can read.
+    let runs = || {
+        [
+            upload_with(&["--secret-key-file", key], &cache, &[]),
+            upload_with(&["--check", "--secret-key-file", key], &cache, &[]),
+        ]
+    };
+    chmod(0o644);
+    for out in runs() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let warning: Vec<&str> = err.lines().filter(|l| l.contains("not private")).collect();
+        assert_eq!(warning.len(), 1, "one line: {err}");
+        assert!(
+            warning[0].contains(key) && warning[0].contains("mode 0644"),
+            "{err}"
+        );
+    }
+    chmod(0o600);
+    for out in runs() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(
+            !err.contains("not private") && !err.contains("0600"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn verify_reports_each_kind_of_broken_entry() {
     let tmp = tempfile::tempdir().unwrap();
     let keys = keygen(tmp.path(), "narpipe-verify");
@@ -286,6 +325,56 @@ fn verify_reports_each_kind_of_broken_entry() {
         "{report}"
     );
     assert!(report.lines().all(|l| l.starts_with("BROKEN ")), "{report}");
+    // Into a pipe nobody reads any more (`| head -1`): the same verdict, no panic.
+    let out = Command::new(UPLOAD)
+        .arg("verify")
+        .arg(&cache)
+        .args(["--trusted-public-key", &keys.public])
+        .stdout(closed_pipe())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked") && err.contains("broken"), "{err}");
+}
+
+#[test]
+fn output_into_a_pipe_nobody_reads_ends_quietly() {
+    // `upload completions bash | head -c1` and the like: no panic, no message, exit 0.
+    let commands: [(&str, &[&str]); 7] = [
+        (UPLOAD, &["completions", "bash"]),
+        (UPLOAD, &["man"]),
+        (UPLOAD, &["--help"]),
+        (UPLOAD, &["--version"]),
+        (UPLOAD, &["verify", "--help"]),
+        (SEND, &["--help"]),
+        (SEND, &["--version"]),
+    ];
+    for (program, args) in commands {
+        let out = Command::new(program)
+            .args(args)
+            .stdout(closed_pipe())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{program} {args:?}: {err}");
+        assert!(err.is_empty(), "{program} {args:?}: {err}");
+    }
+    // send's warnings go to stderr, the build log: one that is gone must not fail the
+    // build either.
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let out = Command::new(SEND)
+        .arg("-o")
+        .arg(tmp.path().join("no-pipe"))
+        .arg("--spool-dir")
+        .arg(&spool)
+        .arg("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-gone")
+        .stderr(closed_pipe())
+        .status()
+        .unwrap();
+    assert!(out.success(), "{out}");
+    assert_eq!(narpipe::spool::list(&spool).unwrap().len(), 1);
 }
 
 #[test]

@@ -256,9 +256,15 @@ fn send_never_hangs_without_a_reader_spools_and_refuses_regular_files() {
 
     let file = tmp.path().join("regular");
     std::fs::write(&file, b"").unwrap();
+    // A wrong -o is a configuration error, yet no reason to fail the build: the path
+    // is spooled like any other that the pipe cannot take, with a warning, and exit 0.
     let out = send(&file, &[&spool_arg, &root]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a named pipe"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("not a named pipe") && err.contains("spooled"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(&file).unwrap(), b"");
 
     let missing = tmp.path().join("missing");
@@ -266,6 +272,87 @@ fn send_never_hangs_without_a_reader_spools_and_refuses_regular_files() {
     assert!(out.status.success());
     assert!(!missing.exists(), "send created a file in the pipe's place");
     assert_eq!(narpipe::spool::list(&spool).unwrap().len(), 3);
+}
+
+/// Lexically valid store paths: send checks names, not validity, so nothing is built.
+fn fake_store_path(name: &str) -> String {
+    format!("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-{name}")
+}
+
+#[test]
+fn send_exits_0_whatever_becomes_of_the_paths_and_2_only_for_a_bad_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    let (a, b) = (fake_store_path("a"), fake_store_path("b"));
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(SEND)
+            .arg("-o")
+            .arg(&fifo)
+            .args(args)
+            .env("NARPIPE_SEND_TIMEOUT", "0.2")
+            .env_remove("OUT_PATHS")
+            .env_remove("DRV_PATH")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), err)
+    };
+
+    // Neither the pipe nor the spool can take the paths (its parent is a file): the
+    // warning says they were not queued and names them; the build still goes on.
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let unusable = format!("--spool-dir={}", file.join("spool").display());
+    let (code, err) = run(&[&unusable, &a, &b], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(err.lines().count(), 1, "one warning: {err}");
+    assert!(
+        err.contains("no upload is reading") && err.contains("NOT queued"),
+        "{err}"
+    );
+    assert!(err.contains(&a) && err.contains(&b), "{err}");
+    let (code, err) = run(&[&unusable, "--finish"], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("not asked to finish"), "{err}");
+
+    // A bad entry in Nix's $OUT_PATHS is skipped by name; the rest is spooled; exit 0.
+    let spool = tmp.path().join("spool");
+    let spool_arg = format!("--spool-dir={}", spool.display());
+    let (code, err) = run(&[&spool_arg], &[("OUT_PATHS", &format!("/etc/passwd {a}"))]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("\"/etc/passwd\"") && err.contains("spooled"),
+        "{err}"
+    );
+    let spooled = narpipe::spool::list(&spool).unwrap();
+    assert_eq!(spooled.len(), 1);
+    assert_eq!(
+        std::fs::read_to_string(&spooled[0]).unwrap(),
+        format!("{a}\n")
+    );
+
+    // The same as an argument is the caller's mistake: exit 2 as for a usage error,
+    // after the other paths were sent (here: spooled).
+    let (code, err) = run(&[&spool_arg, "/etc/passwd", &b], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("\"/etc/passwd\"") && err.contains("spooled"),
+        "{err}"
+    );
+    assert_eq!(narpipe::spool::list(&spool).unwrap().len(), 2);
+
+    // No timeout makes a panic (exit 101): an endless one is a usage error, a huge one
+    // is capped.
+    let (code, err) = run(&[&spool_arg, "--timeout=inf", &a], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--timeout"), "{err}");
+    let missing = tmp.path().join("missing");
+    let out = send(&missing, &[&spool_arg, "--timeout=1e300", &a]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("spooled"), "{err}");
 }
 
 #[test]

@@ -6,10 +6,15 @@
 //! send -o /run/narpipe.fifo --finish          # ask upload to drain and exit
 //! ```
 //! Never waits longer than --timeout, never creates the pipe, never blocks on a
-//! missing reader: a build must not hang on it. When upload is not there (no reader,
-//! or the pipe stays full), the paths go to a new file in the spool directory, which
-//! upload picks up when it runs, and send exits 0 with a warning. No async runtime, no
-//! cache client.
+//! missing reader: a build must not hang on it. Nor fail: whenever the pipe cannot
+//! take the paths (no reader, the pipe stays full, `-o` is not a pipe at all), they go
+//! to a new file in the spool directory, which upload picks up when it runs, and send
+//! says so in one warning line and exits 0. If the spool cannot take them either, the
+//! warning names the paths not queued; the exit is still 0. Exit 2 is for a command
+//! line at fault only: what clap rejects, a bad --store-dir, or a PATH argument that
+//! is not (and does not lead into) a store path, after the other paths were sent. An
+//! entry of $OUT_PATHS/$DRV_PATH that is no store path is warned about and skipped.
+//! No async runtime, no cache client.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
@@ -40,8 +45,8 @@ struct Args {
     output: PathBuf,
 
     /// Never wait longer than this many seconds for the pipe.
-    #[arg(long, env = "NARPIPE_SEND_TIMEOUT", default_value_t = 5.0)]
-    timeout: f64,
+    #[arg(long, env = "NARPIPE_SEND_TIMEOUT", default_value = "5", value_parser = seconds)]
+    timeout: Duration,
 
     /// After the paths, ask upload to finish its work and exit.
     #[arg(long)]
@@ -63,6 +68,36 @@ struct Args {
     paths: Vec<String>,
 }
 
+/// The exit status for a command line at fault, as clap uses for its own usage errors.
+const USAGE_ERROR: u8 = 2;
+
+/// A number of seconds: negative means 0; longer than a build could wait is capped, so
+/// that no deadline overflows.
+fn seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|e| format!("{e}"))?;
+    if !secs.is_finite() {
+        return Err("not a finite number of seconds".into());
+    }
+    Ok(Duration::from_secs_f64(
+        secs.clamp(0.0, f64::from(u32::MAX)),
+    ))
+}
+
+/// One line on stderr, which a post-build-hook's output goes to (the build log). A
+/// stderr that cannot take it is no reason to fail (eprintln! would panic on EPIPE).
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "send: {line}");
+}
+
+fn count(n: usize) -> String {
+    if n == 1 {
+        "1 path".into()
+    } else {
+        format!("{n} paths")
+    }
+}
+
 fn paths_from_env() -> Vec<String> {
     let from = |var: &str| {
         std::env::var(var)
@@ -79,28 +114,16 @@ fn paths_from_env() -> Vec<String> {
     }
 }
 
-/// Why the pipe could not take the paths.
-enum Undelivered {
-    /// Upload is not there or not keeping up: spool.
-    Away(anyhow::Error),
-    /// The path is not a pipe at all: a configuration error (still spooled).
-    NotAPipe(anyhow::Error),
-}
-
 /// Opens the FIFO for writing without ever blocking: retries while no reader is there.
-fn open_pipe(path: &Path, deadline: Instant) -> Result<OwnedFd, Undelivered> {
+fn open_pipe(path: &Path, deadline: Instant) -> Result<OwnedFd> {
     let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| {
-        Undelivered::Away(anyhow::anyhow!(
-            "no pipe at {shown} ({e}; is `upload --input {shown}` running?)"
-        ))
-    })?;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("no pipe at {shown} (is `upload --input {shown}` running?)"))?;
     if !meta.file_type().is_fifo() {
-        return Err(Undelivered::NotAPipe(anyhow::anyhow!(
-            "{shown} is not a named pipe; refusing to write to it"
-        )));
+        // A configuration error (-o or NARPIPE_PIPE), yet no reason to fail a build.
+        bail!("{shown} is not a named pipe (check -o/NARPIPE_PIPE); nothing written to it");
     }
-    open_fifo(path, deadline).map_err(Undelivered::Away)
+    open_fifo(path, deadline)
 }
 
 fn open_fifo(path: &Path, deadline: Instant) -> Result<OwnedFd> {
@@ -170,74 +193,51 @@ fn write_all(
     (chunks.len(), Ok(()))
 }
 
-/// Leaves the lines not delivered in the spool; the build goes on.
-fn spool(args: &Args, lines: &[String], why: &anyhow::Error) -> Result<()> {
+/// Leaves the lines the pipe did not take in the spool, for upload to pick up, and says
+/// why in one warning. Never fails: when the spool cannot take them either, the warning
+/// names them, and the build goes on all the same.
+fn spool(args: &Args, lines: &[String], why: &anyhow::Error) {
     let paths: Vec<String> = lines
         .iter()
         .filter(|l| l.as_bytes() != pipe::FINISH)
         .cloned()
         .collect();
+    let finish = if paths.len() < lines.len() {
+        "; upload was not asked to finish"
+    } else {
+        ""
+    };
     if paths.is_empty() {
-        eprintln!("send: warning: {why:#}; nothing to spool");
-        return Ok(());
+        say(&format!("warning: {why:#}{finish}"));
+        return;
     }
-    let file = narpipe::spool::write(&args.spool_dir, &paths).with_context(|| {
-        format!(
-            "{why:#}; and cannot spool {} paths into {}",
-            paths.len(),
-            args.spool_dir.display()
-        )
-    })?;
-    eprintln!(
-        "send: warning: {why:#}; {} paths spooled to {} for upload to pick up",
-        paths.len(),
-        file.display()
-    );
-    Ok(())
+    match narpipe::spool::write(&args.spool_dir, &paths) {
+        Ok(file) => say(&format!(
+            "warning: {why:#}; {} spooled to {} for upload to pick up{finish}",
+            count(paths.len()),
+            file.display()
+        )),
+        Err(e) => say(&format!(
+            "warning: {why:#}; cannot spool into {} either ({e}): {} NOT queued for \
+             upload: {}{finish}",
+            args.spool_dir.display(),
+            count(paths.len()),
+            paths.join(" ")
+        )),
+    }
 }
 
-fn run(args: Args) -> Result<bool> {
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(args.timeout.max(0.0));
-    let store_dir = StoreDir::new(&args.store_dir).context("--store-dir")?;
-    let inputs = if args.paths.is_empty() {
-        paths_from_env()
-    } else {
-        args.paths.clone()
+/// Hands `lines` to upload through the pipe, or what it does not take to the spool.
+fn deliver(args: &Args, lines: &[String], deadline: Instant) {
+    let chunks = match pipe::pack(lines) {
+        Ok(chunks) => chunks,
+        Err(e) => return spool(args, lines, &e.into()),
     };
-    let mut all_valid = true;
-    let mut lines: Vec<String> = Vec::new();
-    for input in &inputs {
-        match resolve_arg(input, &store_dir) {
-            Ok(p) => lines.push(store_dir.display(&p)),
-            Err(e) => {
-                eprintln!("send: skipping {e}");
-                all_valid = false;
-            }
-        }
-    }
-    if args.finish {
-        lines.push(String::from_utf8_lossy(pipe::FINISH).into_owned());
-    }
-    if lines.is_empty() {
-        if inputs.is_empty() {
-            eprintln!("send: nothing to send (no PATH arguments, $OUT_PATHS and $DRV_PATH empty)");
-        }
-        return Ok(all_valid);
-    }
-    let chunks = pipe::pack(&lines)?;
-    let shown = args.output.display().to_string();
     let fd = match open_pipe(&args.output, deadline) {
         Ok(fd) => fd,
-        Err(Undelivered::Away(why)) => {
-            spool(&args, &lines, &why)?;
-            return Ok(all_valid);
-        }
-        Err(Undelivered::NotAPipe(why)) => {
-            spool(&args, &lines, &why)?;
-            return Err(why);
-        }
+        Err(why) => return spool(args, lines, &why),
     };
+    let shown = args.output.display().to_string();
     let (sent, result) = write_all(&fd, &chunks, deadline, &shown);
     if let Err(why) = result {
         // Whole chunks are atomic: the lines of the chunks not written are spooled.
@@ -250,19 +250,58 @@ fn run(args: Args) -> Result<bool> {
                     .collect::<Vec<_>>()
             })
             .collect();
-        spool(&args, &rest, &why)?;
+        spool(args, &rest, &why);
     }
-    Ok(all_valid)
+}
+
+/// Sends, spools or warns; returns the exit status: 0, or [`USAGE_ERROR`].
+fn run(args: &Args) -> u8 {
+    // Capped by the parser: cannot overflow.
+    let deadline = Instant::now() + args.timeout;
+    let store_dir = match StoreDir::new(&args.store_dir) {
+        Ok(dir) => dir,
+        Err(e) => {
+            say(&format!("error: --store-dir: {e}"));
+            return USAGE_ERROR;
+        }
+    };
+    let from_args = !args.paths.is_empty();
+    let inputs = if from_args {
+        args.paths.clone()
+    } else {
+        paths_from_env()
+    };
+    let mut bad_argument = false;
+    let mut lines: Vec<String> = Vec::new();
+    for input in &inputs {
+        match resolve_arg(input, &store_dir) {
+            Ok(p) => lines.push(store_dir.display(&p)),
+            // A PATH argument is the caller's mistake: exit 2, once the others are sent.
+            // $OUT_PATHS and $DRV_PATH come from Nix: that must not fail the build.
+            Err(e) if from_args => {
+                say(&format!("error: {e}; not sent"));
+                bad_argument = true;
+            }
+            Err(e) => say(&format!("warning: {e}; not sent")),
+        }
+    }
+    if args.finish {
+        lines.push(String::from_utf8_lossy(pipe::FINISH).into_owned());
+    }
+    if lines.is_empty() {
+        if inputs.is_empty() {
+            say("warning: nothing to send (no PATH arguments, $OUT_PATHS and $DRV_PATH empty)");
+        }
+    } else {
+        deliver(args, &lines, deadline);
+    }
+    if bad_argument {
+        USAGE_ERROR
+    } else {
+        0
+    }
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(args) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("send: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    ExitCode::from(run(&Args::parse()))
 }

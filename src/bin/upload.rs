@@ -272,6 +272,15 @@ fn read_keys(files: &[PathBuf]) -> Result<Vec<SecretKey>> {
         .map(|file| {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read secret key file {}", file.display()))?;
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(file).map_or(0, |m| m.permissions().mode());
+            if let Some(exposed) = narpipe::signing::key_file_exposure(mode) {
+                log::warn!(
+                    "secret key file {} is not private: {exposed}; whoever can read it can \
+                     sign as this cache (chmod 600 it)",
+                    file.display()
+                );
+            }
             text.parse()
                 .with_context(|| format!("secret key file {}", file.display()))
         })
@@ -439,6 +448,22 @@ fn show_progress(stats: Arc<Stats>, daemon_mode: bool) {
 
 // ---- commands -----------------------------------------------------------------------
 
+/// Writes a command's output to stdout. A reader that has gone away (`upload man |
+/// head`) ends it quietly with success, as for any Unix filter; another write error is
+/// reported (exit 2).
+fn print_stdout(text: &[u8]) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("cannot write to stdout: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 async fn upload(args: RunArgs) -> ExitCode {
     let (cfg, input) = match start(&args).await {
         Ok(v) => v,
@@ -521,9 +546,13 @@ async fn verify(url: &str, keys: &[String], jobs: usize) -> ExitCode {
     };
     match narpipe::verify::verify(&cache, &keys, jobs).await {
         Ok(report) => {
-            for p in &report.problems {
-                println!("BROKEN {p}");
-            }
+            // The exit status says whether the cache is broken, whatever became of these.
+            let lines: String = report
+                .problems
+                .iter()
+                .map(|p| format!("BROKEN {p}\n"))
+                .collect();
+            print_stdout(lines.as_bytes());
             let broken: std::collections::HashSet<&str> =
                 report.problems.iter().map(|p| p.narinfo.as_str()).collect();
             log::info!(
@@ -648,18 +677,16 @@ fn main() -> ExitCode {
     let _ = log::set_boxed_logger(Box::new(logger))
         .map(|()| log::set_max_level(log::LevelFilter::Info));
     match &cli.command {
+        // Made in memory: clap_complete panics on a write error (`| head`).
         Some(Command::Completions { shell }) => {
-            clap_complete::generate(
-                *shell,
-                &mut Cli::command(),
-                "upload",
-                &mut std::io::stdout(),
-            );
-            return ExitCode::SUCCESS;
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "upload", &mut script);
+            return print_stdout(&script);
         }
         Some(Command::Man) => {
-            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
+            let mut page = Vec::new();
+            return match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                Ok(()) => print_stdout(&page),
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::from(2)

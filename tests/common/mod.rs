@@ -166,6 +166,14 @@ pub fn mkfifo(path: &Path) {
     nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
 }
 
+/// A stdout or stderr for a child: a pipe whose reader is gone, as `| head` after head
+/// has exited. Writing to it fails with EPIPE (SIGPIPE is ignored in Rust programs).
+pub fn closed_pipe() -> Stdio {
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    Stdio::from(writer)
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct Proc(pub Child);
 
