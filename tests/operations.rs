@@ -375,6 +375,19 @@ fn output_into_a_pipe_nobody_reads_ends_quietly() {
         .unwrap();
     assert!(out.success(), "{out}");
     assert_eq!(narpipe::spool::list(&spool).unwrap().len(), 1);
+    // upload's log into a pipe nobody reads (`upload … 2>&1 | head -1` after head
+    // exits): the work is done, nothing panics.
+    let cache = tmp.path().join("cache");
+    std::fs::write(tmp.path().join("empty"), "").unwrap();
+    let out = Command::new(UPLOAD)
+        .arg("--input")
+        .arg(tmp.path().join("empty"))
+        .arg(&cache)
+        .stderr(closed_pipe())
+        .status()
+        .unwrap();
+    assert!(out.success(), "{out}");
+    assert!(cache.join("nix-cache-info").exists());
 }
 
 #[test]

@@ -229,9 +229,14 @@ impl log::Log for Logger {
                 format!("{prefix}{}", r.args())
             }
         };
+        // A log nobody reads any more (a closed pipe) is not worth a panic.
+        let write = || {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+        };
         match BAR.get() {
-            Some(bar) if !bar.is_finished() => bar.suspend(|| eprintln!("{line}")),
-            _ => eprintln!("{line}"),
+            Some(bar) if !bar.is_finished() => bar.suspend(write),
+            _ => write(),
         }
     }
     fn flush(&self) {}
