@@ -6,9 +6,11 @@
 //! - formats for compressed NARs: [`xz`] (one stream of independently compressed blocks)
 //! - adapters: [`compress`]; [`engine`] (makes compressed NARs on a pool of plain threads)
 //! - IO edges, independent of each other: [`resolve`] (input → store path), [`nix`]
-//!   (runs the Nix CLI), [`cache`] (the binary cache through `object_store`)
+//!   (runs the Nix CLI), [`cache`] (the binary cache through `object_store`), [`queue`]
+//!   (the durable queue on SQLite; [`journal`] reads an earlier version's file once),
+//!   [`spool`]
 //! - orchestration: [`daemon`] (the whole uploader, one module per stage; one path's life
-//!   in `daemon::path`)
+//!   in `daemon::path`), [`exec`] (`upload exec`), [`import`], [`verify`]
 //!
 //! The binaries `upload` and `send` are thin: arguments, logging, signals, exit codes.
 
@@ -29,6 +31,7 @@ pub mod narinfo;
 pub mod nix;
 pub mod nixbase32;
 pub mod pipe;
+pub mod queue;
 pub mod resolve;
 pub mod signing;
 pub mod spool;

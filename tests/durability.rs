@@ -33,8 +33,10 @@ in mk "{word}-root" 100 (builtins.genList group 10)
     )
 }
 
-fn journal_text(state: &Path) -> String {
-    std::fs::read_to_string(state.join("journal")).unwrap_or_default()
+/// The roots the state dir's queue still holds, read as `upload status` does (while
+/// an upload may run).
+fn queued(state: &Path) -> Vec<narpipe::queue::Entry> {
+    narpipe::queue::entries(state).unwrap()
 }
 
 #[test]
@@ -70,7 +72,7 @@ fn kill_9_at_random_moments_loses_nothing() {
     assert!(send(&fifo, &[&root]).status.success());
     // Accepted means journaled: from here on a crash must not lose it.
     wait_until(Duration::from_secs(30), "the root to be journaled", || {
-        journal_text(&state).contains(&root)
+        queued(&state).iter().any(|e| e.path == root)
     });
     // Kill at random moments until ten kills have cut work short (at most 60 kills).
     let (mut kills, mut interrupted) = (0, 0);
@@ -80,7 +82,7 @@ fn kill_9_at_random_moments_loses_nothing() {
         daemon.wait_exit(Duration::from_secs(10));
         kills += 1;
         // Pending in the journal and not all in the cache: this kill cut work short.
-        let (_, pending) = narpipe::journal::Journal::open(&state).unwrap();
+        let pending = queued(&state);
         if !pending.is_empty() && narinfo_count(&cache) < closure.len() {
             interrupted += 1;
         }
@@ -98,7 +100,7 @@ fn kill_9_at_random_moments_loses_nothing() {
     assert_eq!(assert_closed(&cache), closure.len());
     assert_substitutes(&cache, &root, &keys.public, tmp.path());
     // Retired: the journal holds nothing pending.
-    let (_, pending) = narpipe::journal::Journal::open(&state).unwrap();
+    let pending = queued(&state);
     assert!(pending.is_empty(), "{pending:?}");
     eprintln!("{interrupted} of {kills} kills interrupted pending work");
 }
@@ -154,7 +156,7 @@ fn send_while_upload_is_down_spools_and_upload_picks_it_up() {
     for r in &roots {
         assert_substitutes(&cache, r, &keys.public, tmp.path());
     }
-    let (_, pending) = narpipe::journal::Journal::open(&state).unwrap();
+    let pending = queued(&state);
     assert!(pending.is_empty(), "GC'd path not retired: {pending:?}");
 }
 
@@ -196,12 +198,34 @@ fn a_path_that_keeps_failing_is_kept_with_its_reason_and_retried_next_start() {
         text.contains(&format!("failed {good} after 2 attempts")) && text.contains("next start"),
         "{text}"
     );
-    let (_, pending) = narpipe::journal::Journal::open(&state).unwrap();
+    let pending = queued(&state);
     assert_eq!(pending.len(), 1);
+    assert!(pending[0].failed, "{pending:?}");
+    assert_eq!(pending[0].attempts, 2, "{pending:?}");
     assert!(
-        pending[0].failed.as_deref().unwrap_or("").contains("nar"),
+        pending[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("nar"),
         "{pending:?}"
     );
+    // `upload status` says the same.
+    let out = Command::new(UPLOAD)
+        .args(["status", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    let line = shown.lines().find(|l| l.contains(&good)).unwrap_or("");
+    assert!(
+        line.starts_with("failed")
+            && line.contains("2 failed attempts")
+            && line.contains("last error:"),
+        "{shown}"
+    );
+    assert!(shown.contains("0 pending, 1 failed"), "{shown}");
 
     std::fs::remove_file(cache.join("nar")).unwrap();
     let out = upload("");
@@ -212,7 +236,7 @@ fn a_path_that_keeps_failing_is_kept_with_its_reason_and_retried_next_start() {
         "{text}"
     );
     assert_substitutes(&cache, &good, &keys.public, tmp.path());
-    let (_, pending) = narpipe::journal::Journal::open(&state).unwrap();
+    let pending = queued(&state);
     assert!(pending.is_empty());
 }
 
@@ -294,4 +318,48 @@ fn a_thousand_bad_lines_do_not_stop_the_valid_ones() {
     assert_eq!(rejected + failed_missing, bad.len(), "{text}");
     assert!(text.contains("rejected input \"/etc/outside-5\""), "{text}");
     assert!(text.contains("\\x00"), "NUL bytes are shown escaped");
+}
+
+#[test]
+fn a_damaged_queue_is_reported_set_aside_and_the_upload_still_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-damaged");
+    let cache = tmp.path().join("cache");
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let garbage: Vec<u8> = (0..10_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(state.join("queue.sqlite"), &garbage).unwrap();
+    let good = build_closure(tmp.path(), "damaged", 1, 100);
+    let mut child = Command::new(UPLOAD)
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .arg("--secret-key-file")
+        .arg(&keys.secret)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg(&cache)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{good}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("was damaged") && text.contains("moved aside"),
+        "{text}"
+    );
+    let aside: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("queue.sqlite.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_substitutes(&cache, &good, &keys.public, tmp.path());
+    assert!(queued(&state).is_empty());
 }

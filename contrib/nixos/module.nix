@@ -229,7 +229,7 @@ in
       requires = [ "narpipe.socket" ];
       after = [ "narpipe.socket" "network-online.target" ];
       wants = [ "network-online.target" ];
-      # Also start at boot, so that work left in the journal or spool is resumed
+      # Also start at boot, so that work left in the queue or spool is resumed
       # without waiting for the next build.
       wantedBy = [ "multi-user.target" ];
       # upload runs `nix` and `nix-store`.
@@ -241,7 +241,7 @@ in
         Type = "notify";
         NotifyAccess = "main";
         Sockets = "narpipe.socket";
-        # $STATE_DIRECTORY = /var/lib/narpipe: the journal, and the spool in
+        # $STATE_DIRECTORY = /var/lib/narpipe: the queue (queue.sqlite), and the spool in
         # /var/lib/narpipe/spool, which is also send's default.
         StateDirectory = "narpipe";
         EnvironmentFile = lib.mkIf (cfg.credentialsFile != null) (toString cfg.credentialsFile);

@@ -91,6 +91,14 @@ enum Command {
         #[arg(short, long, default_value_t = 8)]
         jobs: usize,
     },
+    /// Print the roots the state dir still owes the cache: pending ones and those that
+    /// failed (retried at the next start), with attempts and the last error. Safe while
+    /// an upload runs.
+    Status {
+        /// The state directory (default: $STATE_DIRECTORY, else /var/lib/narpipe).
+        #[arg(long, env = "NARPIPE_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Print a shell completion script for upload.
     Completions { shell: clap_complete::Shell },
     /// Print upload's man page (roff).
@@ -253,15 +261,18 @@ const BLOCKING_THREADS: usize = 8;
 fn state_dir(args: &RunArgs, needed: bool) -> Option<PathBuf> {
     args.state_dir
         .clone()
-        .or_else(|| {
-            std::env::var("STATE_DIRECTORY").ok().and_then(|v| {
-                v.split(':')
-                    .next()
-                    .filter(|d| !d.is_empty())
-                    .map(PathBuf::from)
-            })
-        })
+        .or_else(systemd_state_dir)
         .or_else(|| needed.then(|| PathBuf::from(DEFAULT_STATE_DIR)))
+}
+
+/// systemd's $STATE_DIRECTORY (its first entry).
+fn systemd_state_dir() -> Option<PathBuf> {
+    std::env::var("STATE_DIRECTORY").ok().and_then(|v| {
+        v.split(':')
+            .next()
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+    })
 }
 
 fn regexes(list: &[String], flag: &str) -> Result<Vec<regex::Regex>> {
@@ -324,7 +335,7 @@ fn config(args: &RunArgs) -> Result<Config> {
         level: args.compression_level,
         jobs,
         priority: args.priority,
-        journal: None,
+        queue: None,
         pending: Vec::new(),
         spool_dir: None,
         max_attempts: args.max_attempts,
@@ -354,11 +365,11 @@ async fn start(args: &RunArgs) -> Result<(Config, Input)> {
     };
     let input = Input::open(&input_path).await?;
     if let Some(dir) = state_dir(args, matches!(input, Input::Fifo(_))) {
-        let (journal, pending) = daemon::open_journal(&dir)?;
+        let (queue, pending) = daemon::open_queue(&dir)?;
         if !pending.is_empty() {
             log::info!("{} paths pending in {}", pending.len(), dir.display());
         }
-        cfg.journal = Some(journal);
+        cfg.queue = Some(queue);
         cfg.pending = pending;
         cfg.spool_dir = Some(args.spool_dir.clone().unwrap_or_else(|| dir.join("spool")));
     }
@@ -595,9 +606,9 @@ async fn exec(args: RunArgs, command: Vec<String>) -> ExitCode {
         }
     };
     if let Some(dir) = state_dir(&args, false) {
-        match daemon::open_journal(&dir) {
-            Ok((journal, pending)) => {
-                cfg.journal = Some(journal);
+        match daemon::open_queue(&dir) {
+            Ok((queue, pending)) => {
+                cfg.queue = Some(queue);
                 cfg.pending = pending;
             }
             Err(e) => {
@@ -630,6 +641,54 @@ async fn exec(args: RunArgs, command: Vec<String>) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn age_text(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// `upload status`: what the queue in the state dir holds.
+fn status(state_dir: Option<PathBuf>) -> ExitCode {
+    let dir = state_dir
+        .or_else(systemd_state_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let entries = match narpipe::queue::entries(&dir) {
+        Ok(e) => e,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut text = String::new();
+    for e in &entries {
+        let state = if e.failed { "failed " } else { "pending" };
+        let age = (now - e.accepted_at).max(0);
+        text.push_str(&format!(
+            "{state}  {}  accepted {} ago, {} failed attempts{}\n",
+            e.path,
+            age_text(age),
+            e.attempts,
+            e.last_error
+                .as_deref()
+                .map(|r| format!(", last error: {}", r.replace('\n', " ")))
+                .unwrap_or_default()
+        ));
+    }
+    let failed = entries.iter().filter(|e| e.failed).count();
+    text.push_str(&format!(
+        "{} pending, {failed} failed in {}\n",
+        entries.len() - failed,
+        dir.display()
+    ));
+    print_stdout(text.as_bytes())
 }
 
 async fn import(source: &str, dest: &str, key_files: &[PathBuf], jobs: usize) -> ExitCode {
@@ -724,6 +783,7 @@ fn main() -> ExitCode {
                 jobs,
             }) => verify(&cache_url, &trusted_public_keys, jobs).await,
             Some(Command::Exec { run, command }) => exec(*run, command).await,
+            Some(Command::Status { state_dir }) => status(state_dir),
             Some(Command::Import {
                 source_url,
                 cache_url,

@@ -1,23 +1,25 @@
-//! Accept and journal: a root counts as accepted once the [`Journal`] holds it (when
-//! there is a state directory), before anything else happens to it; it is retired when
-//! its closure is in the cache or can never be, and marked failed (kept for the next
-//! start) when its attempts run out. Journal writes may fsync, so they run off the
-//! async threads.
+//! Accept and journal: a root counts as accepted once the durable [`Queue`] holds it
+//! (when there is a state directory), before anything else happens to it; each failed
+//! attempt is counted there with its error; it is retired when its closure is in the
+//! cache or can never be, and marked failed (kept for the next start) when its
+//! attempts run out. Queue writes may fsync, so they run off the async threads.
 
 use std::sync::{Arc, Mutex};
 
 use log::{error, info, warn};
 
 use super::{Error, Shared};
-use crate::journal::{self, Journal, Pending};
+use crate::queue::{self, Opened, Pending, Queue};
 use crate::store_path::StorePath;
 
-/// Opens the journal in `state_dir`, returning it with what it still holds.
-pub fn open_journal(
-    state_dir: &std::path::Path,
-) -> Result<(Arc<Mutex<Journal>>, Vec<Pending>), Error> {
-    let (j, pending) = Journal::open(state_dir)?;
-    Ok((Arc::new(Mutex::new(j)), pending))
+/// Opens the queue in `state_dir`, returning it with what it still holds; what opening
+/// found worth saying (a damaged database rebuilt, an old journal imported) is logged.
+pub fn open_queue(state_dir: &std::path::Path) -> Result<(Arc<Mutex<Queue>>, Vec<Pending>), Error> {
+    let (q, Opened { pending, notes }) = Queue::open(state_dir)?;
+    for note in notes {
+        warn!("{note}");
+    }
+    Ok((Arc::new(Mutex::new(q)), pending))
 }
 
 impl Shared {
@@ -47,9 +49,9 @@ impl Shared {
     /// Runs a journal operation off the async threads (it may fsync).
     async fn journal_op(
         &self,
-        op: impl FnOnce(&mut Journal) -> Result<(), journal::Error> + Send + 'static,
+        op: impl FnOnce(&mut Queue) -> Result<(), queue::Error> + Send + 'static,
     ) -> bool {
-        let Some(j) = self.cfg.journal.clone() else {
+        let Some(j) = self.cfg.queue.clone() else {
             return true;
         };
         let res = tokio::task::spawn_blocking(move || op(&mut j.lock().unwrap())).await;
@@ -60,7 +62,7 @@ impl Shared {
                 false
             }
             Err(e) => {
-                error!("state journal: {e}");
+                error!("state queue: {e}");
                 false
             }
         }
@@ -74,6 +76,12 @@ impl Shared {
 
     pub(super) async fn journal_retire(&self, path: String) {
         self.journal_op(move |j| j.retire(&path)).await;
+    }
+
+    /// Counts a failed attempt (the root stays pending and is tried again).
+    pub(super) async fn journal_attempt(&self, path: String, reason: String) {
+        self.journal_op(move |j| j.attempt_failed(&path, &reason))
+            .await;
     }
 
     pub(super) async fn journal_fail(&self, path: String, reason: String) {

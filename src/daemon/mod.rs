@@ -2,16 +2,16 @@
 //!
 //! ```text
 //! input ──▶ accept ──(bounded)──▶ batch ─▶ plan ─────────▶ tasks ─▶ path ──▶ retry
-//! FIFO,     journal   50 ms window         presence,       one per   NAR, refs,  retire,
+//! FIFO,     queue     50 ms window         presence,       one per   NAR, refs,  retire,
 //! stdin,    (durable)  or 2,000 roots      validity, .drv  missing   sign,       back off,
 //! spool                                    outputs, new    path      narinfo     give up
 //!                                          paths by level
 //! ```
-//! One module per stage: [`input`] reads lines into store paths, [`accept`] records
-//! them in the [`Journal`] before anything else happens to them, this module gathers
-//! them into batches, [`plan`] (with [`presence`]) turns a batch into the paths the
-//! cache lacks, [`tasks`] starts one task per path in a safe order, [`path`] is one
-//! path's whole life, and [`retry`] settles each root: retired when its closure is in
+//! One module per stage: `input` reads lines into store paths, `accept` records
+//! them in the durable [`Queue`] before anything else happens to them, this module gathers
+//! them into batches, `plan` (with `presence`) turns a batch into the paths the
+//! cache lacks, `tasks` starts one task per path in a safe order, `path` is one
+//! path's whole life, and `retry` settles each root: retired when its closure is in
 //! the cache or can never be, retried with backoff, or reported and kept for the next
 //! start. At no moment does the cache hold a narinfo whose NAR or references are
 //! missing; one path's failure fails only the paths that depend on it.
@@ -40,14 +40,14 @@ use crate::cache::{self, Cache};
 use crate::compress::Compression;
 use crate::engine::Engine;
 use crate::filter::Filter;
-use crate::journal::{self, Journal, Pending};
 use crate::nix::{self, Nix};
+use crate::queue::{self, Pending, Queue};
 use crate::signing::SecretKey;
 use crate::stats::Stats;
 use crate::store_path::{StoreDir, StorePath};
 
 pub use crate::stats::Summary;
-pub use accept::open_journal;
+pub use accept::open_queue;
 pub use input::Input;
 use presence::{BoundedSet, Listing, CHECKS_IN_FLIGHT};
 use retry::Roots;
@@ -64,7 +64,7 @@ pub enum Error {
     #[error(transparent)]
     Nix(#[from] nix::Error),
     #[error(transparent)]
-    Journal(#[from] journal::Error),
+    Queue(#[from] queue::Error),
     #[error("cannot open input {path}: {cause}")]
     Input { path: String, cause: std::io::Error },
 }
@@ -78,8 +78,8 @@ pub struct Config {
     pub jobs: usize,
     pub priority: u32,
     /// The durable record of accepted roots; None: nothing survives a crash.
-    pub journal: Option<Arc<Mutex<Journal>>>,
-    /// Roots the journal held at open, replayed first.
+    pub queue: Option<Arc<Mutex<Queue>>>,
+    /// Roots the queue held at open, replayed first.
     pub pending: Vec<Pending>,
     /// Where `send` leaves paths when upload is away; polled while running.
     pub spool_dir: Option<PathBuf>,
@@ -144,7 +144,7 @@ impl Shared {
 
 /// Runs until the input ends (or `send --finish`, or `shutdown.drain`) and every
 /// accepted path is in the cache or given up; `shutdown.stop` abandons work (it stays
-/// in the journal).
+/// in the queue).
 pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
     let pending = std::mem::take(&mut cfg.pending);
     let spool_dir = cfg.spool_dir.clone();

@@ -1,7 +1,7 @@
 //! Commit and retry: the roots accepted and not yet settled. A root is retired (from
-//! the journal) when its whole closure is in the cache, or when it can never be; a
+//! the queue) when its whole closure is in the cache, or when it can never be; a
 //! failed attempt is tried again after an exponential backoff with jitter, and after
-//! `max_attempts` it is reported and kept in the journal for the next start.
+//! `max_attempts` it is reported and kept in the queue for the next start.
 //!
 //! ```text
 //! attempt 1 fails ─▶ wait ~1 s ─▶ attempt 2 fails ─▶ wait ~2 s ─▶ … ─▶ failed (kept)
@@ -124,10 +124,11 @@ impl Roots {
                     delay.as_secs_f64(),
                 );
                 self.retries.push((Instant::now() + delay, root));
+                shared.journal_attempt(shown, reason).await;
             }
             Next::GiveUp => {
                 shared.stats.failed.fetch_add(1, Relaxed);
-                let kept = if shared.cfg.journal.is_some() {
+                let kept = if shared.cfg.queue.is_some() {
                     "; kept in the state dir, retried on the next start"
                 } else {
                     ""

@@ -1,0 +1,652 @@
+//! The durable queue: which accepted root paths are not finished yet, on SQLite.
+//!
+//! `STATE_DIR/queue.sqlite`, in WAL mode (readers such as `upload status` never wait
+//! for the uploader):
+//! ```text
+//! paths(path TEXT PRIMARY KEY, accepted_at INTEGER, attempts INTEGER,
+//!       last_error TEXT, failed INTEGER)     one row per root still owed to the cache
+//! owner(pid, start_time, since)              the upload that writes here now
+//! ```
+//! A root counts as accepted once the transaction inserting it commits with
+//! `synchronous=FULL` (the WAL is fsync'd); a whole read of the pipe is one
+//! transaction. Retiring deletes the row (not synced: a retirement lost to a power cut
+//! only makes the next start look at the path again and skip it).
+//!
+//! One writer per state dir: the `owner` row is claimed inside an IMMEDIATE
+//! transaction, so two uploads starting together cannot both win, and an owner whose
+//! process is gone (kill -9) is replaced. At open, SQLite's integrity check runs; a
+//! damaged database, or a file that is not one, is moved aside as
+//! `queue.sqlite.corrupt-<time>` and rebuilt from every row that can still be read.
+//! The journal file of earlier versions is imported once, then renamed.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+
+use crate::journal;
+
+const FILE: &str = "queue.sqlite";
+/// The format of the tables, in `PRAGMA user_version`.
+const SCHEMA: i64 = 1;
+
+/// Errors name the database or directory; the cause's text is part of the message
+/// (callers log `{e}`), not a `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("state dir {} is not a directory", .0.display())]
+    NotADir(PathBuf),
+    #[error("state dir {}: {cause}", .dir.display())]
+    Dir { dir: PathBuf, cause: io::Error },
+    #[error("state queue {}: {cause}", .db.display())]
+    Db { db: PathBuf, cause: rusqlite::Error },
+    #[error("state dir {} is in use by another upload (process {pid}, since {since})", .dir.display())]
+    Locked {
+        dir: PathBuf,
+        pid: u32,
+        since: String,
+    },
+    #[error(transparent)]
+    Legacy(#[from] journal::Error),
+    #[error("cannot move the damaged state queue {} aside: {cause}", .db.display())]
+    MoveAside { db: PathBuf, cause: io::Error },
+}
+
+/// A root still owed to the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub path: String,
+    /// Given up on (reported failed) with this reason; retried at the next start.
+    pub failed: Option<String>,
+}
+
+/// One row, for `upload status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub path: String,
+    /// Unix seconds.
+    pub accepted_at: i64,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub failed: bool,
+}
+
+pub struct Queue {
+    conn: Connection,
+    db: PathBuf,
+}
+
+/// What opening found, besides the pending roots: things the user should hear about
+/// (a damaged database rebuilt, an old journal imported).
+#[derive(Debug, Default)]
+pub struct Opened {
+    pub pending: Vec<Pending>,
+    pub notes: Vec<String>,
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// When process `pid` started (clock ticks since boot), to tell it from a later
+/// process that got the same PID. None: no such process.
+fn start_time(pid: u32) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = stat.rsplit_once(") ")?.1;
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+impl Queue {
+    /// Opens (creating) the queue in `dir`, claims it for this process, and returns
+    /// what is still pending.
+    pub fn open(dir: &Path) -> Result<(Queue, Opened), Error> {
+        match std::fs::metadata(dir) {
+            Ok(m) if !m.is_dir() => return Err(Error::NotADir(dir.to_path_buf())),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir).map_err(|cause| Error::Dir {
+                    dir: dir.to_path_buf(),
+                    cause,
+                })?
+            }
+            Err(cause) => {
+                return Err(Error::Dir {
+                    dir: dir.to_path_buf(),
+                    cause,
+                })
+            }
+        }
+        let db = dir.join(FILE);
+        let mut opened = Opened::default();
+        let conn = match Self::connect(&db) {
+            Ok(conn) => conn,
+            Err(problem) => {
+                let (conn, note) = Self::rebuild(&db, &problem)?;
+                opened.notes.push(note);
+                conn
+            }
+        };
+        let mut queue = Queue { conn, db };
+        queue.claim(dir)?;
+        if let Some(note) = queue.import_journal(dir)? {
+            opened.notes.push(note);
+        }
+        opened.pending = queue.pending()?;
+        Ok((queue, opened))
+    }
+
+    fn err(&self, cause: rusqlite::Error) -> Error {
+        Error::Db {
+            db: self.db.clone(),
+            cause,
+        }
+    }
+
+    /// Opens the database, checks it and sets it up; an error says what is wrong with
+    /// the file (it is then rebuilt).
+    fn connect(db: &Path) -> Result<Connection, String> {
+        let conn = Connection::open(db).map_err(|e| e.to_string())?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        let check: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .map_err(|e| e.to_string())?;
+        if check != "ok" {
+            return Err(format!("integrity check: {check}"));
+        }
+        Self::set_up(&conn).map_err(|e| e.to_string())?;
+        Ok(conn)
+    }
+
+    fn set_up(conn: &Connection) -> rusqlite::Result<()> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version < SCHEMA {
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS paths (
+                     path TEXT PRIMARY KEY NOT NULL,
+                     accepted_at INTEGER NOT NULL,
+                     attempts INTEGER NOT NULL DEFAULT 0,
+                     last_error TEXT,
+                     failed INTEGER NOT NULL DEFAULT 0
+                 );
+                 CREATE TABLE IF NOT EXISTS owner (
+                     id INTEGER PRIMARY KEY CHECK (id = 1),
+                     pid INTEGER NOT NULL,
+                     start_time INTEGER,
+                     since INTEGER NOT NULL
+                 );
+                 PRAGMA user_version = 1;
+                 COMMIT;",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Moves a damaged database aside and builds a new one from what can be read.
+    fn rebuild(db: &Path, problem: &str) -> Result<(Connection, String), Error> {
+        let rows = salvage(db);
+        let aside = db.with_file_name(format!("{FILE}.corrupt-{}", now()));
+        std::fs::rename(db, &aside).map_err(|cause| Error::MoveAside {
+            db: db.to_path_buf(),
+            cause,
+        })?;
+        for ext in ["-wal", "-shm"] {
+            let side = PathBuf::from(format!("{}{ext}", db.display()));
+            if side.exists() {
+                let _ = std::fs::rename(&side, format!("{}{ext}", aside.display()));
+            }
+        }
+        let conn = Connection::open(db)
+            .and_then(|c| Self::set_up(&c).map(|()| c))
+            .map_err(|cause| Error::Db {
+                db: db.to_path_buf(),
+                cause,
+            })?;
+        let kept = (|| {
+            let mut insert = conn.prepare(
+                "INSERT OR IGNORE INTO paths (path, accepted_at, attempts, last_error, failed)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for e in &rows {
+                insert.execute(params![
+                    e.path,
+                    e.accepted_at,
+                    e.attempts,
+                    e.last_error,
+                    e.failed
+                ])?;
+            }
+            Ok(())
+        })();
+        kept.map_err(|cause| Error::Db {
+            db: db.to_path_buf(),
+            cause,
+        })?;
+        Ok((
+            conn,
+            format!(
+                "state queue {} was damaged ({problem}): moved aside as {}; rebuilt with the {} \
+                 paths that could still be read, any others are lost",
+                db.display(),
+                aside.display(),
+                rows.len()
+            ),
+        ))
+    }
+
+    /// Claims the queue for this process unless a live upload holds it.
+    fn claim(&mut self, dir: &Path) -> Result<(), Error> {
+        let me = std::process::id();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| Error::Db {
+                db: self.db.clone(),
+                cause: e,
+            })?;
+        let owner: Option<(u32, Option<i64>, i64)> = tx
+            .query_row(
+                "SELECT pid, start_time, since FROM owner WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(|e| Error::Db {
+                db: self.db.clone(),
+                cause: e,
+            })?;
+        if let Some((pid, started, since)) = owner {
+            let alive =
+                pid != me && start_time(pid).is_some_and(|t| started.is_none_or(|s| s == t));
+            if alive {
+                return Err(Error::Locked {
+                    dir: dir.to_path_buf(),
+                    pid,
+                    since: format!("{}s ago", (now() - since).max(0)),
+                });
+            }
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO owner (id, pid, start_time, since) VALUES (1, ?1, ?2, ?3)",
+            params![me, start_time(me), now()],
+        )
+        .and_then(|_| tx.commit())
+        .map_err(|e| Error::Db {
+            db: self.db.clone(),
+            cause: e,
+        })
+    }
+
+    /// Imports the journal file an earlier version left, once.
+    fn import_journal(&mut self, dir: &Path) -> Result<Option<String>, Error> {
+        let Some(old) = journal::take(dir)? else {
+            return Ok(None);
+        };
+        let tx = self.conn.transaction().map_err(|e| Error::Db {
+            db: self.db.clone(),
+            cause: e,
+        })?;
+        let at = now();
+        for (path, failed) in &old.pending {
+            tx.execute(
+                "INSERT OR IGNORE INTO paths (path, accepted_at, last_error, failed)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![path, at, failed, failed.is_some()],
+            )
+            .map_err(|e| Error::Db {
+                db: self.db.clone(),
+                cause: e,
+            })?;
+        }
+        tx.commit().map_err(|e| Error::Db {
+            db: self.db.clone(),
+            cause: e,
+        })?;
+        let renamed = old.finish()?;
+        Ok(Some(format!(
+            "imported {} pending paths from the journal of an earlier version (now {})",
+            old.pending.len(),
+            renamed.display()
+        )))
+    }
+
+    fn pending(&self) -> Result<Vec<Pending>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT path, failed, last_error FROM paths ORDER BY accepted_at, path")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let failed: bool = r.get(1)?;
+                let reason: Option<String> = r.get(2)?;
+                Ok(Pending {
+                    path: r.get(0)?,
+                    failed: if failed {
+                        reason.or(Some(String::new()))
+                    } else {
+                        None
+                    },
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    pub fn is_pending(&self, path: &str) -> bool {
+        self.conn
+            .query_row("SELECT 1 FROM paths WHERE path = ?1", [path], |_| Ok(()))
+            .optional()
+            .is_ok_and(|r| r.is_some())
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.conn
+            .query_row("SELECT count(*) FROM paths", [], |r| r.get::<_, i64>(0))
+            .map_or(0, |n| n as usize)
+    }
+
+    /// Runs `f` in one transaction, fsync'd on commit when `durable`.
+    fn write(
+        &mut self,
+        durable: bool,
+        f: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<()>,
+    ) -> Result<(), Error> {
+        let sync = if durable { "FULL" } else { "NORMAL" };
+        let res = self
+            .conn
+            .pragma_update(None, "synchronous", sync)
+            .and_then(|()| self.conn.transaction())
+            .and_then(|tx| f(&tx).and_then(|()| tx.commit()));
+        res.map_err(|e| self.err(e))
+    }
+
+    /// Records `paths` as accepted (again pending, if they had failed); durable when
+    /// this returns.
+    pub fn accept<S: AsRef<str>>(&mut self, paths: &[S]) -> Result<(), Error> {
+        let at = now();
+        self.write(true, |tx| {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO paths (path, accepted_at) VALUES (?1, ?2)
+                 ON CONFLICT (path) DO UPDATE SET failed = 0",
+            )?;
+            for p in paths {
+                insert.execute(params![p.as_ref(), at])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Retires `path`: its closure is in the cache, or it can never be uploaded.
+    pub fn retire(&mut self, path: &str) -> Result<(), Error> {
+        self.write(false, |tx| {
+            tx.execute("DELETE FROM paths WHERE path = ?1", [path])
+                .map(drop)
+        })
+    }
+
+    /// Counts a failed attempt at `path` (it stays pending and is retried).
+    pub fn attempt_failed(&mut self, path: &str, reason: &str) -> Result<(), Error> {
+        self.write(false, |tx| {
+            tx.execute(
+                "UPDATE paths SET attempts = attempts + 1, last_error = ?2 WHERE path = ?1",
+                params![path, reason],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Gives up on `path` for this run: kept with the reason, retried at the next start.
+    pub fn fail(&mut self, path: &str, reason: &str) -> Result<(), Error> {
+        self.write(true, |tx| {
+            tx.execute(
+                "UPDATE paths SET attempts = attempts + 1, last_error = ?2, failed = 1
+                 WHERE path = ?1",
+                params![path, reason],
+            )
+            .map(drop)
+        })
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        let _ = self.conn.execute(
+            "DELETE FROM owner WHERE id = 1 AND pid = ?1",
+            [std::process::id()],
+        );
+    }
+}
+
+/// Every row of the queue in `dir`, oldest first, read without claiming it (an
+/// upload may be running). An empty list when there is no queue.
+pub fn entries(dir: &Path) -> Result<Vec<Entry>, Error> {
+    let db = dir.join(FILE);
+    if !db.exists() {
+        return Ok(Vec::new());
+    }
+    let err = |cause| Error::Db {
+        db: db.clone(),
+        cause,
+    };
+    let conn = Connection::open(&db).map_err(err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(err)?;
+    read_entries(&conn).map_err(err)
+}
+
+fn read_entries(conn: &Connection) -> rusqlite::Result<Vec<Entry>> {
+    let mut stmt = conn.prepare(
+        "SELECT path, accepted_at, attempts, last_error, failed FROM paths
+         ORDER BY accepted_at, path",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Entry {
+            path: r.get(0)?,
+            accepted_at: r.get(1)?,
+            attempts: r.get(2)?,
+            last_error: r.get(3)?,
+            failed: r.get(4)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// The rows of a damaged database that can still be read, one by one (a bad page
+/// ends the scan, or is skipped, depending on where it is).
+fn salvage(db: &Path) -> Vec<Entry> {
+    let Ok(conn) = Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return Vec::new();
+    };
+    let Ok(mut stmt) =
+        conn.prepare("SELECT path, accepted_at, attempts, last_error, failed FROM paths")
+    else {
+        return Vec::new();
+    };
+    let Ok(mut rows) = stmt.query([]) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    loop {
+        match rows.next() {
+            Ok(Some(r)) => {
+                let entry = (|| {
+                    Ok::<_, rusqlite::Error>(Entry {
+                        path: r.get(0)?,
+                        accepted_at: r.get(1).unwrap_or_else(|_| now()),
+                        attempts: r.get(2).unwrap_or(0),
+                        last_error: r.get(3).unwrap_or(None),
+                        failed: r.get(4).unwrap_or(false),
+                    })
+                })();
+                if let Ok(e) = entry {
+                    found.push(e);
+                }
+            }
+            Ok(None) => break,
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::DatabaseCorrupt => {
+                break
+            }
+            Err(_) => break,
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(p: &[Pending]) -> Vec<&str> {
+        p.iter().map(|p| p.path.as_str()).collect()
+    }
+
+    #[test]
+    fn keeps_what_is_not_retired_with_attempts_and_reasons() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut q, opened) = Queue::open(dir.path()).unwrap();
+        assert!(opened.pending.is_empty() && opened.notes.is_empty());
+        q.accept(&["/nix/store/a", "/nix/store/b", "/nix/store/c"])
+            .unwrap();
+        q.retire("/nix/store/b").unwrap();
+        q.attempt_failed("/nix/store/c", "busy").unwrap();
+        q.fail("/nix/store/c", "backend said\tno\n").unwrap();
+        assert_eq!(q.pending_count(), 2);
+        drop(q);
+        let (q, opened) = Queue::open(dir.path()).unwrap();
+        assert_eq!(paths(&opened.pending), ["/nix/store/a", "/nix/store/c"]);
+        assert_eq!(
+            opened.pending[1].failed.as_deref(),
+            Some("backend said\tno\n")
+        );
+        let c = &entries(dir.path()).unwrap()[1];
+        assert_eq!((c.attempts, c.failed), (2, true));
+        // Accepted again: pending again, attempts kept.
+        let mut q = q;
+        q.accept(&["/nix/store/c"]).unwrap();
+        assert!(q.is_pending("/nix/store/c"));
+        let c = &entries(dir.path()).unwrap()[1];
+        assert_eq!((c.attempts, c.failed), (2, false));
+    }
+
+    #[test]
+    fn one_upload_per_state_dir_named_by_its_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, _) = Queue::open(dir.path()).unwrap();
+        // Another process holds it: pretend to be a live one (our parent).
+        let parent = nix::unistd::getppid().as_raw() as u32;
+        first
+            .conn
+            .execute(
+                "UPDATE owner SET pid = ?1, start_time = ?2",
+                params![parent, start_time(parent)],
+            )
+            .unwrap();
+        let err = Queue::open(dir.path()).err().expect("refused");
+        let text = format!("{:#}", anyhow::Error::from(err));
+        assert!(text.contains(&format!("process {parent}")), "{text}");
+        assert_eq!(
+            text.matches("in use by another upload").count(),
+            1,
+            "{text}"
+        );
+        // An owner whose process is gone (kill -9) does not hold it.
+        first
+            .conn
+            .execute("UPDATE owner SET pid = 999999999", [])
+            .unwrap();
+        drop(first);
+        assert!(Queue::open(dir.path()).is_ok());
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_moved_aside_and_the_queue_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage: Vec<u8> = (0..10_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+        std::fs::write(dir.path().join(FILE), &garbage).unwrap();
+        let (mut q, opened) = Queue::open(dir.path()).unwrap();
+        assert!(opened.pending.is_empty());
+        assert_eq!(opened.notes.len(), 1);
+        assert!(opened.notes[0].contains("damaged"), "{:?}", opened.notes);
+        assert!(opened.notes[0].contains("0 paths"), "{:?}", opened.notes);
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("queue.sqlite.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert_eq!(std::fs::read(dir.path().join(&aside[0])).unwrap(), garbage);
+        q.accept(&["/nix/store/a"]).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_database_is_rebuilt_from_the_rows_that_can_be_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut q, _) = Queue::open(dir.path()).unwrap();
+        let many: Vec<String> = (0..3000).map(|i| format!("/nix/store/p{i:05}")).collect();
+        q.accept(&many).unwrap();
+        q.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        drop(q);
+        // Random bytes over the middle of the file.
+        let db = dir.path().join(FILE);
+        let mut bytes = std::fs::read(&db).unwrap();
+        let mid = bytes.len() / 2;
+        for (i, b) in bytes[mid..mid + 8192].iter_mut().enumerate() {
+            *b = (i * 31 % 256) as u8;
+        }
+        std::fs::write(&db, &bytes).unwrap();
+        let (_, opened) = Queue::open(dir.path()).unwrap();
+        assert_eq!(opened.notes.len(), 1, "{:?}", opened.notes);
+        assert!(opened.notes[0].contains("damaged"), "{:?}", opened.notes);
+        let kept = opened.pending.len();
+        assert!(kept > 0 && kept < 3000, "{kept} of 3000 kept");
+        assert!(
+            opened.notes[0].contains(&format!("{kept} paths")),
+            "{:?}",
+            opened.notes
+        );
+    }
+
+    #[test]
+    fn a_journal_of_an_earlier_version_is_imported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        journal::write_for_test(
+            dir.path(),
+            &[("/nix/store/a", None), ("/nix/store/b", Some("no"))],
+        );
+        let (_, opened) = Queue::open(dir.path()).unwrap();
+        assert_eq!(paths(&opened.pending), ["/nix/store/a", "/nix/store/b"]);
+        assert_eq!(opened.pending[1].failed.as_deref(), Some("no"));
+        assert!(
+            opened.notes[0].contains("imported 2 pending paths"),
+            "{:?}",
+            opened.notes
+        );
+        assert!(!dir.path().join("journal").exists());
+        let (_, opened) = Queue::open(dir.path()).unwrap();
+        assert!(opened.notes.is_empty(), "once: {:?}", opened.notes);
+        assert_eq!(opened.pending.len(), 2);
+    }
+
+    #[test]
+    fn a_regular_file_as_state_dir_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let err = Queue::open(&file).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            format!("state dir {} is not a directory", file.display())
+        );
+    }
+}
