@@ -103,6 +103,105 @@ fn kill_9_at_random_moments_loses_nothing() {
     eprintln!("{interrupted} of {kills} kills interrupted pending work");
 }
 
+/// Sets a file's modification time `ago` into the past.
+fn age(file: &Path, ago: Duration) {
+    let f = std::fs::File::options().write(true).open(file).unwrap();
+    f.set_modified(std::time::SystemTime::now() - ago).unwrap();
+}
+
+#[test]
+fn leftovers_of_a_kill_9_are_removed_at_start_once_stale_and_young_ones_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-leftovers");
+    let word = unique("leftover-big");
+    let big = build_expr(
+        tmp.path(),
+        "leftover-big",
+        &format!(
+            r#"derivation {{ name = "{word}"; system = builtins.currentSystem; builder = "/bin/sh";
+                PATH = "/usr/bin:/bin"; args = [ "-c" "head -c 24000000 /dev/urandom > $out" ]; }}"#
+        ),
+    );
+    let cache = tmp.path().join("cache");
+    let input = tmp.path().join("input");
+    std::fs::write(&input, format!("{big}\n")).unwrap();
+    let upload = || {
+        let mut cmd = Command::new(UPLOAD);
+        cmd.env("NIX_CONFIG", NIX_CONFIG)
+            .args(["--compression", "xz", "--compression-level", "0"])
+            .arg("--secret-key-file")
+            .arg(&keys.secret)
+            .arg("--input")
+            .arg(&input)
+            .arg(&cache)
+            .stdout(Stdio::null());
+        cmd
+    };
+    // kill -9 while the NAR streams as a multipart upload: its staging file stays.
+    let mut up = Proc::spawn(upload().stderr(Stdio::null()));
+    let staged = |name: &str| name.starts_with("tmp-") && name.contains(".part#");
+    let nar = cache.join("nar");
+    let names = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "a multipart upload to start",
+        || names(&nar).iter().any(|n| staged(n)),
+    );
+    up.signal(Signal::SIGKILL);
+    up.wait_exit(Duration::from_secs(10));
+    let killed: Vec<String> = names(&nar).into_iter().filter(|n| staged(n)).collect();
+    assert_eq!(killed.len(), 1, "{:?}", names(&nar));
+
+    // What other interrupted writes leave (object_store stages every put as
+    // <object>#<N>; a multipart NAR lives as tmp-<uuid>.part until renamed)…
+    let narinfo_hash = &Path::new(&big).file_name().unwrap().to_str().unwrap()[..32];
+    let stale: Vec<std::path::PathBuf> = [
+        nar.join(&killed[0]),
+        cache.join(format!("{narinfo_hash}.narinfo#1")),
+        cache.join("nix-cache-info#2"),
+        nar.join(format!("{}.nar.xz#1", "1".repeat(52))),
+        nar.join("tmp-5f0c6a52-6f6e-4a43-9d3b-0b7c2f0d9a11.part"),
+    ]
+    .into();
+    // …and what is not ours to remove, or may be another uploader's work right now.
+    let young = nar.join("tmp-7d1e2f3a-1b2c-4d5e-8f90-a1b2c3d4e5f6.part#1");
+    let foreign = [cache.join("notes#1"), cache.join("index.html")];
+    for f in stale.iter().chain([&young]).chain(&foreign) {
+        if !f.exists() {
+            std::fs::write(f, b"partial").unwrap();
+        }
+    }
+    for f in stale.iter().chain(&foreign) {
+        age(f, Duration::from_secs(2 * 3600));
+    }
+
+    let out = upload().stderr(Stdio::piped()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    for f in &stale {
+        assert!(!f.exists(), "{} was left: {text}", f.display());
+    }
+    assert!(young.exists(), "a young staging file was removed");
+    for f in &foreign {
+        assert!(f.exists(), "{} is not ours: removed", f.display());
+    }
+    assert!(
+        text.contains(&format!(
+            "removed {} files left by interrupted uploads",
+            stale.len()
+        )),
+        "{text}"
+    );
+    assert_substitutes(&cache, &big, &keys.public, tmp.path());
+}
+
 #[test]
 fn send_while_upload_is_down_spools_and_upload_picks_it_up() {
     let tmp = tempfile::tempdir().unwrap();

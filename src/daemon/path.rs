@@ -290,7 +290,9 @@ mod tests {
         let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 7) as u8).collect();
         std::fs::write(store.join(name).join("f"), &big).unwrap();
         let (sd, info) = info_for(&store, name);
-        let cache = Cache::open(dir.path().join("cache").to_str().unwrap()).unwrap();
+        let cache_dir = dir.path().join("cache");
+        std::fs::create_dir_all(&cache_dir).unwrap();
+        let cache = Cache::open(cache_dir.to_str().unwrap()).unwrap();
 
         let nar = upload_nar(
             &Engine::new(2).unwrap(),
@@ -334,7 +336,9 @@ mod tests {
         std::fs::write(store.join(name), b"original").unwrap();
         let (sd, info) = info_for(&store, name);
         std::fs::write(store.join(name), b"tampered").unwrap();
-        let cache = Cache::open(dir.path().join("cache").to_str().unwrap()).unwrap();
+        let cache_dir = dir.path().join("cache");
+        std::fs::create_dir_all(&cache_dir).unwrap();
+        let cache = Cache::open(cache_dir.to_str().unwrap()).unwrap();
         let err = upload_nar(
             &Engine::new(2).unwrap(),
             &cache,
