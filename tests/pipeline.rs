@@ -385,7 +385,26 @@ fn configuration_errors_exit_2_before_any_work() {
                 state_file.display().to_string(),
                 tmp.path().join("c").display().to_string(),
             ],
-            "state-file",
+            "is not a directory",
+        ),
+        (
+            vec![
+                "--state-dir".into(),
+                state_file.join("sub").display().to_string(),
+                tmp.path().join("c").display().to_string(),
+            ],
+            "is not a directory",
+        ),
+        (
+            vec![
+                "exec".into(),
+                "--state-dir".into(),
+                state_file.display().to_string(),
+                tmp.path().join("c").display().to_string(),
+                "--".into(),
+                "true".into(),
+            ],
+            "is not a directory",
         ),
     ];
     for (args, needle) in cases {
@@ -397,6 +416,10 @@ fn configuration_errors_exit_2_before_any_work() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
+        if needle == "is not a directory" {
+            // Said in words, not as the journal's "File exists (os error 17)".
+            assert!(!err.contains("os error"), "{args:?}: {err}");
+        }
     }
     // Everything that can fail is checked before anything is created.
     assert!(

@@ -264,6 +264,23 @@ fn state_dir(args: &RunArgs, needed: bool) -> Option<PathBuf> {
         .or_else(|| needed.then(|| PathBuf::from(DEFAULT_STATE_DIR)))
 }
 
+/// A state dir must be a directory, or not exist yet: the journal's own error would be
+/// "File exists" or "Not a directory", about a file inside it.
+fn check_state_dir(dir: &std::path::Path) -> Result<()> {
+    let not_a_dir = |p: &std::path::Path| std::fs::metadata(p).is_ok_and(|m| !m.is_dir());
+    if not_a_dir(dir) {
+        anyhow::bail!("state dir {} is not a directory", dir.display());
+    }
+    if let Some(file) = dir.ancestors().skip(1).find(|a| not_a_dir(a)) {
+        anyhow::bail!(
+            "state dir {} cannot be created: {} is not a directory",
+            dir.display(),
+            file.display()
+        );
+    }
+    Ok(())
+}
+
 fn regexes(list: &[String], flag: &str) -> Result<Vec<regex::Regex>> {
     list.iter()
         .filter(|r| !r.is_empty())
@@ -354,6 +371,7 @@ async fn start(args: &RunArgs) -> Result<(Config, Input)> {
     };
     let input = Input::open(&input_path).await?;
     if let Some(dir) = state_dir(args, matches!(input, Input::Fifo(_))) {
+        check_state_dir(&dir)?;
         let (journal, pending) = daemon::open_journal(&dir)?;
         if !pending.is_empty() {
             log::info!("{} paths pending in {}", pending.len(), dir.display());
@@ -595,6 +613,10 @@ async fn exec(args: RunArgs, command: Vec<String>) -> ExitCode {
         }
     };
     if let Some(dir) = state_dir(&args, false) {
+        if let Err(e) = check_state_dir(&dir) {
+            log::error!("{e:#}");
+            return ExitCode::from(2);
+        }
         match daemon::open_journal(&dir) {
             Ok((journal, pending)) => {
                 cfg.journal = Some(journal);
