@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use log::{error, info};
+use log::{debug, info};
 
 use super::tasks::{Dep, Settle, Status};
 use super::Shared;
@@ -81,7 +81,9 @@ pub(super) async fn task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, se
         Err(Error::Interrupted) => Status::Failed("interrupted".into()),
         Err(e) => {
             shared.stats.errors.fetch_add(1, Relaxed);
-            error!("failed {shown}: {e}");
+            // Said by each root that needs this path (see super::retry): once when its
+            // first attempt fails, once when its last one does.
+            debug!("failed {shown}: {e}");
             Status::Failed(e.to_string().into())
         }
     };
