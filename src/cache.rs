@@ -11,10 +11,15 @@
 //! request; a larger one streams as a multipart upload to a temporary name and is
 //! renamed once complete and verified. Puts are atomic on every backend, so no reader
 //! ever sees a partial object; an abandoned multipart upload is aborted.
+//!
+//! A process killed mid-write leaves staging files in a local folder (object_store's
+//! `<object>#<N>`, our `nar/tmp-<uuid>.part`): [`Cache::prepare`] removes the stale
+//! ones (see [`LEFTOVER_AGE`]). On S3 and GCS it leaves an incomplete multipart upload,
+//! which no reader sees and object_store cannot list: a bucket lifecycle rule expires it.
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
@@ -95,6 +100,17 @@ impl Error {
 /// access.
 pub const WRITE_CHECK: &str = ".narpipe-write-check";
 
+/// How old (since last modified) a leftover of an interrupted upload in a local folder
+/// must be before [`Cache::prepare`] removes it. Another uploader may be writing into
+/// the same folder right now: its staging files grow as its NAR streams (a part every
+/// 8 MiB) and are renamed the moment they are complete, so one untouched for an hour
+/// belongs to a process that is gone (assuming the writers' clocks agree).
+pub const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
+
+/// Where a large NAR streams before it is renamed to its final name.
+const TMP_NAR_PREFIX: &str = "tmp-";
+const TMP_NAR_SUFFIX: &str = ".part";
+
 /// The object name of a path's narinfo.
 pub fn narinfo_key(p: &StorePath) -> String {
     format!("{}.narinfo", p.hash_part())
@@ -102,7 +118,9 @@ pub fn narinfo_key(p: &StorePath) -> String {
 
 #[derive(Clone)]
 pub struct Cache {
-    store: Arc<dyn ObjectStore>,
+    /// Set at open, except for a local folder that does not exist yet: made once it
+    /// does (see [`Cache::store`]), so that opening creates nothing.
+    store: Arc<OnceLock<Arc<dyn ObjectStore>>>,
     prefix: Option<Path>,
     /// For logs: no credentials in it.
     url: String,
@@ -151,8 +169,9 @@ fn client_options(connect: Duration) -> ClientOptions {
 }
 
 impl Cache {
-    /// Opens a cache URL (see [`crate::cache_url`]). Contacts nothing yet, except that
-    /// a local folder is created.
+    /// Opens a cache URL (see [`crate::cache_url`]). Contacts and creates nothing: a
+    /// local folder that does not exist yet is created by [`Cache::prepare`], after
+    /// everything else that can fail at start was checked.
     pub fn open(url: &str) -> Result<Self, Error> {
         Self::open_with(url, retry_config(), client_options(Duration::from_secs(10)))
     }
@@ -173,15 +192,14 @@ impl Cache {
             url: shown.clone(),
             reason,
         };
-        let (store, prefix, attributes): (Arc<dyn ObjectStore>, Option<String>, bool) =
+        let (store, prefix, attributes): (OnceLock<Arc<dyn ObjectStore>>, Option<String>, bool) =
             match &parsed {
                 CacheUrl::File { dir } => {
-                    std::fs::create_dir_all(dir)
-                        .map_err(|e| setup(format!("cannot create {dir}: {e}")))?;
-                    let store = LocalFileSystem::new_with_prefix(dir)
-                        .map_err(|e| setup(e.to_string()))?
-                        .with_automatic_cleanup(false);
-                    (Arc::new(store), None, false)
+                    let store = OnceLock::new();
+                    if std::path::Path::new(dir).exists() {
+                        let _ = store.set(local_store(dir.as_ref()).map_err(setup)?);
+                    }
+                    (store, None, false)
                 }
                 CacheUrl::S3 {
                     bucket,
@@ -220,7 +238,11 @@ impl Cache {
                         .with_client_options(client)
                         .build()
                         .map_err(|e| setup(e.to_string()))?;
-                    (Arc::new(store), prefix.clone(), true)
+                    (
+                        OnceLock::from(Arc::new(store) as Arc<dyn ObjectStore>),
+                        prefix.clone(),
+                        true,
+                    )
                 }
                 CacheUrl::Gcs {
                     bucket,
@@ -253,11 +275,15 @@ impl Cache {
                         .with_client_options(client)
                         .build()
                         .map_err(|e| setup(e.to_string()))?;
-                    (Arc::new(store), prefix.clone(), true)
+                    (
+                        OnceLock::from(Arc::new(store) as Arc<dyn ObjectStore>),
+                        prefix.clone(),
+                        true,
+                    )
                 }
             };
         Ok(Cache {
-            store,
+            store: Arc::new(store),
             prefix: prefix.map(Path::from),
             url: shown,
             raw: url.to_string(),
@@ -271,9 +297,19 @@ impl Cache {
     }
 
     /// Checks the cache before any work is accepted: reachable, readable, writable, and
-    /// made for `store_dir` (writes nix-cache-info when missing, with `priority`).
-    /// Fails fast: few retries.
+    /// made for `store_dir` (creates a missing local folder, writes nix-cache-info when
+    /// missing, with `priority`), then removes the leftovers of interrupted uploads
+    /// from a local folder once they are [`LEFTOVER_AGE`] old. Fails fast: few
+    /// retries.
     pub async fn prepare(&self, store_dir: &str, priority: u32) -> Result<(), Error> {
+        if let Some(dir) = &self.local_dir {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| Error::Setup {
+                    url: self.url.clone(),
+                    reason: format!("cannot create {}: {e}", dir.display()),
+                })?;
+        }
         let probe = self.probe()?;
         let explain = |e: Error| match e.diagnosis() {
             Some(diagnosis) => Error::Unusable {
@@ -300,7 +336,7 @@ impl Cache {
                     .put(WRITE_CHECK, Bytes::from_static(b"narpipe\n"), "text/plain")
                     .await
                     .map_err(explain)?;
-                match probe.store.delete(&probe.key(WRITE_CHECK)).await {
+                match probe.store()?.delete(&probe.key(WRITE_CHECK)).await {
                     // Another uploader starting at the same moment removed it.
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => log::warn!("cannot remove {WRITE_CHECK} from {}: {e}", self.url),
@@ -318,7 +354,58 @@ impl Cache {
                     .map_err(explain)?;
             }
         }
+        self.remove_leftovers(LEFTOVER_AGE, SystemTime::now()).await;
         Ok(())
+    }
+
+    /// Removes from a local folder what uploads killed mid-write (kill -9, a second
+    /// SIGTERM, power loss) left behind, when it is at least `min_age` old (by
+    /// modification time) at `now`: object_store's staging files `<object>#<N>` of
+    /// narinfos, nix-cache-info and NARs, and multipart NARs not renamed into place
+    /// (`nar/tmp-<uuid>.part`). Anything younger may be another uploader's work in
+    /// progress; anything else is not ours. Reports what it did; a failure to remove is
+    /// a warning, never an error. Returns how many were removed. Remote caches: nothing
+    /// to do here (see the module documentation).
+    async fn remove_leftovers(&self, min_age: Duration, now: SystemTime) -> usize {
+        let Some(dir) = self.local_dir.clone() else {
+            return 0;
+        };
+        let swept = tokio::task::spawn_blocking(move || sweep(&dir, min_age, now)).await;
+        let Ok(swept) = swept else {
+            return 0;
+        };
+        if swept.removed > 0 {
+            log::info!(
+                "removed {} files left by interrupted uploads (untouched for {} min or more) from {}",
+                swept.removed,
+                min_age.as_secs() / 60,
+                self.url
+            );
+        }
+        if let Some(first) = &swept.first_failure {
+            log::warn!(
+                "cannot remove {} leftovers of interrupted uploads from {} ({first})",
+                swept.failed,
+                self.url
+            );
+        }
+        swept.removed
+    }
+
+    /// The backend. A local folder's is made on first use, once the folder exists.
+    fn store(&self) -> Result<&Arc<dyn ObjectStore>, Error> {
+        if let Some(store) = self.store.get() {
+            return Ok(store);
+        }
+        let dir = self
+            .local_dir
+            .as_ref()
+            .expect("only a local folder's store is made after open");
+        let made = local_store(dir).map_err(|reason| Error::Setup {
+            url: self.url.clone(),
+            reason,
+        })?;
+        Ok(self.store.get_or_init(|| made))
     }
 
     pub fn url(&self) -> &str {
@@ -354,7 +441,7 @@ impl Cache {
     }
 
     pub async fn exists(&self, rel: &str) -> Result<bool, Error> {
-        match self.store.head(&self.key(rel)).await {
+        match self.store()?.head(&self.key(rel)).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(self.err("head", rel, e)),
@@ -367,7 +454,7 @@ impl Cache {
         rel: &str,
     ) -> Result<Option<futures::stream::BoxStream<'static, Result<Bytes, Error>>>, Error> {
         use futures::StreamExt;
-        let res = match self.store.get(&self.key(rel)).await {
+        let res = match self.store()?.get(&self.key(rel)).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.err("get", rel, e)),
@@ -389,7 +476,7 @@ impl Cache {
 
     /// The size of an object, None if it is missing.
     pub async fn size(&self, rel: &str) -> Result<Option<u64>, Error> {
-        match self.store.head(&self.key(rel)).await {
+        match self.store()?.head(&self.key(rel)).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.err("head", rel, e)),
@@ -450,7 +537,7 @@ impl Cache {
                 reason: format!("cannot list it: {reason}"),
             });
         }
-        let mut objects = self.store.list(self.prefix.as_ref());
+        let mut objects = self.store()?.list(self.prefix.as_ref());
         let root = self.prefix.as_ref().map_or(0, |p| p.parts().count());
         let mut hashes = HashSet::new();
         let mut seen = 0usize;
@@ -473,7 +560,7 @@ impl Cache {
     /// Names of the objects at the cache root (not below `nar/`).
     pub async fn list_root(&self) -> Result<Vec<String>, Error> {
         let listing = self
-            .store
+            .store()?
             .list_with_delimiter(self.prefix.as_ref())
             .await
             .map_err(|e| self.err("list", "/", e))?;
@@ -485,7 +572,7 @@ impl Cache {
     }
 
     pub async fn get(&self, rel: &str) -> Result<Option<Bytes>, Error> {
-        let res = match self.store.get(&self.key(rel)).await {
+        let res = match self.store()?.get(&self.key(rel)).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.err("get", rel, e)),
@@ -502,7 +589,7 @@ impl Cache {
         data: Bytes,
         content_type: &'static str,
     ) -> Result<(), Error> {
-        self.store
+        self.store()?
             .put_opts(
                 &self.key(rel),
                 PutPayload::from_bytes(data),
@@ -521,7 +608,7 @@ impl Cache {
         content_type: &'static str,
     ) -> Result<bool, Error> {
         match self
-            .store
+            .store()?
             .put_opts(
                 &self.key(rel),
                 PutPayload::from_bytes(data),
@@ -582,11 +669,14 @@ impl NarWriter {
             self.held.push(data);
             return Ok(());
         }
-        let tmp = format!("nar/tmp-{}.part", uuid::Uuid::new_v4());
+        let tmp = format!(
+            "nar/{TMP_NAR_PREFIX}{}{TMP_NAR_SUFFIX}",
+            uuid::Uuid::new_v4()
+        );
         // Started on its own task: if this writer is dropped while the upload is being
         // created, the task still sees it through and aborts it, leaving nothing behind.
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let store = self.cache.store.clone();
+        let store = self.cache.store()?.clone();
         let key = self.cache.key(&tmp);
         let opts = PutMultipartOptions {
             attributes: self
@@ -631,7 +721,7 @@ impl NarWriter {
             None => {
                 let payload = std::mem::take(&mut self.held).into_iter().collect();
                 cache
-                    .store
+                    .store()?
                     .put_opts(
                         &cache.key(rel),
                         payload,
@@ -647,13 +737,13 @@ impl NarWriter {
                     .await
                     .map_err(|e| cache.err("complete multipart upload of", &tmp, e))?;
                 // Same name means same bytes, so overwriting a concurrent writer's copy is harmless.
-                let res = cache
-                    .store
+                let store = cache.store()?;
+                let res = store
                     .rename(&cache.key(&tmp), &cache.key(rel))
                     .await
                     .map_err(|e| cache.err("rename to", rel, e));
                 if res.is_err() {
-                    let _ = cache.store.delete(&cache.key(&tmp)).await;
+                    let _ = store.delete(&cache.key(&tmp)).await;
                 }
                 res
             }
@@ -674,6 +764,91 @@ impl Drop for NarWriter {
             }
         }
     }
+}
+
+/// A local folder as an object store. The folder must exist.
+fn local_store(dir: &std::path::Path) -> Result<Arc<dyn ObjectStore>, String> {
+    // object_store only says "unable to canonicalize": say why.
+    std::fs::canonicalize(dir).map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
+    let store = LocalFileSystem::new_with_prefix(dir)
+        .map_err(|e| e.to_string())?
+        .with_automatic_cleanup(false);
+    Ok(Arc::new(store))
+}
+
+/// What [`sweep`] did.
+#[derive(Debug, Default, PartialEq)]
+struct Swept {
+    removed: usize,
+    failed: usize,
+    /// The first removal that failed, with its reason.
+    first_failure: Option<String>,
+}
+
+/// Removes the leftovers (see [`is_leftover`]) in a local folder's top directory and
+/// its `nar/` that were last modified at least `min_age` before `now`.
+fn sweep(dir: &std::path::Path, min_age: Duration, now: SystemTime) -> Swept {
+    let mut swept = Swept::default();
+    for (sub, in_nar) in [(dir.to_path_buf(), false), (dir.join("nar"), true)] {
+        let Ok(entries) = std::fs::read_dir(&sub) else {
+            continue; // no nar/ yet; an unreadable folder failed the start-up check
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if !name.to_str().is_some_and(|n| is_leftover(in_nar, n)) {
+                continue;
+            }
+            let path = entry.path();
+            let stale = std::fs::symlink_metadata(&path)
+                .and_then(|m| {
+                    Ok(m.is_file()
+                        && now
+                            .duration_since(m.modified()?)
+                            .is_ok_and(|age| age >= min_age))
+                })
+                .unwrap_or(false);
+            if !stale {
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => swept.removed += 1,
+                // Another uploader starting now removed it first.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    swept.failed += 1;
+                    swept
+                        .first_failure
+                        .get_or_insert_with(|| format!("{}: {e}", path.display()));
+                }
+            }
+        }
+    }
+    swept
+}
+
+/// Whether a file named `name` in a local folder's top directory (`in_nar` false) or
+/// in its `nar/` is what a narpipe upload leaves when it is killed mid-write:
+/// object_store's staging file `<object>#<N>` of a narinfo, nix-cache-info or the write
+/// check (top) or of any NAR (`nar/`; object_store refuses such names for objects, so
+/// no cache holds one), or a multipart NAR completed and not yet renamed,
+/// `nar/tmp-<uuid>.part`.
+fn is_leftover(in_nar: bool, name: &str) -> bool {
+    let staged = name
+        .rsplit_once('#')
+        .filter(|(base, n)| {
+            !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+        })
+        .map(|(base, _)| base);
+    if !in_nar {
+        return staged.is_some_and(|base| {
+            base.ends_with(".narinfo") || base == "nix-cache-info" || base == WRITE_CHECK
+        });
+    }
+    staged.is_some()
+        || name
+            .strip_prefix(TMP_NAR_PREFIX)
+            .and_then(|rest| rest.strip_suffix(TMP_NAR_SUFFIX))
+            .is_some_and(|id| uuid::Uuid::try_parse(id).is_ok())
 }
 
 /// The decoded hash part of a narinfo's object name.
@@ -702,13 +877,21 @@ mod tests {
         assert!(err.to_string().contains("/other/store"), "{err}");
     }
 
-    #[test]
-    fn urls() {
+    #[tokio::test]
+    async fn urls() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("c");
         let c = Cache::open(&format!("file://{}", d.display())).unwrap();
         assert_eq!(c.url(), format!("file://{}", d.display()));
+        // Opening creates nothing; using a missing folder says so instead of making it.
+        assert!(!d.exists());
+        let err = c.get("nix-cache-info").await.unwrap_err().to_string();
+        assert!(err.contains("No such file"), "{err}");
+        assert!(!d.exists());
+        // The start-up check makes it.
+        c.prepare("/nix/store", 40).await.unwrap();
         assert!(d.is_dir());
+        assert!(c.get("nix-cache-info").await.unwrap().is_some());
         assert!(Cache::open(d.to_str().unwrap()).is_ok());
         for bad in [
             "relative/dir",
@@ -761,6 +944,71 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["a.nar", "b.nar", "one.nar"]);
+    }
+
+    #[test]
+    fn leftovers_are_staging_files_of_our_objects_and_unrenamed_nars() {
+        let tmp = format!("{TMP_NAR_PREFIX}{}{TMP_NAR_SUFFIX}", uuid::Uuid::new_v4());
+        let narinfo = format!("{}.narinfo", "0".repeat(32));
+        for (in_nar, name) in [
+            (false, format!("{narinfo}#1")),
+            (false, "nix-cache-info#12".to_string()),
+            (false, format!("{WRITE_CHECK}#3")),
+            (true, format!("{}.nar.zst#1", "1".repeat(52))),
+            (true, "anything.nar.bz2#0".to_string()),
+            (true, tmp.clone()),
+            (true, format!("{tmp}#2")),
+        ] {
+            assert!(is_leftover(in_nar, &name), "{name} (in nar/: {in_nar})");
+        }
+        for (in_nar, name) in [
+            (false, narinfo.clone()),
+            (false, "nix-cache-info".to_string()),
+            (false, "notes#1".to_string()),
+            (false, format!("{narinfo}#")),
+            (false, format!("{narinfo}#1a")),
+            (false, tmp.clone()),
+            (true, format!("{}.nar.zst", "1".repeat(52))),
+            (true, "#1".to_string()),
+            (true, "tmp-not-a-uuid.part".to_string()),
+            (true, format!("{tmp}.nar")),
+        ] {
+            assert!(!is_leftover(in_nar, &name), "{name} (in nar/: {in_nar})");
+        }
+    }
+
+    #[test]
+    fn sweep_removes_only_stale_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let nar = dir.path().join("nar");
+        std::fs::create_dir_all(&nar).unwrap();
+        let narinfo = format!("{}.narinfo", "0".repeat(32));
+        let tmp = format!("{TMP_NAR_PREFIX}{}{TMP_NAR_SUFFIX}", uuid::Uuid::new_v4());
+        let leftovers = [
+            dir.path().join(format!("{narinfo}#1")),
+            nar.join(format!("{tmp}#1")),
+            nar.join(&tmp),
+        ];
+        let kept = [
+            dir.path().join(&narinfo),
+            dir.path().join("notes#1"),
+            nar.join("x.nar.zst"),
+        ];
+        for f in leftovers.iter().chain(&kept) {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let written = SystemTime::now();
+        // Young: another uploader may be writing them.
+        let swept = sweep(dir.path(), LEFTOVER_AGE, written + LEFTOVER_AGE / 2);
+        assert_eq!(swept, Swept::default());
+        assert!(leftovers.iter().all(|f| f.exists()));
+        let swept = sweep(dir.path(), LEFTOVER_AGE, written + LEFTOVER_AGE * 2);
+        assert_eq!(swept.removed, leftovers.len(), "{swept:?}");
+        assert!(leftovers.iter().all(|f| !f.exists()));
+        assert!(kept.iter().all(|f| f.exists()));
+        // A folder without nar/ is fine.
+        let bare = tempfile::tempdir().unwrap();
+        assert_eq!(sweep(bare.path(), LEFTOVER_AGE, written), Swept::default());
     }
 
     #[tokio::test]

@@ -62,7 +62,8 @@ pub struct LineSplitter {
     skipping: Option<(Vec<u8>, usize)>,
 }
 
-const PREFIX_LEN: usize = 80;
+/// How much of a line a log line about it shows (an overlong line keeps this much).
+pub const PREFIX_LEN: usize = 200;
 
 impl LineSplitter {
     pub fn new(max: usize) -> Self {

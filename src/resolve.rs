@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use crate::pipe::escape;
+use crate::pipe::{escape, PREFIX_LEN};
 use crate::store_path::{self, StoreDir, StorePath};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,42 @@ pub enum Error {
         target: String,
         store_dir: String,
     },
+}
+
+impl Error {
+    /// What is wrong with the input, without the input itself (which may be 4 KiB of
+    /// garbage): for a log line that shows the input its own, capped way. Paths it
+    /// led to are shown capped as well.
+    pub fn reason(&self) -> String {
+        match self {
+            Error::NotUtf8(_) => "is not valid UTF-8 text".into(),
+            Error::Control(_) => "contains control characters".into(),
+            // The cause names the input again, or the store path a symlink led to.
+            Error::Path { input, cause } if escape(cause.path().as_bytes()) == *input => {
+                cause.problem()
+            }
+            Error::Path { cause, .. } => format!(
+                "leads to {}, which {}",
+                capped(cause.path()),
+                cause.problem()
+            ),
+            Error::Io { cause, .. } => format!("cannot be resolved: {cause}"),
+            Error::OutsideStore {
+                target, store_dir, ..
+            } => format!("leads to {}, outside the store {store_dir}", capped(target)),
+        }
+    }
+}
+
+/// A path for a log line: escaped, its first [`PREFIX_LEN`] bytes only.
+fn capped(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let shown = escape(&bytes[..bytes.len().min(PREFIX_LEN)]);
+    if bytes.len() > PREFIX_LEN {
+        format!("{shown}…")
+    } else {
+        shown
+    }
 }
 
 /// Resolves one input line (raw bytes, newline already removed).
@@ -141,6 +177,38 @@ mod tests {
                 let head: String = shown.chars().take(20).collect();
                 proptest::prop_assert!(e.to_string().contains(&head), "{} lacks {}", e, head);
             }
+        }
+    }
+
+    #[test]
+    fn a_reason_leaves_the_input_out() {
+        let sd = StoreDir::new("/nix/store").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("elsewhere");
+        symlink("/etc", &outside).unwrap();
+        let long_outside = format!("/etc/{}", "x".repeat(5000));
+        for (raw, want) in [
+            (
+                &b"/nix/store/\xff"[..],
+                "is not valid UTF-8 text".to_string(),
+            ),
+            (b"/nix/store/a\0b", "contains control characters".into()),
+            (b"relative/path", "is not an absolute path".into()),
+            (
+                b"/etc/hosts",
+                "leads to /etc/hosts, outside the store /nix/store".into(),
+            ),
+            (
+                outside.to_str().unwrap().as_bytes(),
+                "leads to /etc, outside the store /nix/store".into(),
+            ),
+            (
+                long_outside.as_bytes(),
+                "cannot be resolved: File name too long (os error 36)".into(),
+            ),
+        ] {
+            let e = resolve(raw, &sd).unwrap_err();
+            assert_eq!(e.reason(), want, "{e}");
         }
     }
 

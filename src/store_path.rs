@@ -23,6 +23,30 @@ pub enum Error {
     BadName(String),
 }
 
+impl Error {
+    /// The path the error is about.
+    pub fn path(&self) -> &str {
+        match self {
+            Error::NotAbsolute(p)
+            | Error::NotInStore { path: p, .. }
+            | Error::DotComponent(p)
+            | Error::BadName(p) => p,
+        }
+    }
+
+    /// What is wrong with [`Error::path`], without it: the message is the path, then this.
+    pub fn problem(&self) -> String {
+        match self {
+            Error::NotAbsolute(_) => "is not an absolute path".into(),
+            Error::NotInStore { store_dir, .. } => format!("is not inside the store {store_dir}"),
+            Error::DotComponent(_) => "contains a \".\" or \"..\" component".into(),
+            Error::BadName(_) => {
+                "is not a valid store path name (want <32 base-32 chars>-<name>)".into()
+            }
+        }
+    }
+}
+
 /// A store directory such as `/nix/store`, without trailing slash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreDir(String);
@@ -208,6 +232,21 @@ mod tests {
             "a".repeat(211)
         );
         assert!(s.reduce(&ok).is_ok());
+    }
+
+    #[test]
+    fn an_error_is_its_path_then_its_problem() {
+        let s = store();
+        for bad in [
+            "nix/store/x",
+            "/nix/store/../etc",
+            "/etc/passwd",
+            "/nix/store/short",
+        ] {
+            let e = s.reduce(bad).unwrap_err();
+            assert_eq!(e.path(), bad);
+            assert_eq!(e.to_string(), format!("{bad:?} {}", e.problem()));
+        }
     }
 
     #[test]

@@ -105,6 +105,105 @@ fn kill_9_at_random_moments_loses_nothing() {
     eprintln!("{interrupted} of {kills} kills interrupted pending work");
 }
 
+/// Sets a file's modification time `ago` into the past.
+fn age(file: &Path, ago: Duration) {
+    let f = std::fs::File::options().write(true).open(file).unwrap();
+    f.set_modified(std::time::SystemTime::now() - ago).unwrap();
+}
+
+#[test]
+fn leftovers_of_a_kill_9_are_removed_at_start_once_stale_and_young_ones_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-leftovers");
+    let word = unique("leftover-big");
+    let big = build_expr(
+        tmp.path(),
+        "leftover-big",
+        &format!(
+            r#"derivation {{ name = "{word}"; system = builtins.currentSystem; builder = "/bin/sh";
+                PATH = "/usr/bin:/bin"; args = [ "-c" "head -c 24000000 /dev/urandom > $out" ]; }}"#
+        ),
+    );
+    let cache = tmp.path().join("cache");
+    let input = tmp.path().join("input");
+    std::fs::write(&input, format!("{big}\n")).unwrap();
+    let upload = || {
+        let mut cmd = Command::new(UPLOAD);
+        cmd.env("NIX_CONFIG", NIX_CONFIG)
+            .args(["--compression", "xz", "--compression-level", "0"])
+            .arg("--secret-key-file")
+            .arg(&keys.secret)
+            .arg("--input")
+            .arg(&input)
+            .arg(&cache)
+            .stdout(Stdio::null());
+        cmd
+    };
+    // kill -9 while the NAR streams as a multipart upload: its staging file stays.
+    let mut up = Proc::spawn(upload().stderr(Stdio::null()));
+    let staged = |name: &str| name.starts_with("tmp-") && name.contains(".part#");
+    let nar = cache.join("nar");
+    let names = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "a multipart upload to start",
+        || names(&nar).iter().any(|n| staged(n)),
+    );
+    up.signal(Signal::SIGKILL);
+    up.wait_exit(Duration::from_secs(10));
+    let killed: Vec<String> = names(&nar).into_iter().filter(|n| staged(n)).collect();
+    assert_eq!(killed.len(), 1, "{:?}", names(&nar));
+
+    // What other interrupted writes leave (object_store stages every put as
+    // <object>#<N>; a multipart NAR lives as tmp-<uuid>.part until renamed)…
+    let narinfo_hash = &Path::new(&big).file_name().unwrap().to_str().unwrap()[..32];
+    let stale: Vec<std::path::PathBuf> = [
+        nar.join(&killed[0]),
+        cache.join(format!("{narinfo_hash}.narinfo#1")),
+        cache.join("nix-cache-info#2"),
+        nar.join(format!("{}.nar.xz#1", "1".repeat(52))),
+        nar.join("tmp-5f0c6a52-6f6e-4a43-9d3b-0b7c2f0d9a11.part"),
+    ]
+    .into();
+    // …and what is not ours to remove, or may be another uploader's work right now.
+    let young = nar.join("tmp-7d1e2f3a-1b2c-4d5e-8f90-a1b2c3d4e5f6.part#1");
+    let foreign = [cache.join("notes#1"), cache.join("index.html")];
+    for f in stale.iter().chain([&young]).chain(&foreign) {
+        if !f.exists() {
+            std::fs::write(f, b"partial").unwrap();
+        }
+    }
+    for f in stale.iter().chain(&foreign) {
+        age(f, Duration::from_secs(2 * 3600));
+    }
+
+    let out = upload().stderr(Stdio::piped()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    for f in &stale {
+        assert!(!f.exists(), "{} was left: {text}", f.display());
+    }
+    assert!(young.exists(), "a young staging file was removed");
+    for f in &foreign {
+        assert!(f.exists(), "{} is not ours: removed", f.display());
+    }
+    assert!(
+        text.contains(&format!(
+            "removed {} files left by interrupted uploads",
+            stale.len()
+        )),
+        "{text}"
+    );
+    assert_substitutes(&cache, &big, &keys.public, tmp.path());
+}
+
 #[test]
 fn send_while_upload_is_down_spools_and_upload_picks_it_up() {
     let tmp = tempfile::tempdir().unwrap();
@@ -240,6 +339,113 @@ fn a_path_that_keeps_failing_is_kept_with_its_reason_and_retried_next_start() {
     assert!(pending.is_empty());
 }
 
+/// Rejected input lines a log shows, and those it only counts in summaries
+/// ("… and N more rejected input lines in the last S s").
+fn rejected_in_log(text: &str) -> (usize, usize) {
+    let shown = text
+        .lines()
+        .filter(|l| l.starts_with("warning: rejected input"))
+        .count();
+    let summarised = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("warning: … and "))
+        .map(|rest| {
+            let n = rest.split(' ').next().unwrap().replace(',', "");
+            assert!(
+                rest.contains(" more rejected input lines in the last "),
+                "{rest}"
+            );
+            n.parse::<usize>().unwrap()
+        })
+        .sum();
+    (shown, summarised)
+}
+
+#[test]
+fn binary_garbage_makes_a_few_short_log_lines_and_a_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-flood");
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    let cache = tmp.path().join("cache");
+    let log = tmp.path().join("upload.log");
+    let mut daemon = upload_daemon(&fifo, &cache, &keys.secret, &log);
+    let valid = build_closure(tmp.path(), "after-flood", 0, 100);
+    // 100 KB of random bytes: ~400 lines, some far longer than PIPE_BUF.
+    let garbage: Vec<u8> = (0..100_000).map(|_| fastrand::u8(..)).collect();
+    {
+        let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        w.write_all(&garbage).unwrap();
+        w.write_all(b"\n").unwrap();
+    }
+    // The lines held back are summarised when their window ends, not only at exit.
+    wait_until(
+        Duration::from_secs(30),
+        "the summary of rejected lines",
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("more rejected input lines in the last 10 s")
+        },
+    );
+    assert!(send(&fifo, &["--finish", &valid]).status.success());
+    let status = daemon.wait_exit(Duration::from_secs(120));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert_substitutes(&cache, &valid, &keys.public, tmp.path());
+    let (shown, summarised) = rejected_in_log(&text);
+    assert!(shown <= 20, "{shown} rejected lines shown: {text}");
+    assert!(summarised > 0, "{text}");
+    // Counts stay exact: the summary line counts every one.
+    assert!(
+        text.contains(&format!("{} rejected inputs", shown + summarised)),
+        "{text}"
+    );
+    let longest = text.lines().map(str::len).max().unwrap();
+    assert!(longest <= 1000, "a log line of {longest} bytes");
+    assert!(text.len() < 30_000, "{} bytes of log", text.len());
+}
+
+#[test]
+fn a_failing_reference_is_logged_when_it_finally_fails_not_at_every_attempt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-failing-ref");
+    let root = build_closure(tmp.path(), "failing-ref", 1, 100);
+    let leaf = closure_of(&root)
+        .into_iter()
+        .find(|p| p.ends_with("-0"))
+        .unwrap();
+    // Uncompressed, the leaf's NAR is named by its NarHash: a directory in its place
+    // makes every attempt to publish it fail, and everything above it with it.
+    let nar_hash = run_ok(nix("nix-store").args(["-q", "--hash", &leaf]));
+    let nix32 = nar_hash.trim().strip_prefix("sha256:").unwrap();
+    let cache = tmp.path().join("cache");
+    std::fs::create_dir_all(cache.join(format!("nar/{nix32}.nar/in-the-way"))).unwrap();
+    let out = feed(
+        upload_cmd()
+            .args(["--compression", "none", "--max-attempts", "3"])
+            .arg("--secret-key-file")
+            .arg(&keys.secret)
+            .arg(&cache),
+        std::slice::from_ref(&root),
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let about_leaf: Vec<&str> = text.lines().filter(|l| l.contains(&leaf)).collect();
+    // Its first failure while the backoff runs, and its last, with the attempt count.
+    assert_eq!(about_leaf.len(), 2, "{text}");
+    assert!(
+        about_leaf[0].starts_with(&format!("warning: retrying {root} in "))
+            && about_leaf[0].contains("attempt 1 of 3 failed"),
+        "{text}"
+    );
+    assert!(
+        about_leaf[1].starts_with(&format!("error: failed {root} after 3 attempts: ")),
+        "{text}"
+    );
+    assert!(text.contains("1 failed"), "{text}");
+}
+
 #[test]
 fn a_thousand_bad_lines_do_not_stop_the_valid_ones() {
     let tmp = tempfile::tempdir().unwrap();
@@ -305,11 +511,14 @@ fn a_thousand_bad_lines_do_not_stop_the_valid_ones() {
     for v in valid.iter().chain([&late]) {
         assert_substitutes(&cache, v, &keys.public, tmp.path());
     }
-    // Every bad line reported, once.
-    let rejected = text
-        .lines()
-        .filter(|l| l.starts_with("warning: rejected"))
-        .count();
+    // Every bad line accounted for, once: shown, or counted in a summary.
+    let (shown, summarised) = rejected_in_log(&text);
+    assert!(shown <= 20, "{text}");
+    let rejected = shown + summarised;
+    assert!(
+        text.contains(&format!("{rejected} rejected inputs")),
+        "{text}"
+    );
     let failed_missing = missing
         .iter()
         .filter(|m| text.matches(&format!("failed {m}:")).count() == 1)

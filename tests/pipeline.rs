@@ -358,6 +358,8 @@ fn send_exits_0_whatever_becomes_of_the_paths_and_2_only_for_a_bad_command_line(
 #[test]
 fn configuration_errors_exit_2_before_any_work() {
     let tmp = tempfile::tempdir().unwrap();
+    let state_file = tmp.path().join("state-file");
+    std::fs::write(&state_file, b"not a directory").unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["ftp://example/cache".into()], "ftp://example/cache"),
         (vec!["relative/cache".into()], "relative/cache"),
@@ -377,6 +379,33 @@ fn configuration_errors_exit_2_before_any_work() {
             ],
             "bzip2",
         ),
+        (
+            vec![
+                "--state-dir".into(),
+                state_file.display().to_string(),
+                tmp.path().join("c").display().to_string(),
+            ],
+            "is not a directory",
+        ),
+        (
+            vec![
+                "--state-dir".into(),
+                state_file.join("sub").display().to_string(),
+                tmp.path().join("c").display().to_string(),
+            ],
+            "is not a directory",
+        ),
+        (
+            vec![
+                "exec".into(),
+                "--state-dir".into(),
+                state_file.display().to_string(),
+                tmp.path().join("c").display().to_string(),
+                "--".into(),
+                "true".into(),
+            ],
+            "is not a directory",
+        ),
     ];
     for (args, needle) in cases {
         let out = Command::new(UPLOAD)
@@ -387,7 +416,16 @@ fn configuration_errors_exit_2_before_any_work() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
+        if needle == "is not a directory" {
+            // Said in words, not as the journal's "File exists (os error 17)".
+            assert!(!err.contains("os error"), "{args:?}: {err}");
+        }
     }
+    // Everything that can fail is checked before anything is created.
+    assert!(
+        !tmp.path().join("c").exists(),
+        "a failed start created the cache folder"
+    );
     // A cache made for another store directory is refused.
     let other = tmp.path().join("other");
     std::fs::create_dir_all(&other).unwrap();

@@ -275,6 +275,23 @@ fn systemd_state_dir() -> Option<PathBuf> {
     })
 }
 
+/// A state dir must be a directory, or not exist yet: the journal's own error would be
+/// "File exists" or "Not a directory", about a file inside it.
+fn check_state_dir(dir: &std::path::Path) -> Result<()> {
+    let not_a_dir = |p: &std::path::Path| std::fs::metadata(p).is_ok_and(|m| !m.is_dir());
+    if not_a_dir(dir) {
+        anyhow::bail!("state dir {} is not a directory", dir.display());
+    }
+    if let Some(file) = dir.ancestors().skip(1).find(|a| not_a_dir(a)) {
+        anyhow::bail!(
+            "state dir {} cannot be created: {} is not a directory",
+            dir.display(),
+            file.display()
+        );
+    }
+    Ok(())
+}
+
 fn regexes(list: &[String], flag: &str) -> Result<Vec<regex::Regex>> {
     list.iter()
         .filter(|r| !r.is_empty())
@@ -365,6 +382,7 @@ async fn start(args: &RunArgs) -> Result<(Config, Input)> {
     };
     let input = Input::open(&input_path).await?;
     if let Some(dir) = state_dir(args, matches!(input, Input::Fifo(_))) {
+        check_state_dir(&dir)?;
         let (queue, pending) = daemon::open_queue(&dir)?;
         if !pending.is_empty() {
             log::info!("{} paths pending in {}", pending.len(), dir.display());
@@ -606,6 +624,10 @@ async fn exec(args: RunArgs, command: Vec<String>) -> ExitCode {
         }
     };
     if let Some(dir) = state_dir(&args, false) {
+        if let Err(e) = check_state_dir(&dir) {
+            log::error!("{e:#}");
+            return ExitCode::from(2);
+        }
         match daemon::open_queue(&dir) {
             Ok((queue, pending)) => {
                 cfg.queue = Some(queue);

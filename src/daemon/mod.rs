@@ -133,6 +133,8 @@ struct Shared {
     checks: Semaphore,
     state: Mutex<State>,
     stats: Arc<Stats>,
+    /// Which rejected input lines are shown (see [`input::RejectLog`]).
+    rejects: Mutex<input::RejectLog>,
     stop: CancellationToken,
 }
 
@@ -162,6 +164,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
             inflight: HashMap::new(),
         }),
         stats: cfg.stats.clone(),
+        rejects: Mutex::new(input::RejectLog::default()),
         stop: shutdown.stop.clone(),
         cfg,
     });
@@ -272,6 +275,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
         .cache
         .finish_cleanups(Duration::from_secs(5))
         .await;
+    shared.summarise_rejects(true);
     shared.stats.summary(unfinished)
 }
 

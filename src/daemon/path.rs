@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use log::{error, info};
+use log::{debug, info};
 
 use super::tasks::{Dep, Settle, Status};
 use super::Shared;
@@ -81,7 +81,9 @@ pub(super) async fn task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, se
         Err(Error::Interrupted) => Status::Failed("interrupted".into()),
         Err(e) => {
             shared.stats.errors.fetch_add(1, Relaxed);
-            error!("failed {shown}: {e}");
+            // Said by each root that needs this path (see super::retry): once when its
+            // first attempt fails, once when its last one does.
+            debug!("failed {shown}: {e}");
             Status::Failed(e.to_string().into())
         }
     };
@@ -290,7 +292,9 @@ mod tests {
         let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 7) as u8).collect();
         std::fs::write(store.join(name).join("f"), &big).unwrap();
         let (sd, info) = info_for(&store, name);
-        let cache = Cache::open(dir.path().join("cache").to_str().unwrap()).unwrap();
+        let cache_dir = dir.path().join("cache");
+        std::fs::create_dir_all(&cache_dir).unwrap();
+        let cache = Cache::open(cache_dir.to_str().unwrap()).unwrap();
 
         let nar = upload_nar(
             &Engine::new(2).unwrap(),
@@ -334,7 +338,9 @@ mod tests {
         std::fs::write(store.join(name), b"original").unwrap();
         let (sd, info) = info_for(&store, name);
         std::fs::write(store.join(name), b"tampered").unwrap();
-        let cache = Cache::open(dir.path().join("cache").to_str().unwrap()).unwrap();
+        let cache_dir = dir.path().join("cache");
+        std::fs::create_dir_all(&cache_dir).unwrap();
+        let cache = Cache::open(cache_dir.to_str().unwrap()).unwrap();
         let err = upload_nar(
             &Engine::new(2).unwrap(),
             &cache,

@@ -5,13 +5,17 @@
 //!
 //! ```text
 //! attempt 1 fails ─▶ wait ~1 s ─▶ attempt 2 fails ─▶ wait ~2 s ─▶ … ─▶ failed (kept)
+//!   warning                         debug                               error
 //! ```
+//! A root's first failure is a warning, so that something is said while the backoff
+//! runs; the attempts after it are logged at debug level, until the last one fails:
+//! one error line with the attempt count and the last reason.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use log::{error, warn};
+use log::{error, log, Level};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -119,7 +123,8 @@ impl Roots {
         let max = shared.cfg.max_attempts.max(1);
         match self.failed(&root, max) {
             Next::Retry(delay, attempt) => {
-                warn!(
+                log!(
+                    retry_level(attempt),
                     "retrying {shown} in {:.1}s (attempt {attempt} of {max} failed: {reason})",
                     delay.as_secs_f64(),
                 );
@@ -196,6 +201,15 @@ impl Roots {
     }
 }
 
+/// How loudly failed attempt `n` (n ≥ 1, not the last) of a root is logged.
+fn retry_level(n: u32) -> Level {
+    if n == 1 {
+        Level::Warn
+    } else {
+        Level::Debug
+    }
+}
+
 /// Delay before attempt `n + 1` (n ≥ 1): exponential from 1 s, capped, ±25 % jitter.
 fn backoff(n: u32) -> Duration {
     let base = 1000u64
@@ -222,6 +236,14 @@ mod tests {
             // Far past the cap it stays capped (no overflow).
             let ms = backoff(u32::MAX).as_millis() as u64;
             assert!((45_000..=75_000).contains(&ms), "{ms} ms");
+        }
+    }
+
+    #[test]
+    fn only_the_first_of_the_attempts_before_the_last_is_a_warning() {
+        assert_eq!(retry_level(1), Level::Warn);
+        for n in 2..10 {
+            assert_eq!(retry_level(n), Level::Debug);
         }
     }
 
