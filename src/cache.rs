@@ -244,6 +244,19 @@ impl Cache {
                         true,
                     )
                 }
+                CacheUrl::Http { url } => {
+                    let store = object_store::http::HttpBuilder::new()
+                        .with_url(url)
+                        .with_retry(retry)
+                        .with_client_options(client.with_allow_http(url.starts_with("http://")))
+                        .build()
+                        .map_err(|e| setup(e.to_string()))?;
+                    (
+                        OnceLock::from(Arc::new(store) as Arc<dyn ObjectStore>),
+                        None,
+                        false,
+                    )
+                }
                 CacheUrl::Gcs {
                     bucket,
                     prefix,

@@ -4,6 +4,7 @@
 //! file:///srv/cache            /srv/cache
 //! s3://BUCKET[/PREFIX]?region=eu-west-1&endpoint=http://127.0.0.1:8333&profile=ci&scheme=https
 //! gs://BUCKET[/PREFIX]?service-account=/etc/narpipe/gcs.json&endpoint=http://127.0.0.1:4443&anonymous=true
+//! https://cache.nixos.org        (read only: an upstream to look paths up in)
 //! ```
 //! S3 parameters use Nix's own names (`region`, `endpoint`, `profile`, `scheme`); an
 //! endpoint without a scheme gets `scheme` (default https), as in Nix. A parameter that
@@ -40,6 +41,11 @@ pub enum CacheUrl {
         /// Send no credentials (emulators, public test buckets).
         anonymous: bool,
     },
+    /// A cache served over HTTP(S), such as cache.nixos.org: read only here.
+    Http {
+        /// The whole URL, without a trailing slash.
+        url: String,
+    },
 }
 
 const S3_PARAMS: &[&str] = &["region", "endpoint", "profile", "scheme"];
@@ -60,7 +66,10 @@ impl FromStr for CacheUrl {
             .normalised());
         }
         let (scheme, rest) = url.split_once("://").ok_or_else(|| {
-            err("want file:///dir, s3://bucket, gs://bucket or an absolute path".into())
+            err(
+                "want file:///dir, s3://bucket, gs://bucket, http(s)://host or an absolute path"
+                    .into(),
+            )
         })?;
         if scheme == "file" {
             if rest.contains('?') {
@@ -76,12 +85,24 @@ impl FromStr for CacheUrl {
             }
             .normalised());
         }
+        if scheme == "http" || scheme == "https" {
+            let parsed = url::Url::parse(url).map_err(|e| err(e.to_string()))?;
+            if parsed.query().is_some() {
+                return Err(err("http(s):// caches take no parameters".into()));
+            }
+            if parsed.host_str().is_none_or(str::is_empty) {
+                return Err(err("no host".into()));
+            }
+            return Ok(CacheUrl::Http {
+                url: url.trim_end_matches('/').to_string(),
+            });
+        }
         let known = match scheme {
             "s3" => S3_PARAMS,
             "gs" => GS_PARAMS,
             other => {
                 return Err(err(format!(
-                    "unsupported scheme {other}:// (want file://, s3:// or gs://)"
+                    "unsupported scheme {other}:// (want file://, s3://, gs:// or http(s)://)"
                 )))
             }
         };
@@ -167,6 +188,11 @@ impl FromStr for CacheUrl {
 }
 
 impl CacheUrl {
+    /// Whether narpipe can write to it (HTTP caches are only read, as upstreams).
+    pub fn writable(&self) -> bool {
+        !matches!(self, CacheUrl::Http { .. })
+    }
+
     fn normalised(self) -> Self {
         match self {
             CacheUrl::File { dir } if dir.is_empty() => CacheUrl::File { dir: "/".into() },
@@ -212,6 +238,7 @@ impl fmt::Display for CacheUrl {
                 }
                 Ok(())
             }
+            CacheUrl::Http { url } => write!(f, "{url}"),
         }
     }
 }
@@ -219,6 +246,22 @@ impl fmt::Display for CacheUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_caches_are_read_only_upstreams() {
+        let u: CacheUrl = "https://cache.nixos.org/".parse().unwrap();
+        assert_eq!(
+            u,
+            CacheUrl::Http {
+                url: "https://cache.nixos.org".into()
+            }
+        );
+        assert!(!u.writable());
+        assert_eq!(u.to_string(), "https://cache.nixos.org");
+        assert!("http://127.0.0.1:8080/sub".parse::<CacheUrl>().is_ok());
+        assert!("https://h/?priority=1".parse::<CacheUrl>().is_err());
+        assert!("file:///srv/c".parse::<CacheUrl>().unwrap().writable());
+    }
 
     fn parse(s: &str) -> CacheUrl {
         s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))

@@ -21,6 +21,7 @@ use crate::compress;
 use crate::hash::Sha256;
 use crate::narinfo::NarInfo;
 use crate::signing::SecretKey;
+use crate::upstream::{Served, Upstream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -87,15 +88,18 @@ pub async fn open(source_url: &str, dest_url: &str) -> Result<(Cache, Cache), Er
 pub struct Report {
     pub in_source: usize,
     pub already_there: usize,
+    /// Not copied: upstream serves them (see [`crate::upstream`]).
+    pub upstream: usize,
     pub imported: usize,
     pub failed: usize,
 }
 
-/// Copies what `dest` lacks from `source`.
+/// Copies what `dest` lacks from `source`, except what `upstream` serves.
 pub async fn import(
     source: &Cache,
     dest: &Cache,
     keys: &[SecretKey],
+    upstream: &Upstream,
     jobs: usize,
 ) -> Result<Report, cache::Error> {
     let names: Vec<String> = source
@@ -148,10 +152,17 @@ pub async fn import(
             }
         }
     }
-    let present: HashSet<String> = have
+    let mut present: HashSet<String> = have
         .iter()
         .map(|n| n.trim_end_matches(".narinfo").to_string())
         .collect();
+    // What upstream serves is left out, and satisfies references like what is present.
+    for (hash, why) in served_upstream(&entries, upstream, jobs).await? {
+        info!("skipped {} ({why})", entries[&hash].store_path());
+        entries.remove(&hash);
+        present.insert(hash);
+        report.upstream += 1;
+    }
     let levels = levels(&entries, &present, &mut report);
     // An entry whose reference failed to copy must not be published either.
     let mut failed: HashSet<String> = HashSet::new();
@@ -195,6 +206,35 @@ pub async fn import(
         }
     }
     Ok(report)
+}
+
+/// The entries upstream serves: signed by an upstream key, or in an upstream cache.
+async fn served_upstream(
+    entries: &HashMap<String, NarInfo>,
+    upstream: &Upstream,
+    jobs: usize,
+) -> Result<Vec<(String, Served)>, cache::Error> {
+    let mut served = Vec::new();
+    let mut ask = Vec::new();
+    for (hash, info) in entries {
+        match upstream.signed_by(&info.sigs) {
+            Some(why) => served.push((hash.clone(), why)),
+            None if !upstream.caches.is_empty() => ask.push((hash, info)),
+            None => {}
+        }
+    }
+    let found = futures::stream::iter(ask.into_iter().map(|(hash, info)| async move {
+        upstream.has(&info.path).await.map(|s| (hash.clone(), s))
+    }))
+    .buffer_unordered(jobs.max(1) * 4)
+    .collect::<Vec<_>>()
+    .await;
+    for f in found {
+        if let (hash, Some(why)) = f? {
+            served.push((hash, why));
+        }
+    }
+    Ok(served)
 }
 
 /// Dependency levels: every entry comes after the entries it refers to. Entries whose

@@ -37,5 +37,6 @@ pub mod signing;
 pub mod spool;
 pub mod stats;
 pub mod store_path;
+pub mod upstream;
 pub mod verify;
 pub mod xz;

@@ -49,6 +49,18 @@ pub fn render(s: &Stats) -> String {
         c(&s.excluded),
     );
     metric(
+        "narpipe_paths_upstream_total",
+        "counter",
+        "Paths not pushed because upstream serves them.",
+        c(&s.upstream),
+    );
+    metric(
+        "narpipe_upstream_checks_total",
+        "counter",
+        "Requests asking an upstream cache whether it has a path.",
+        c(&s.upstream_checks),
+    );
+    metric(
         "narpipe_inputs_rejected_total",
         "counter",
         "Input lines that were not store paths.",

@@ -12,6 +12,10 @@ pub struct Stats {
     pub failed: AtomicU64,
     pub rejected: AtomicU64,
     pub excluded: AtomicU64,
+    /// Paths not pushed because upstream serves them.
+    pub upstream: AtomicU64,
+    /// Requests asking an upstream cache for a narinfo.
+    pub upstream_checks: AtomicU64,
     /// Failed attempts at single paths (each retried).
     pub errors: AtomicU64,
     pub nar_bytes: AtomicU64,
@@ -38,6 +42,8 @@ impl Default for Stats {
             failed: z(),
             rejected: z(),
             excluded: z(),
+            upstream: z(),
+            upstream_checks: z(),
             errors: z(),
             nar_bytes: z(),
             file_bytes: z(),
@@ -60,6 +66,7 @@ impl Stats {
             failed: self.failed.load(Relaxed),
             rejected: self.rejected.load(Relaxed),
             excluded: self.excluded.load(Relaxed),
+            upstream: self.upstream.load(Relaxed),
             errors: self.errors.load(Relaxed),
             nar_bytes: self.nar_bytes.load(Relaxed),
             file_bytes: self.file_bytes.load(Relaxed),
@@ -79,6 +86,8 @@ pub struct Summary {
     pub rejected: u64,
     /// Paths kept out by --include/--exclude.
     pub excluded: u64,
+    /// Paths upstream serves, not pushed.
+    pub upstream: u64,
     /// Failed attempts at single paths (each retried).
     pub errors: u64,
     pub nar_bytes: u64,
@@ -106,6 +115,9 @@ impl std::fmt::Display for Summary {
             self.failed,
             self.rejected,
         )?;
+        if self.upstream > 0 {
+            write!(f, ", {} served upstream", self.upstream)?;
+        }
         if self.excluded > 0 {
             write!(f, ", {} excluded", self.excluded)?;
         }

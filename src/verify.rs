@@ -4,6 +4,10 @@
 //! that hash; its NAR exists with the size it claims (`FileSize`); every reference has
 //! a narinfo; and, when trusted keys are given, one of its signatures verifies with one
 //! of them. Broken entries are listed, one line each. NAR contents are not downloaded.
+//!
+//! A reference without a narinfo here may live upstream (narpipe does not push what
+//! upstream serves): with upstream caches given, it is looked up there and broken only
+//! if they lack it too; without, it is counted apart as "missing (upstream?)".
 
 use std::collections::HashSet;
 
@@ -12,6 +16,8 @@ use futures::StreamExt;
 use crate::cache::{self, Cache};
 use crate::narinfo::NarInfo;
 use crate::signing::PublicKey;
+use crate::store_path::StorePath;
+use crate::upstream::Upstream;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -29,11 +35,16 @@ impl std::fmt::Display for Problem {
 pub struct Report {
     pub checked: usize,
     pub problems: Vec<Problem>,
+    /// References with no narinfo here, not looked up upstream (none given).
+    pub maybe_upstream: Vec<Problem>,
+    /// References found in an upstream cache.
+    pub upstream: usize,
 }
 
 pub async fn verify(
     cache: &Cache,
     trusted: &[PublicKey],
+    upstream: &Upstream,
     concurrency: usize,
 ) -> Result<Report, cache::Error> {
     let names = cache.list_root().await?;
@@ -55,10 +66,51 @@ pub async fn verify(
     .await;
     let mut report = Report {
         checked: narinfos.len(),
-        problems: Vec::new(),
+        ..Report::default()
     };
+    let mut absent: Vec<(String, StorePath)> = Vec::new();
     for c in checks {
-        report.problems.extend(c?);
+        let (problems, missing) = c?;
+        report.problems.extend(problems);
+        absent.extend(missing);
+    }
+    // References absent here: upstream's, or broken.
+    if upstream.caches.is_empty() {
+        report.maybe_upstream = absent
+            .into_iter()
+            .map(|(narinfo, r)| Problem {
+                narinfo,
+                what: format!("reference {r} has no narinfo (upstream?)"),
+            })
+            .collect();
+    } else {
+        let mut unique: Vec<&StorePath> = absent.iter().map(|(_, r)| r).collect();
+        unique.sort();
+        unique.dedup();
+        let found = futures::stream::iter(
+            unique
+                .into_iter()
+                .map(|r| async move { upstream.has(r).await.map(|s| (r.clone(), s.is_some())) }),
+        )
+        .buffer_unordered(concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await;
+        let mut there = HashSet::new();
+        for f in found {
+            let (r, yes) = f?;
+            if yes {
+                there.insert(r);
+            }
+        }
+        report.upstream = there.len();
+        for (narinfo, r) in absent {
+            if !there.contains(&r) {
+                report.problems.push(Problem {
+                    narinfo,
+                    what: format!("reference {r} has no narinfo here or upstream"),
+                });
+            }
+        }
     }
     report
         .problems
@@ -66,12 +118,13 @@ pub async fn verify(
     Ok(report)
 }
 
+/// The problems of one narinfo, and its references that have no narinfo here.
 async fn check(
     cache: &Cache,
     name: &str,
     present: &HashSet<String>,
     trusted: &[PublicKey],
-) -> Result<Vec<Problem>, cache::Error> {
+) -> Result<(Vec<Problem>, Vec<(String, StorePath)>), cache::Error> {
     let mut problems = Vec::new();
     let mut say = |what: String| {
         problems.push(Problem {
@@ -81,13 +134,13 @@ async fn check(
     };
     let Some(text) = cache.get(name).await? else {
         say("vanished while being checked".into());
-        return Ok(problems);
+        return Ok((problems, Vec::new()));
     };
     let info: NarInfo = match String::from_utf8_lossy(&text).parse() {
         Ok(i) => i,
         Err(e) => {
             say(format!("does not parse: {e}"));
-            return Ok(problems);
+            return Ok((problems, Vec::new()));
         }
     };
     let hash = name.trim_end_matches(".narinfo");
@@ -110,11 +163,12 @@ async fn check(
             }
         }
     }
-    for r in &info.references {
-        if !present.contains(r.hash_part()) {
-            say(format!("reference {r} has no narinfo"));
-        }
-    }
+    let absent: Vec<(String, StorePath)> = info
+        .references
+        .iter()
+        .filter(|r| !present.contains(r.hash_part()))
+        .map(|r| (name.to_string(), r.clone()))
+        .collect();
     if !trusted.is_empty() {
         let fp = info.fingerprint();
         if !info
@@ -133,5 +187,5 @@ async fn check(
             ));
         }
     }
-    Ok(problems)
+    Ok((problems, absent))
 }

@@ -313,18 +313,44 @@ fn verify_reports_each_kind_of_broken_entry() {
         report.contains(&format!("its NAR {url} is missing")),
         "{report}"
     );
+    // A reference with no narinfo may be served upstream: listed apart, not broken…
+    let leaf_base = Path::new(&leaf).file_name().unwrap().to_str().unwrap();
     assert!(
-        report.contains(&format!(
-            "reference {} has no narinfo",
-            Path::new(&leaf).file_name().unwrap().to_str().unwrap()
-        )),
+        report.lines().any(|l| l.starts_with("MISSING (upstream?) ")
+            && l.contains(&format!("reference {leaf_base} has no narinfo (upstream?)"))),
         "{report}"
     );
     assert!(
         report.contains("no signature verifies with a trusted key"),
         "{report}"
     );
-    assert!(report.lines().all(|l| l.starts_with("BROKEN ")), "{report}");
+    assert!(
+        report
+            .lines()
+            .all(|l| l.starts_with("BROKEN ") || l.starts_with("MISSING (upstream?) ")),
+        "{report}"
+    );
+    // …and broken when the upstream given lacks it too.
+    let upstream = tmp.path().join("upstream");
+    std::fs::create_dir_all(&upstream).unwrap();
+    std::fs::write(upstream.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+    let out = Command::new(UPLOAD)
+        .arg("verify")
+        .arg(&cache)
+        .args(["--trusted-public-key", &keys.public, "--upstream"])
+        .arg(&upstream)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(
+        report.lines().any(|l| l.starts_with("BROKEN ")
+            && l.contains(&format!(
+                "reference {leaf_base} has no narinfo here or upstream"
+            ))),
+        "{report}"
+    );
+    assert!(!report.contains("MISSING"), "{report}");
     // Into a pipe nobody reads any more (`| head -1`): the same verdict, no panic.
     let out = Command::new(UPLOAD)
         .arg("verify")

@@ -62,6 +62,11 @@ enum Command {
             value_delimiter = ' '
         )]
         trusted_public_keys: Vec<String>,
+        /// A cache that serves what this one's references lack (upload does not push
+        /// what upstream has); repeatable. Without one, such references are listed as
+        /// MISSING (upstream?), not as broken.
+        #[arg(long = "upstream", env = "NARPIPE_UPSTREAMS", value_delimiter = ' ')]
+        upstreams: Vec<String>,
         /// Narinfos checked at once.
         #[arg(short, long, default_value_t = 32)]
         jobs: usize,
@@ -87,6 +92,8 @@ enum Command {
         /// A Nix secret key to add a signature with; repeatable.
         #[arg(long, env = "NARPIPE_SECRET_KEY_FILE", value_delimiter = ',')]
         secret_key_file: Vec<PathBuf>,
+        #[command(flatten)]
+        upstream: UpstreamArgs,
         /// Entries copied at once.
         #[arg(short, long, default_value_t = 8)]
         jobs: usize,
@@ -103,6 +110,60 @@ enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print upload's man page (roff).
     Man,
+}
+
+/// What upstream serves is not pushed.
+#[derive(clap::Args, Debug)]
+struct UpstreamArgs {
+    /// Don't push a path the store holds a signature for by this key name (the part
+    /// before `:`), as Nix keeps for what it substituted; repeatable. Costs no request.
+    #[arg(
+        long = "upstream-key",
+        env = "NARPIPE_UPSTREAM_KEYS",
+        value_delimiter = ' ',
+        default_value = narpipe::upstream::DEFAULT_KEY
+    )]
+    upstream_keys: Vec<String>,
+
+    /// Don't push a path this cache has a narinfo for (file://, http(s)://, s3://,
+    /// gs://); repeatable. One request per path, remembered.
+    #[arg(long = "upstream", env = "NARPIPE_UPSTREAMS", value_delimiter = ' ')]
+    upstreams: Vec<String>,
+
+    /// Push everything: consult no upstream key or cache (mirrors, air-gapped caches).
+    #[arg(long, env = "NARPIPE_NO_UPSTREAM")]
+    no_upstream: bool,
+}
+
+/// The upstream filter the flags describe.
+fn upstream(args: &UpstreamArgs) -> Result<narpipe::upstream::Upstream> {
+    if args.no_upstream {
+        return Ok(narpipe::upstream::Upstream::default());
+    }
+    Ok(narpipe::upstream::Upstream {
+        keys: args
+            .upstream_keys
+            .iter()
+            .filter(|k| !k.is_empty())
+            .cloned()
+            .collect(),
+        caches: args
+            .upstreams
+            .iter()
+            .filter(|u| !u.is_empty())
+            .map(|u| Cache::open(u).with_context(|| format!("--upstream {u}")))
+            .collect::<Result<_>>()?,
+    })
+}
+
+/// A destination must be one narpipe can write to.
+fn ensure_writable(url: &str) -> Result<()> {
+    let parsed: narpipe::cache_url::CacheUrl = url.parse()?;
+    anyhow::ensure!(
+        parsed.writable(),
+        "cache {parsed}: HTTP caches are only read here (as --upstream); push to a folder, s3:// or gs://"
+    );
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -178,6 +239,9 @@ struct RunArgs {
     /// path whose deriver is known), so that a fresh machine needn't rebuild them.
     #[arg(long, env = "NARPIPE_INCLUDE_BUILD_DEPS")]
     include_build_deps: bool,
+
+    #[command(flatten)]
+    upstream: UpstreamArgs,
 
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9145.
     #[arg(long, env = "NARPIPE_METRICS_LISTEN")]
@@ -326,6 +390,7 @@ fn config(args: &RunArgs) -> Result<Config> {
         .as_deref()
         .context("no cache URL given (argument CACHE_URL or NARPIPE_CACHE)")?;
     let store_dir = StoreDir::new(&args.store_dir).context("--store-dir")?;
+    ensure_writable(url)?;
     let cache = Cache::open(url)?;
     let keys = read_keys(&args.secret_key_file)?;
     if let (Some(level), Compression::Zstd) = (args.compression_level, args.compression) {
@@ -362,6 +427,7 @@ fn config(args: &RunArgs) -> Result<Config> {
         },
         stats: Arc::new(Stats::default()),
         include_build_deps: args.include_build_deps,
+        upstream: upstream(&args.upstream)?,
     })
 }
 
@@ -558,8 +624,8 @@ async fn upload(args: RunArgs) -> ExitCode {
     }
 }
 
-async fn verify(url: &str, keys: &[String], jobs: usize) -> ExitCode {
-    let setup = || -> Result<(Cache, Vec<PublicKey>)> {
+async fn verify(url: &str, keys: &[String], upstreams: Vec<String>, jobs: usize) -> ExitCode {
+    let setup = || -> Result<(Cache, Vec<PublicKey>, narpipe::upstream::Upstream)> {
         let cache = Cache::open(url)?;
         let keys = keys
             .iter()
@@ -569,28 +635,49 @@ async fn verify(url: &str, keys: &[String], jobs: usize) -> ExitCode {
                     .with_context(|| format!("--trusted-public-key {k:?}"))
             })
             .collect::<Result<Vec<PublicKey>>>()?;
-        Ok((cache, keys))
+        let upstream = upstream(&UpstreamArgs {
+            upstream_keys: Vec::new(),
+            upstreams,
+            no_upstream: false,
+        })?;
+        Ok((cache, keys, upstream))
     };
-    let (cache, keys) = match setup() {
+    let (cache, keys, upstream) = match setup() {
         Ok(v) => v,
         Err(e) => {
             log::error!("{e:#}");
             return ExitCode::from(2);
         }
     };
-    match narpipe::verify::verify(&cache, &keys, jobs).await {
+    match narpipe::verify::verify(&cache, &keys, &upstream, jobs).await {
         Ok(report) => {
             // The exit status says whether the cache is broken, whatever became of these.
             let lines: String = report
                 .problems
                 .iter()
                 .map(|p| format!("BROKEN {p}\n"))
+                .chain(
+                    report
+                        .maybe_upstream
+                        .iter()
+                        .map(|p| format!("MISSING (upstream?) {p}\n")),
+                )
                 .collect();
             print_stdout(lines.as_bytes());
             let broken: std::collections::HashSet<&str> =
                 report.problems.iter().map(|p| p.narinfo.as_str()).collect();
+            let elsewhere = if !upstream.caches.is_empty() {
+                format!(", {} references served upstream", report.upstream)
+            } else if !report.maybe_upstream.is_empty() {
+                format!(
+                    ", {} references missing (upstream? give --upstream to check)",
+                    report.maybe_upstream.len()
+                )
+            } else {
+                String::new()
+            };
             log::info!(
-                "checked {} narinfos in {}: {} broken, {} problems{}",
+                "checked {} narinfos in {}: {} broken, {} problems{elsewhere}{}",
                 report.checked,
                 cache.url(),
                 broken.len(),
@@ -713,27 +800,39 @@ fn status(state_dir: Option<PathBuf>) -> ExitCode {
     print_stdout(text.as_bytes())
 }
 
-async fn import(source: &str, dest: &str, key_files: &[PathBuf], jobs: usize) -> ExitCode {
+async fn import(
+    source: &str,
+    dest: &str,
+    key_files: &[PathBuf],
+    upstream_args: &UpstreamArgs,
+    jobs: usize,
+) -> ExitCode {
     let setup = async {
         let keys = read_keys(key_files)?;
+        ensure_writable(dest)?;
+        let upstream = upstream(upstream_args)?;
         let (source, dest) = narpipe::import::open(source, dest).await?;
-        Ok::<_, anyhow::Error>((source, dest, keys))
+        for url in upstream.check().await? {
+            log::warn!("upstream {url} has no nix-cache-info: is it a binary cache?");
+        }
+        Ok::<_, anyhow::Error>((source, dest, keys, upstream))
     };
-    let (source, dest, keys) = match setup.await {
+    let (source, dest, keys, upstream) = match setup.await {
         Ok(v) => v,
         Err(e) => {
             log::error!("{e:#}");
             return ExitCode::from(2);
         }
     };
-    match narpipe::import::import(&source, &dest, &keys, jobs).await {
+    match narpipe::import::import(&source, &dest, &keys, &upstream, jobs).await {
         Ok(r) => {
             log::info!(
-                "summary: {} narinfos in {}, {} already in {}, {} imported, {} failed",
+                "summary: {} narinfos in {}, {} already in {}, {} served upstream, {} imported, {} failed",
                 r.in_source,
                 source.url(),
                 r.already_there,
                 dest.url(),
+                r.upstream,
                 r.imported,
                 r.failed
             );
@@ -802,16 +901,18 @@ fn main() -> ExitCode {
             Some(Command::Verify {
                 cache_url,
                 trusted_public_keys,
+                upstreams,
                 jobs,
-            }) => verify(&cache_url, &trusted_public_keys, jobs).await,
+            }) => verify(&cache_url, &trusted_public_keys, upstreams, jobs).await,
             Some(Command::Exec { run, command }) => exec(*run, command).await,
             Some(Command::Status { state_dir }) => status(state_dir),
             Some(Command::Import {
                 source_url,
                 cache_url,
                 secret_key_file,
+                upstream,
                 jobs,
-            }) => import(&source_url, &cache_url, &secret_key_file, jobs).await,
+            }) => import(&source_url, &cache_url, &secret_key_file, &upstream, jobs).await,
             _ => upload(cli.run).await,
         }
     });

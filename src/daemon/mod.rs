@@ -45,6 +45,7 @@ use crate::queue::{self, Pending, Queue};
 use crate::signing::SecretKey;
 use crate::stats::Stats;
 use crate::store_path::{StoreDir, StorePath};
+use crate::upstream::Upstream;
 
 pub use crate::stats::Summary;
 pub use accept::open_queue;
@@ -87,6 +88,8 @@ pub struct Config {
     pub max_attempts: u32,
     /// Which paths may be pushed.
     pub filter: Filter,
+    /// What upstream serves is not pushed.
+    pub upstream: Upstream,
     /// Also push the built outputs of each root's whole build closure.
     pub include_build_deps: bool,
     /// Counters, shared with whoever displays them.
@@ -99,25 +102,38 @@ pub struct Shutdown {
     pub stop: CancellationToken,
 }
 
-/// Checks the cache before any work is accepted (see [`Cache::prepare`]).
+/// Checks the cache before any work is accepted (see [`Cache::prepare`]), and that the
+/// upstream caches answer.
 pub async fn prepare(cfg: &Config) -> Result<(), Error> {
-    Ok(cfg
-        .cache
+    cfg.cache
         .prepare(cfg.store_dir.as_str(), cfg.priority)
-        .await?)
+        .await?;
+    for url in cfg.upstream.check().await? {
+        log::warn!("upstream {url} has no nix-cache-info: is it a binary cache?");
+    }
+    Ok(())
 }
 
 struct State {
+    /// Known to be in our cache.
     present: BoundedSet,
+    /// Known to be served upstream (see [`Upstream`]): not pushed, like present ones.
+    upstream: BoundedSet,
     inflight: HashMap<StorePath, Watch>,
 }
 
 impl State {
-    /// The path as held here when it is known present or under way.
+    /// The path as held here when it is known present, served upstream, or under way.
     fn known(&self, p: &StorePath) -> Option<&StorePath> {
         self.present
             .get(p)
+            .or_else(|| self.upstream.get(p))
             .or_else(|| self.inflight.get_key_value(p).map(|(k, _)| k))
+    }
+
+    /// In our cache or upstream: nothing to do for it, and referrers may rely on it.
+    fn satisfied(&self, p: &StorePath) -> bool {
+        self.present.contains(p) || self.upstream.contains(p)
     }
 }
 
@@ -161,6 +177,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
         checks: Semaphore::new(CHECKS_IN_FLIGHT),
         state: Mutex::new(State {
             present: BoundedSet::default(),
+            upstream: BoundedSet::default(),
             inflight: HashMap::new(),
         }),
         stats: cfg.stats.clone(),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use log::{info, warn};
 
-use super::presence::presence;
+use super::presence::{presence, skip_upstream};
 use super::retry::RootOutcome;
 use super::tasks::{spawn_closure, Tasks};
 use super::{Error, Shared};
@@ -342,6 +342,8 @@ async fn plan(
         if !frontier.is_empty() {
             level.extend(shared.nix.path_infos(&frontier).await?);
         }
+        // What upstream serves ends its branch, as what our cache has does.
+        let mut level = skip_upstream(shared, level).await?;
         let mut next = Vec::new();
         // Each path is held once however many paths refer to it: references share the
         // allocation of the path they name (Nix's JSON spells every one out anew).

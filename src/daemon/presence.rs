@@ -12,13 +12,16 @@
 //! ```
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
 use super::Shared;
 use crate::cache;
+use crate::nix::PathInfo;
 use crate::store_path::StorePath;
+use crate::upstream::Served;
 
 /// Concurrent existence checks against the cache.
 pub(super) const CHECKS_IN_FLIGHT: usize = 64;
@@ -64,16 +67,18 @@ impl BoundedSet {
         self.set.get(p)
     }
 
-    /// Remembers `p`, forgetting the oldest path when full.
-    pub(super) fn insert(&mut self, p: StorePath) {
-        if self.set.insert(p.clone()) {
-            self.order.push_back(p);
-            if self.order.len() > self.cap {
-                if let Some(old) = self.order.pop_front() {
-                    self.set.remove(&old);
-                }
+    /// Remembers `p`, forgetting the oldest path when full; false if it was known.
+    pub(super) fn insert(&mut self, p: StorePath) -> bool {
+        if !self.set.insert(p.clone()) {
+            return false;
+        }
+        self.order.push_back(p);
+        if self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
             }
         }
+        true
     }
 }
 
@@ -84,14 +89,14 @@ pub(super) struct Listing {
 }
 
 impl Shared {
+    /// Known to be in the cache, or served upstream (which counts the same).
     pub(super) fn known_present(&self, p: &StorePath) -> bool {
-        self.state.lock().unwrap().present.contains(p)
+        self.state.lock().unwrap().satisfied(p)
     }
 
     /// Known present in the cache, or under way.
     pub(super) fn is_known(&self, p: &StorePath) -> bool {
-        let state = self.state.lock().unwrap();
-        state.present.contains(p) || state.inflight.contains_key(p)
+        self.state.lock().unwrap().known(p).is_some()
     }
 
     /// Whether the cache has `p`'s narinfo (remembered once seen).
@@ -188,6 +193,54 @@ pub(super) async fn presence(
         (p, r)
     });
     futures::future::join_all(checks).await
+}
+
+/// `level` without the paths upstream serves (see [`crate::upstream`]), which are
+/// remembered, logged once and counted: signatures first (free), then the upstream
+/// caches, asked concurrently.
+pub(super) async fn skip_upstream(
+    shared: &Shared,
+    level: Vec<PathInfo>,
+) -> Result<Vec<PathInfo>, cache::Error> {
+    let up = &shared.cfg.upstream;
+    if up.is_off() {
+        return Ok(level);
+    }
+    let mut keep = Vec::with_capacity(level.len());
+    let mut ask = Vec::new();
+    for info in level {
+        match up.signed_by(&info.sigs) {
+            Some(why) => shared.served_upstream(&info.path, why),
+            None if up.caches.is_empty() => keep.push(info),
+            None => ask.push(info),
+        }
+    }
+    let checks = ask.into_iter().map(|info| async move {
+        let _permit = shared.checks.acquire().await.expect("never closed");
+        shared
+            .stats
+            .upstream_checks
+            .fetch_add(up.caches.len() as u64, Relaxed);
+        let found = up.has(&info.path).await;
+        (info, found)
+    });
+    for (info, found) in futures::future::join_all(checks).await {
+        match found? {
+            Some(why) => shared.served_upstream(&info.path, why),
+            None => keep.push(info),
+        }
+    }
+    Ok(keep)
+}
+
+impl Shared {
+    fn served_upstream(&self, p: &StorePath, why: Served) {
+        let new = self.state.lock().unwrap().upstream.insert(p.clone());
+        if new {
+            self.stats.upstream.fetch_add(1, Relaxed);
+            info!("skipped {} ({why})", self.show(p));
+        }
+    }
 }
 
 #[cfg(test)]

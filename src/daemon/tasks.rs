@@ -140,7 +140,7 @@ pub(super) fn spawn_closure(
     let mut new: Vec<(PathInfo, Settle)> = Vec::new();
     let mut watches = HashMap::new();
     for info in infos {
-        if state.present.contains(&info.path) {
+        if state.satisfied(&info.path) {
             continue;
         }
         if let Some(rx) = state.inflight.get(&info.path) {
@@ -172,7 +172,7 @@ pub(super) fn spawn_closure(
         let deps = info
             .references
             .iter()
-            .filter(|r| **r != info.path && !state.present.contains(r))
+            .filter(|r| **r != info.path && !state.satisfied(r))
             .map(|r| match state.inflight.get(r) {
                 Some(rx) => Dep::Task(r.clone(), rx.clone()),
                 None => Dep::Check(r.clone()),
