@@ -439,6 +439,17 @@ pub fn entries(dir: &Path) -> Result<Vec<Entry>, Error> {
     let conn = Connection::open(&db).map_err(err)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))
         .map_err(err)?;
+    // An upload that has just created the file may not have made its tables yet.
+    let made: bool = conn
+        .query_row(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'paths'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(err)?;
+    if !made {
+        return Ok(Vec::new());
+    }
     read_entries(&conn).map_err(err)
 }
 
@@ -636,6 +647,14 @@ mod tests {
         let (_, opened) = Queue::open(dir.path()).unwrap();
         assert!(opened.notes.is_empty(), "once: {:?}", opened.notes);
         assert_eq!(opened.pending.len(), 2);
+    }
+
+    #[test]
+    fn entries_of_a_queue_not_set_up_yet_are_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(entries(dir.path()).unwrap().is_empty(), "no file");
+        std::fs::write(dir.path().join(FILE), b"").unwrap();
+        assert!(entries(dir.path()).unwrap().is_empty(), "an empty file");
     }
 
     #[test]

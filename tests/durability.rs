@@ -539,24 +539,15 @@ fn a_damaged_queue_is_reported_set_aside_and_the_upload_still_runs() {
     let garbage: Vec<u8> = (0..10_000u32).map(|i| (i * 7919 % 251) as u8).collect();
     std::fs::write(state.join("queue.sqlite"), &garbage).unwrap();
     let good = build_closure(tmp.path(), "damaged", 1, 100);
-    let mut child = Command::new(UPLOAD)
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .arg("--secret-key-file")
-        .arg(&keys.secret)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg(&cache)
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{good}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = feed(
+        upload_cmd()
+            .arg("--secret-key-file")
+            .arg(&keys.secret)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg(&cache),
+        std::slice::from_ref(&good),
+    );
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(

@@ -81,6 +81,19 @@ impl World {
         (out, log)
     }
 
+    /// Real Nix substitutes the whole closure from `cache` and the upstream together.
+    fn assert_substitutes_with_upstream(&self, cache: &Path) {
+        let both = self.substitute(
+            &[cache, &self.upstream],
+            &[&self.our_keys.public, &self.up_keys.public],
+        );
+        assert!(
+            both.status.success(),
+            "{}",
+            String::from_utf8_lossy(&both.stderr)
+        );
+    }
+
     /// Real Nix substitutes the app's whole closure into a fresh store from `caches`.
     fn substitute(&self, caches: &[&Path], keys: &[&str]) -> std::process::Output {
         let fresh = self.tmp.path().join(unique("fresh"));
@@ -131,15 +144,7 @@ fn paths_signed_by_an_upstream_key_are_not_pushed_and_nix_substitutes_from_both(
         "{log}"
     );
     // As Nix sees it: both caches together serve the closure; ours alone cannot.
-    let both = w.substitute(
-        &[&cache, &w.upstream],
-        &[&w.our_keys.public, &w.up_keys.public],
-    );
-    assert!(
-        both.status.success(),
-        "{}",
-        String::from_utf8_lossy(&both.stderr)
-    );
+    w.assert_substitutes_with_upstream(&cache);
     let alone = w.substitute(&[&cache], &[&w.our_keys.public]);
     assert!(!alone.status.success());
 
@@ -219,15 +224,7 @@ fn paths_an_upstream_cache_has_are_not_pushed_over_file_and_http() {
     );
     assert_eq!(narinfo_count(&cache), 1, "{log}");
     assert!(log.contains(&format!("{http} has it")), "{log}");
-    let both = w.substitute(
-        &[&cache, &w.upstream],
-        &[&w.our_keys.public, &w.up_keys.public],
-    );
-    assert!(
-        both.status.success(),
-        "{}",
-        String::from_utf8_lossy(&both.stderr)
-    );
+    w.assert_substitutes_with_upstream(&cache);
     // An upstream that cannot be reached stops the start (before any work).
     let out = feed(
         upload_cmd()
