@@ -2,7 +2,8 @@
 //!
 //! Modules, from the bottom up (each layer uses only the ones below it):
 //! - formats (pure, no IO): [`nixbase32`], [`hash`], [`store_path`], [`narinfo`],
-//!   [`cache_info`], [`signing`], [`nar`] (the NAR writer), [`pipe`] (line framing)
+//!   [`cache_info`], [`signing`], [`nar`] (the NAR writer), [`nar_listing`] (`.ls`
+//!   files), [`pipe`] (line framing)
 //! - formats for compressed NARs: [`xz`] (one stream of independently compressed blocks)
 //! - adapters: [`compress`]; [`engine`] (makes compressed NARs on a pool of plain threads)
 //! - IO edges, independent of each other: [`resolve`] (input → store path), [`nix`]
@@ -27,6 +28,7 @@ pub mod import;
 pub mod journal;
 pub mod metrics;
 pub mod nar;
+pub mod nar_listing;
 pub mod narinfo;
 pub mod nix;
 pub mod nixbase32;

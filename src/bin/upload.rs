@@ -179,6 +179,11 @@ struct RunArgs {
     #[arg(long, env = "NARPIPE_INCLUDE_BUILD_DEPS")]
     include_build_deps: bool,
 
+    /// Also write <hash>.ls, the JSON listing of each NAR's files, as Nix's
+    /// write-nar-listing does.
+    #[arg(long, env = "NARPIPE_WRITE_NAR_LISTING")]
+    write_nar_listing: bool,
+
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9145.
     #[arg(long, env = "NARPIPE_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -345,6 +350,7 @@ fn config(args: &RunArgs) -> Result<Config> {
         },
         stats: Arc::new(Stats::default()),
         include_build_deps: args.include_build_deps,
+        write_nar_listing: args.write_nar_listing,
     })
 }
 

@@ -89,6 +89,9 @@ pub struct Config {
     pub filter: Filter,
     /// Also push the built outputs of each root's whole build closure.
     pub include_build_deps: bool,
+    /// Write `<hash>.ls`, the NAR's listing, beside each narinfo (Nix's
+    /// `write-nar-listing`).
+    pub write_nar_listing: bool,
     /// Counters, shared with whoever displays them.
     pub stats: Arc<Stats>,
 }

@@ -7,8 +7,11 @@
 //! ```text
 //! filesystem ─ engine (plain threads: walk, NarHash, compress, FileHash) ─▶ NarWriter
 //!                                             bounded channel            (async task)
-//! NAR committed ─▶ references' narinfos present? ─▶ sign ─▶ <hash>.narinfo
+//! NAR committed ─▶ [<hash>.ls] ─▶ references' narinfos present? ─▶ sign ─▶ <hash>.narinfo
 //! ```
+//! With `write_nar_listing`, the listing made on the same walk as the NAR is written
+//! as `<hash>.ls` before the narinfo (as Nix does; it is no commit point: a retry
+//! writes it again).
 //! The NAR is never whole in memory. A NAR whose hash or size differs from the store's
 //! database is dropped: nothing is published.
 
@@ -30,7 +33,7 @@ use crate::narinfo::NarInfo;
 use crate::nix::PathInfo;
 use crate::signing::SecretKey;
 use crate::stats::human;
-use crate::store_path::StoreDir;
+use crate::store_path::{StoreDir, StorePath};
 
 enum Outcome {
     Uploaded {
@@ -110,6 +113,7 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
             info,
             cfg.compression,
             cfg.level,
+            cfg.write_nar_listing,
         ))
         .await?
     };
@@ -185,7 +189,13 @@ struct NarFile {
     pub file_size: u64,
 }
 
-/// Streams the NAR of `info.path` into the cache and returns where it went.
+/// The object name of a path's NAR listing.
+fn listing_key(p: &StorePath) -> String {
+    format!("{}.ls", p.hash_part())
+}
+
+/// Streams the NAR of `info.path` into the cache (and, if `listing`, then its listing)
+/// and returns where it went.
 async fn upload_nar(
     engine: &Engine,
     cache: &Cache,
@@ -193,6 +203,7 @@ async fn upload_nar(
     info: &PathInfo,
     compression: Compression,
     level: Option<i32>,
+    listing: bool,
 ) -> Result<NarFile, Error> {
     let path_text = store_dir.display(&info.path);
     let failed = |cause| Error::Engine {
@@ -200,14 +211,14 @@ async fn upload_nar(
         cause,
     };
     let mut nar = engine
-        .nar(PathBuf::from(&path_text), compression, level)
+        .nar(PathBuf::from(&path_text), compression, level, listing)
         .await
         .map_err(failed)?;
     let mut writer = cache.nar_writer();
-    let digest = loop {
+    let (digest, listing) = loop {
         match nar.next().await.map_err(failed)? {
             Next::Data(bytes) => writer.write(bytes).await?,
-            Next::End(digest) => break digest,
+            Next::End(digest, listing) => break (digest, listing),
         }
     };
     if digest.nar_hash != info.nar_hash || digest.nar_size != info.nar_size {
@@ -225,6 +236,15 @@ async fn upload_nar(
         compression.nar_extension()
     );
     writer.commit(&url).await?;
+    if let Some(listing) = listing {
+        cache
+            .put(
+                &listing_key(&info.path),
+                Bytes::from(listing),
+                "application/json",
+            )
+            .await?;
+    }
     Ok(NarFile {
         url,
         compression,
@@ -260,7 +280,6 @@ fn narinfo(store_dir: &StoreDir, info: &PathInfo, nar: &NarFile, keys: &[SecretK
 mod tests {
     use super::*;
     use crate::nar;
-    use crate::store_path::StorePath;
     use sha2::Digest;
     use tokio::io::AsyncReadExt;
 
@@ -299,9 +318,15 @@ mod tests {
             &info,
             Compression::Zstd,
             None,
+            false,
         )
         .await
         .unwrap();
+        assert!(!dir
+            .path()
+            .join("cache")
+            .join(listing_key(&info.path))
+            .exists());
         assert!(nar.url.starts_with("nar/") && nar.url.ends_with(".nar.zst"));
         let stored = cache.get(&nar.url).await.unwrap().unwrap();
         assert_eq!(stored.len() as u64, nar.file_size);
@@ -342,6 +367,7 @@ mod tests {
             &info,
             Compression::None,
             None,
+            true,
         )
         .await
         .unwrap_err();
@@ -350,5 +376,39 @@ mod tests {
         let nar_dir = dir.path().join("cache/nar");
         let left = std::fs::read_dir(&nar_dir).map(|d| d.count()).unwrap_or(0);
         assert_eq!(left, 0);
+        assert!(!dir
+            .path()
+            .join("cache")
+            .join(listing_key(&info.path))
+            .exists());
+    }
+
+    #[tokio::test]
+    async fn writes_the_listing_beside_the_nar_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let name = "xav0pws0268idny9wi60ylqqiyryzfz6-data";
+        std::fs::create_dir_all(store.join(name).join("bin")).unwrap();
+        std::fs::write(store.join(name).join("bin/hi"), b"hello").unwrap();
+        let (sd, info) = info_for(&store, name);
+        let cache = Cache::open(dir.path().join("cache").to_str().unwrap()).unwrap();
+        upload_nar(
+            &Engine::new(1).unwrap(),
+            &cache,
+            &sd,
+            &info,
+            Compression::Xz,
+            None,
+            true,
+        )
+        .await
+        .unwrap();
+        let ls = cache.get(&listing_key(&info.path)).await.unwrap().unwrap();
+        let want = nar::dump_with_listing(&store.join(name), &mut std::io::sink()).unwrap();
+        assert_eq!(ls, want);
+        assert_eq!(
+            listing_key(&info.path),
+            "xav0pws0268idny9wi60ylqqiyryzfz6.ls"
+        );
     }
 }
