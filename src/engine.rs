@@ -20,6 +20,8 @@
 //! for its oldest frame compresses queued frames itself meanwhile, so no thread idles
 //! while any frame waits, and the pool cannot deadlock.
 //!
+//! [`Engine::run`] puts other CPU work on the same threads.
+//!
 //! On request the walk also writes the NAR's listing (see [`crate::nar_listing`]), given
 //! back with the digest: the tree is read once for both.
 //!
@@ -64,6 +66,8 @@ pub enum Error {
     Compress(io::Error),
     #[error("the NAR engine has stopped")]
     Stopped,
+    #[error("the work panicked on a NAR thread")]
+    Panicked,
 }
 
 /// Hashes and sizes of one finished NAR.
@@ -121,6 +125,12 @@ impl Codec {
     }
 }
 
+/// What a pool thread is given: a NAR to make, or other CPU work (see [`Engine::run`]).
+enum Work {
+    Nar(Job),
+    Call(Box<dyn FnOnce() + Send>),
+}
+
 /// One frame of a NAR, to be compressed by whichever thread takes it.
 struct Frame {
     data: Vec<u8>,
@@ -138,7 +148,7 @@ struct Compressed {
 
 /// The pool. Dropping it lets the threads end once their current work is done.
 pub struct Engine {
-    jobs: Sender<Job>,
+    jobs: Sender<Work>,
     permits: Arc<Semaphore>,
 }
 
@@ -146,7 +156,7 @@ impl Engine {
     /// Starts `threads` worker threads (at least one).
     pub fn new(threads: usize) -> io::Result<Engine> {
         let threads = threads.max(1);
-        let (jobs_tx, jobs_rx) = channel::bounded::<Job>(threads);
+        let (jobs_tx, jobs_rx) = channel::bounded::<Work>(threads);
         let (frames_tx, frames_rx) = channel::bounded::<Frame>(threads);
         for i in 0..threads {
             let mut worker = Worker {
@@ -197,8 +207,35 @@ impl Engine {
             _permit: permit,
         };
         // Never blocks: the queue holds as many jobs as there are permits.
-        self.jobs.try_send(job).map_err(|_| Error::Stopped)?;
+        self.jobs
+            .try_send(Work::Nar(job))
+            .map_err(|_| Error::Stopped)?;
         Ok(NarStream { rx, control })
+    }
+
+    /// Runs `f` on a pool thread: CPU work that goes with a NAR but is not one (a
+    /// build log to decompress) stays off the async runtime and shares the pool's
+    /// bound. Waits while every thread is busy.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Stopped)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let call = move || {
+            let _permit = permit;
+            let _ = tx.send(f());
+        };
+        self.jobs
+            .try_send(Work::Call(Box::new(call)))
+            .map_err(|_| Error::Stopped)?;
+        // A panic drops the sender; the thread itself goes on (see Worker::guarded).
+        rx.await.map_err(|_| Error::Panicked)
     }
 }
 
@@ -248,7 +285,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(&mut self, jobs: Receiver<Job>) {
+    fn run(&mut self, jobs: Receiver<Work>) {
         loop {
             // Finish frames already cut before starting a new NAR: less memory held.
             match self.frames_rx.try_recv() {
@@ -265,7 +302,8 @@ impl Worker {
                     Err(_) => return,
                 },
                 recv(jobs) -> job => match job {
-                    Ok(job) => self.guarded(|w| w.produce(job)),
+                    Ok(Work::Nar(job)) => self.guarded(|w| w.produce(job)),
+                    Ok(Work::Call(f)) => self.guarded(|_| f()),
                     Err(_) => return,
                 },
             }
@@ -808,6 +846,20 @@ mod tests {
         .await
         .expect("the cancelled NAR released its thread");
         assert_eq!(d.nar_size, nar.len() as u64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_puts_work_on_a_pool_thread_and_survives_a_panic() {
+        let engine = Engine::new(1).unwrap();
+        let name = engine
+            .run(|| std::thread::current().name().map(str::to_string))
+            .await
+            .unwrap();
+        assert_eq!(name.as_deref(), Some("narpipe-nar-0"));
+        let err = engine.run(|| panic!("on purpose")).await.unwrap_err();
+        assert!(matches!(err, Error::Panicked), "{err}");
+        // The one thread is still there, and its permit came back.
+        assert_eq!(engine.run(|| 2 + 2).await.unwrap(), 4);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,8 @@
 //! - formats for compressed NARs: [`xz`] (one stream of independently compressed blocks)
 //! - adapters: [`compress`]; [`engine`] (makes compressed NARs on a pool of plain threads)
 //! - IO edges, independent of each other: [`resolve`] (input → store path), [`nix`]
-//!   (runs the Nix CLI), [`cache`] (the binary cache through `object_store`), [`queue`]
+//!   (runs the Nix CLI; [`build_log`] reads its log directory), [`cache`] (the binary
+//!   cache through `object_store`), [`queue`]
 //!   (the durable queue on SQLite; [`journal`] reads an earlier version's file once),
 //!   [`spool`]
 //! - orchestration: [`daemon`] (the whole uploader, one module per stage; one path's life
@@ -15,6 +16,7 @@
 //!
 //! The binaries `upload` and `send` are thin: arguments, logging, signals, exit codes.
 
+pub mod build_log;
 pub mod cache;
 pub mod cache_info;
 pub mod cache_url;

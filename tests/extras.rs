@@ -1,5 +1,5 @@
 //! What Nix writes besides narinfos and NARs, written by upload and judged by real Nix:
-//! NAR listings (`<hash>.ls`).
+//! NAR listings (`<hash>.ls`), build logs (`log/<name>.drv`).
 
 mod common;
 
@@ -140,6 +140,102 @@ fn no_listing_unless_asked() {
         })
         .collect();
     assert!(ls.is_empty());
+}
+
+/// A derivation that says `marker` on stdout and stderr while it builds.
+fn loud_expr(word: &str, marker: &str) -> String {
+    format!(
+        r#"derivation {{
+  name = "{word}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo {marker} on stdout; echo {marker} on stderr >&2; echo built > $out" ];
+}}"#
+    )
+}
+
+fn upload_ok(cache: &Path, flags: &[&str], path: &str) -> String {
+    let out = feed(
+        upload_cmd()
+            .args(flags)
+            .arg(format!("file://{}", cache.display())),
+        &[path.to_string()],
+    );
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{log}");
+    log
+}
+
+#[test]
+fn nix_log_reads_the_build_log_we_uploaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let word = unique("logged");
+    let marker = unique("MARKER");
+    let path = build_expr(tmp.path(), &word, &loud_expr(&word, &marker));
+    let drv = run_ok(nix("nix-store").args(["--query", "--deriver", &path]));
+    let drv_name = Path::new(drv.trim())
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    let cache = tmp.path().join("cache");
+    upload_ok(&cache, &["--upload-logs"], &path);
+    let store = format!("file://{}", cache.display());
+    let log = run_ok(nix("nix").args(["log", "--store", &store, &path]));
+    assert!(log.contains(&format!("{marker} on stdout")), "{log}");
+    assert!(log.contains(&format!("{marker} on stderr")), "{log}");
+    // Stored as `nix store copy-log` stores it: the text, uncompressed.
+    let stored = std::fs::read(cache.join("log").join(&drv_name)).unwrap();
+    let theirs = tmp.path().join("copy-log");
+    run_ok(
+        nix("nix")
+            .args(["store", "copy-log", "--to"])
+            .arg(format!("file://{}", theirs.display()))
+            .arg(&path),
+    );
+    assert!(stored == std::fs::read(theirs.join("log").join(&drv_name)).unwrap());
+
+    // Not without the option.
+    let plain = tmp.path().join("plain");
+    upload_ok(&plain, &[], &path);
+    assert!(!plain.join("log").join(&drv_name).exists());
+}
+
+#[test]
+fn a_missing_or_damaged_log_leaves_the_path_uploaded_without_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let word = unique("unlogged");
+    let path = build_expr(tmp.path(), &word, &loud_expr(&word, "quiet"));
+    let drv = run_ok(nix("nix-store").args(["--query", "--deriver", &path]));
+    let drv_name = Path::new(drv.trim())
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    // No log where we look.
+    let empty = tmp.path().join("no-logs");
+    std::fs::create_dir_all(&empty).unwrap();
+    let cache = tmp.path().join("cache");
+    let dir_flag = format!("--nix-log-dir={}", empty.display());
+    upload_ok(&cache, &["--upload-logs", &dir_flag], &path);
+    assert!(narinfo_path(&cache, &path).exists());
+    assert!(!cache.join("log").join(&drv_name).exists());
+
+    // A log that is not bzip2: reported, left out; the path is uploaded.
+    let damaged = tmp.path().join("damaged");
+    let sub = damaged.join("drvs").join(&drv_name[..2]);
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::write(sub.join(format!("{}.bz2", &drv_name[2..])), b"garbage").unwrap();
+    let cache = tmp.path().join("cache2");
+    let dir_flag = format!("--nix-log-dir={}", damaged.display());
+    let log = upload_ok(&cache, &["--upload-logs", &dir_flag], &path);
+    assert!(narinfo_path(&cache, &path).exists());
+    assert!(!cache.join("log").join(&drv_name).exists());
+    assert!(log.contains("warning:") && log.contains(&drv_name[2..]), "{log}");
 }
 
 fn run_ok_bytes(cmd: &mut std::process::Command) -> Vec<u8> {

@@ -184,6 +184,15 @@ struct RunArgs {
     #[arg(long, env = "NARPIPE_WRITE_NAR_LISTING")]
     write_nar_listing: bool,
 
+    /// Also upload the build log of each pushed path's deriver, when Nix kept one on
+    /// this machine, as log/<name>.drv (what `nix store copy-log` writes).
+    #[arg(long, env = "NARPIPE_UPLOAD_LOGS")]
+    upload_logs: bool,
+
+    /// Nix's log directory, where --upload-logs finds build logs.
+    #[arg(long, env = "NIX_LOG_DIR", default_value = "/nix/var/log/nix")]
+    nix_log_dir: PathBuf,
+
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9145.
     #[arg(long, env = "NARPIPE_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -351,6 +360,7 @@ fn config(args: &RunArgs) -> Result<Config> {
         stats: Arc::new(Stats::default()),
         include_build_deps: args.include_build_deps,
         write_nar_listing: args.write_nar_listing,
+        upload_logs: args.upload_logs.then(|| args.nix_log_dir.clone()),
     })
 }
 

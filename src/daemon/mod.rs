@@ -92,6 +92,8 @@ pub struct Config {
     /// Write `<hash>.ls`, the NAR's listing, beside each narinfo (Nix's
     /// `write-nar-listing`).
     pub write_nar_listing: bool,
+    /// Nix's log directory, to upload each pushed path's build log from; None: no logs.
+    pub upload_logs: Option<PathBuf>,
     /// Counters, shared with whoever displays them.
     pub stats: Arc<Stats>,
 }
@@ -135,6 +137,8 @@ struct Shared {
     jobs: Semaphore,
     checks: Semaphore,
     state: Mutex<State>,
+    /// Derivations whose build log was uploaded (their other outputs need not again).
+    logs_sent: Mutex<BoundedSet>,
     stats: Arc<Stats>,
     stop: CancellationToken,
 }
@@ -164,6 +168,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
             present: BoundedSet::default(),
             inflight: HashMap::new(),
         }),
+        logs_sent: Mutex::new(BoundedSet::default()),
         stats: cfg.stats.clone(),
         stop: shutdown.stop.clone(),
         cfg,

@@ -11,20 +11,23 @@
 //! ```
 //! With `write_nar_listing`, the listing made on the same walk as the NAR is written
 //! as `<hash>.ls` before the narinfo (as Nix does; it is no commit point: a retry
-//! writes it again).
+//! writes it again). With `upload_logs`, so is the deriver's build log, if Nix kept
+//! one on this machine (see [`crate::build_log`]); one that cannot be read is reported
+//! and left out, the path is uploaded all the same.
 //! The NAR is never whole in memory. A NAR whose hash or size differs from the store's
 //! database is dropped: nothing is published.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use log::{error, info};
+use log::{error, info, warn};
 
 use super::tasks::{Dep, Settle, Status};
 use super::Shared;
+use crate::build_log;
 use crate::cache::{self, Cache};
 use crate::compress::Compression;
 use crate::engine::{self, Engine, Next};
@@ -106,7 +109,7 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
         let _permit = shared.jobs.acquire().await.expect("never closed");
         // Boxed: its state is allocated only once the upload starts, so the many
         // tasks still waiting for a permit stay small.
-        Box::pin(upload_nar(
+        let nar = Box::pin(upload_nar(
             &shared.engine,
             &cfg.cache,
             &cfg.store_dir,
@@ -115,7 +118,11 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
             cfg.level,
             cfg.write_nar_listing,
         ))
-        .await?
+        .await?;
+        if let (Some(log_dir), Some(drv)) = (&cfg.upload_logs, &info.deriver) {
+            Box::pin(upload_log(shared, log_dir, drv)).await?;
+        }
+        nar
     };
     // Progress follows the NARs; the narinfo may still wait for its references.
     shared.progress(info.nar_size);
@@ -187,6 +194,40 @@ struct NarFile {
     pub compression: Compression,
     pub file_hash: Sha256,
     pub file_size: u64,
+}
+
+/// Uploads `drv`'s build log if Nix kept one in `log_dir` and it was not uploaded
+/// already (another output of the same derivation).
+async fn upload_log(shared: &Shared, log_dir: &Path, drv: &StorePath) -> Result<(), Error> {
+    if shared.logs_sent.lock().unwrap().contains(drv) {
+        return Ok(());
+    }
+    let (dir, d) = (log_dir.to_path_buf(), drv.clone());
+    let found = shared
+        .engine
+        .run(move || build_log::read(&dir, &d))
+        .await
+        .map_err(|cause| Error::Engine {
+            path: shared.show(drv),
+            cause,
+        })?;
+    match found {
+        Ok(Some(text)) => {
+            shared
+                .cfg
+                .cache
+                .put(
+                    &build_log::cache_key(drv),
+                    Bytes::from(text),
+                    "text/plain; charset=utf-8",
+                )
+                .await?;
+            shared.logs_sent.lock().unwrap().insert(drv.clone());
+        }
+        Ok(None) => {}
+        Err(e) => warn!("{e} (the log is left out; its outputs are uploaded)"),
+    }
+    Ok(())
 }
 
 /// The object name of a path's NAR listing.
