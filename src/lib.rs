@@ -3,7 +3,7 @@
 //! Modules, from the bottom up (each layer uses only the ones below it):
 //! - formats (pure, no IO): [`nixbase32`], [`hash`], [`store_path`], [`narinfo`],
 //!   [`cache_info`], [`signing`], [`nar`] (the NAR writer), [`nar_listing`] (`.ls`
-//!   files), [`pipe`] (line framing)
+//!   files), [`realisation`] (`.doi` files), [`pipe`] (line framing)
 //! - formats for compressed NARs: [`xz`] (one stream of independently compressed blocks)
 //! - adapters: [`compress`]; [`engine`] (makes compressed NARs on a pool of plain threads)
 //! - IO edges, independent of each other: [`resolve`] (input → store path), [`nix`]
@@ -36,6 +36,7 @@ pub mod nix;
 pub mod nixbase32;
 pub mod pipe;
 pub mod queue;
+pub mod realisation;
 pub mod resolve;
 pub mod signing;
 pub mod spool;

@@ -1,5 +1,6 @@
 //! What Nix writes besides narinfos and NARs, written by upload and judged by real Nix:
-//! NAR listings (`<hash>.ls`), build logs (`log/<name>.drv`).
+//! NAR listings (`<hash>.ls`), build logs (`log/<name>.drv`), realisations of
+//! content-addressed derivations (`realisations/<id>.doi`).
 
 mod common;
 
@@ -235,7 +236,142 @@ fn a_missing_or_damaged_log_leaves_the_path_uploaded_without_one() {
     let log = upload_ok(&cache, &["--upload-logs", &dir_flag], &path);
     assert!(narinfo_path(&cache, &path).exists());
     assert!(!cache.join("log").join(&drv_name).exists());
-    assert!(log.contains("warning:") && log.contains(&drv_name[2..]), "{log}");
+    assert!(
+        log.contains("warning:") && log.contains(&drv_name[2..]),
+        "{log}"
+    );
+}
+
+/// Nix with content-addressed derivations (experimental in 2.8).
+const CA_CONFIG: &str = "substituters =\nexperimental-features = nix-command ca-derivations";
+
+fn nix_ca(program: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(program);
+    c.env("NIX_CONFIG", CA_CONFIG);
+    c
+}
+
+#[test]
+fn realisations_let_nix_substitute_content_addressed_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let word = unique("ca");
+    // Builders run as nixbld users: they need a way to the log of builds.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let builds = shared.join("builds");
+    let expr = tmp.path().join("ca.nix");
+    // b refers to a; both are floating content-addressed. Each build leaves a line in
+    // `builds`, so a build where a substitution was expected shows.
+    std::fs::write(
+        &expr,
+        format!(
+            r#"let mk = name: deps: derivation {{
+  inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
+  __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";
+  args = [ "-c" "echo ${{name}} >> {builds} || exit 1; echo ${{name}} > $out; for d in $deps; do echo $d >> $out; done" ];
+}}; a = mk "{word}-a" []; in mk "{word}-b" [ a ]"#,
+            builds = builds.display()
+        ),
+    )
+    .unwrap();
+    let b = run_ok(
+        nix_ca("nix-build")
+            .arg(&expr)
+            .args(["--no-out-link", "--quiet"]),
+    )
+    .trim()
+    .to_string();
+    assert_eq!(std::fs::read_to_string(&builds).unwrap().lines().count(), 2);
+    let keys = keygen(tmp.path(), "narpipe-realisations");
+    let cache = tmp.path().join("cache");
+    let out = feed(
+        upload_cmd()
+            .arg("--write-realisations")
+            .arg("--secret-key-file")
+            .arg(&keys.secret)
+            .arg(format!("file://{}", cache.display())),
+        std::slice::from_ref(&b),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // One per output: the realisation of the derivation Nix records as its deriver.
+    let docs: Vec<_> = std::fs::read_dir(cache.join("realisations"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(docs.len(), 2, "{docs:?}");
+    let pk: narpipe::signing::PublicKey = keys.public.parse().unwrap();
+    for doc in &docs {
+        let text = std::fs::read_to_string(doc).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let sigs = v.as_object_mut().unwrap().remove("signatures").unwrap();
+        // Signed over the JSON without signatures, as Realisation::fingerprint does.
+        let sig = sigs[0].as_str().unwrap();
+        assert!(pk.verifies(&v.to_string(), sig), "{text}");
+        let out_path = v["outPath"].as_str().unwrap();
+        assert!(narinfo_path(&cache, &format!("/nix/store/{out_path}")).exists());
+    }
+
+    // The same bytes as nix copy writes, but for our signature.
+    let theirs = tmp.path().join("theirs");
+    run_ok(
+        nix_ca("nix")
+            .arg("copy")
+            .arg("--to")
+            .arg(format!("file://{}", theirs.display()))
+            .arg("--file")
+            .arg(&expr),
+    );
+    let a_id = std::fs::read_dir(theirs.join("realisations"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .contains(r#""dependentRealisations":{}"#)
+        })
+        .expect("nix copy wrote a's realisation");
+    let name = a_id.file_name().unwrap();
+    let ours = std::fs::read_to_string(cache.join("realisations").join(name)).unwrap();
+    let unsigned = without_signatures(&ours);
+    assert_eq!(unsigned, std::fs::read_to_string(&a_id).unwrap());
+
+    // A fresh store builds the expression from the cache without building anything.
+    std::fs::remove_file(&builds).unwrap();
+    let fresh = tmp.path().join("fresh");
+    run_ok(
+        nix_ca("nix")
+            .arg("build")
+            .arg("--store")
+            .arg(&fresh)
+            .arg("--no-link")
+            .arg("--file")
+            .arg(&expr)
+            .arg("--option")
+            .arg("substituters")
+            .arg(format!("file://{}", cache.display()))
+            .arg("--option")
+            .arg("trusted-public-keys")
+            .arg(&keys.public),
+    );
+    assert!(
+        !builds.exists(),
+        "something was built instead of substituted"
+    );
+    assert!(fresh.join(b.trim_start_matches('/')).exists());
+}
+
+/// A `.doi` with its signatures emptied.
+fn without_signatures(doi: &str) -> String {
+    let i = doi.find(r#","signatures":["#).unwrap();
+    format!("{}{}", &doi[..i], r#","signatures":[]}"#)
 }
 
 fn run_ok_bytes(cmd: &mut std::process::Command) -> Vec<u8> {

@@ -189,6 +189,12 @@ struct RunArgs {
     #[arg(long, env = "NARPIPE_UPLOAD_LOGS")]
     upload_logs: bool,
 
+    /// Also write the realisation of each pushed output of a content-addressed
+    /// derivation (realisations/<id>.doi, signed), as nix copy does with
+    /// ca-derivations.
+    #[arg(long, env = "NARPIPE_WRITE_REALISATIONS")]
+    write_realisations: bool,
+
     /// Nix's log directory, where --upload-logs finds build logs.
     #[arg(long, env = "NIX_LOG_DIR", default_value = "/nix/var/log/nix")]
     nix_log_dir: PathBuf,
@@ -361,6 +367,7 @@ fn config(args: &RunArgs) -> Result<Config> {
         include_build_deps: args.include_build_deps,
         write_nar_listing: args.write_nar_listing,
         upload_logs: args.upload_logs.then(|| args.nix_log_dir.clone()),
+        write_realisations: args.write_realisations,
     })
 }
 

@@ -24,6 +24,7 @@ mod input;
 mod path;
 mod plan;
 mod presence;
+mod realise;
 mod retry;
 mod tasks;
 
@@ -94,6 +95,8 @@ pub struct Config {
     pub write_nar_listing: bool,
     /// Nix's log directory, to upload each pushed path's build log from; None: no logs.
     pub upload_logs: Option<PathBuf>,
+    /// Write the realisations of content-addressed outputs after their narinfos.
+    pub write_realisations: bool,
     /// Counters, shared with whoever displays them.
     pub stats: Arc<Stats>,
 }
@@ -139,6 +142,8 @@ struct Shared {
     state: Mutex<State>,
     /// Derivations whose build log was uploaded (their other outputs need not again).
     logs_sent: Mutex<BoundedSet>,
+    /// Where realisations are asked for, if they are written.
+    realisations: Option<realise::Realisations>,
     stats: Arc<Stats>,
     stop: CancellationToken,
 }
@@ -169,6 +174,9 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
             inflight: HashMap::new(),
         }),
         logs_sent: Mutex::new(BoundedSet::default()),
+        realisations: cfg
+            .write_realisations
+            .then(|| realise::Realisations::start(Nix::new(cfg.store_dir.clone()))),
         stats: cfg.stats.clone(),
         stop: shutdown.stop.clone(),
         cfg,

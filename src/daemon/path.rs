@@ -13,7 +13,10 @@
 //! as `<hash>.ls` before the narinfo (as Nix does; it is no commit point: a retry
 //! writes it again). With `upload_logs`, so is the deriver's build log, if Nix kept
 //! one on this machine (see [`crate::build_log`]); one that cannot be read is reported
-//! and left out, the path is uploaded all the same.
+//! and left out, the path is uploaded all the same. With `write_realisations`, the
+//! realisations of a content-addressed output (see [`crate::realisation`]) follow its
+//! narinfo, as they do in `nix copy`: a realisation points at a path that must be
+//! there.
 //! The NAR is never whole in memory. A NAR whose hash or size differs from the store's
 //! database is dropped: nothing is published.
 
@@ -25,6 +28,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use log::{error, info, warn};
 
+use super::realise;
 use super::tasks::{Dep, Settle, Status};
 use super::Shared;
 use crate::build_log;
@@ -151,6 +155,9 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
             "text/x-nix-narinfo",
         )
         .await?;
+    if let (Some(lookups), Some(_), Some(drv)) = (&shared.realisations, &info.ca, &info.deriver) {
+        write_realisations(shared, lookups, drv, info).await?;
+    }
     Ok(Outcome::Uploaded {
         nar: info.nar_size,
         file: nar.file_size,
@@ -226,6 +233,40 @@ async fn upload_log(shared: &Shared, log_dir: &Path, drv: &StorePath) -> Result<
         }
         Ok(None) => {}
         Err(e) => warn!("{e} (the log is left out; its outputs are uploaded)"),
+    }
+    Ok(())
+}
+
+/// Writes the realisations Nix has for `info.path`, an output of `drv`, signed. One
+/// that depends on other realisations (an unresolved derivation's) is left out: its
+/// dependencies might not be in the cache, and Nix could not use it then. The
+/// realisations of the resolved derivation that built the path, the one Nix records
+/// as its deriver, have none.
+async fn write_realisations(
+    shared: &Shared,
+    lookups: &realise::Realisations,
+    drv: &StorePath,
+    info: &PathInfo,
+) -> Result<(), Error> {
+    for mut r in lookups.of(drv, &info.path).await {
+        if !r.dependent.is_empty() {
+            info!(
+                "realisation {} of {} left out: it depends on other realisations",
+                r.id,
+                shared.show(&info.path)
+            );
+            continue;
+        }
+        r.sign(&shared.cfg.keys);
+        shared
+            .cfg
+            .cache
+            .put(
+                &r.cache_key(),
+                Bytes::from(r.to_string()),
+                "application/json",
+            )
+            .await?;
     }
     Ok(())
 }
