@@ -20,6 +20,11 @@
 //! for its oldest frame compresses queued frames itself meanwhile, so no thread idles
 //! while any frame waits, and the pool cannot deadlock.
 //!
+//! [`Engine::run`] puts other CPU work on the same threads.
+//!
+//! On request the walk also writes the NAR's listing (see [`crate::nar_listing`]), given
+//! back with the digest: the tree is read once for both.
+//!
 //! Dropping a [`NarStream`] cancels its NAR: the producer and helpers stop at the next
 //! frame (xz: the next MiB), and nothing more is sent.
 
@@ -38,6 +43,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use crate::compress::Compression;
 use crate::hash::Sha256;
 use crate::nar;
+use crate::nar_listing::NarListing;
 use crate::xz;
 
 /// Uncompressed bytes per zstd frame (and per chunk when not compressing).
@@ -60,6 +66,8 @@ pub enum Error {
     Compress(io::Error),
     #[error("the NAR engine has stopped")]
     Stopped,
+    #[error("the work panicked on a NAR thread")]
+    Panicked,
 }
 
 /// Hashes and sizes of one finished NAR.
@@ -72,10 +80,10 @@ pub struct NarDigest {
     pub file_size: u64,
 }
 
-/// What a producer sends: the compressed file in order, then its digest.
+/// What a producer sends: the compressed file in order, then its digest (and listing).
 enum Piece {
     Data(Bytes),
-    End(NarDigest),
+    End(NarDigest, Option<Vec<u8>>),
 }
 
 /// Shared by a NAR's producer, its helpers and its [`NarStream`].
@@ -92,6 +100,8 @@ impl Control {
 struct Job {
     path: PathBuf,
     codec: Codec,
+    /// Whether to write the NAR's listing too.
+    listing: bool,
     control: Arc<Control>,
     out: mpsc::Sender<Result<Piece, Error>>,
     /// Released when the job ends: bounds the jobs queued and running.
@@ -115,6 +125,12 @@ impl Codec {
     }
 }
 
+/// What a pool thread is given: a NAR to make, or other CPU work (see [`Engine::run`]).
+enum Work {
+    Nar(Job),
+    Call(Box<dyn FnOnce() + Send>),
+}
+
 /// One frame of a NAR, to be compressed by whichever thread takes it.
 struct Frame {
     data: Vec<u8>,
@@ -132,7 +148,7 @@ struct Compressed {
 
 /// The pool. Dropping it lets the threads end once their current work is done.
 pub struct Engine {
-    jobs: Sender<Job>,
+    jobs: Sender<Work>,
     permits: Arc<Semaphore>,
 }
 
@@ -140,7 +156,7 @@ impl Engine {
     /// Starts `threads` worker threads (at least one).
     pub fn new(threads: usize) -> io::Result<Engine> {
         let threads = threads.max(1);
-        let (jobs_tx, jobs_rx) = channel::bounded::<Job>(threads);
+        let (jobs_tx, jobs_rx) = channel::bounded::<Work>(threads);
         let (frames_tx, frames_rx) = channel::bounded::<Frame>(threads);
         for i in 0..threads {
             let mut worker = Worker {
@@ -163,12 +179,14 @@ impl Engine {
         })
     }
 
-    /// Starts making the NAR of `path`; waits while every thread has a NAR of its own.
+    /// Starts making the NAR of `path` (and, if `listing`, its listing); waits while
+    /// every thread has a NAR of its own.
     pub async fn nar(
         &self,
         path: PathBuf,
         compression: Compression,
         level: Option<i32>,
+        listing: bool,
     ) -> Result<NarStream, Error> {
         let permit = self
             .permits
@@ -183,13 +201,41 @@ impl Engine {
         let job = Job {
             path,
             codec: Codec::new(compression, level),
+            listing,
             control: control.clone(),
             out: tx,
             _permit: permit,
         };
         // Never blocks: the queue holds as many jobs as there are permits.
-        self.jobs.try_send(job).map_err(|_| Error::Stopped)?;
+        self.jobs
+            .try_send(Work::Nar(job))
+            .map_err(|_| Error::Stopped)?;
         Ok(NarStream { rx, control })
+    }
+
+    /// Runs `f` on a pool thread: CPU work that goes with a NAR but is not one (a
+    /// build log to decompress) stays off the async runtime and shares the pool's
+    /// bound. Waits while every thread is busy.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Stopped)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let call = move || {
+            let _permit = permit;
+            let _ = tx.send(f());
+        };
+        self.jobs
+            .try_send(Work::Call(Box::new(call)))
+            .map_err(|_| Error::Stopped)?;
+        // A panic drops the sender; the thread itself goes on (see Worker::guarded).
+        rx.await.map_err(|_| Error::Panicked)
     }
 }
 
@@ -202,7 +248,8 @@ pub struct NarStream {
 /// What [`NarStream::next`] gives.
 pub enum Next {
     Data(Bytes),
-    End(NarDigest),
+    /// The digest, and the listing if it was asked for.
+    End(NarDigest, Option<Vec<u8>>),
 }
 
 impl NarStream {
@@ -210,7 +257,7 @@ impl NarStream {
     pub async fn next(&mut self) -> Result<Next, Error> {
         match self.rx.recv().await {
             Some(Ok(Piece::Data(b))) => Ok(Next::Data(b)),
-            Some(Ok(Piece::End(d))) => Ok(Next::End(d)),
+            Some(Ok(Piece::End(d, l))) => Ok(Next::End(d, l)),
             Some(Err(e)) => Err(e),
             None => Err(Error::Stopped),
         }
@@ -238,7 +285,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(&mut self, jobs: Receiver<Job>) {
+    fn run(&mut self, jobs: Receiver<Work>) {
         loop {
             // Finish frames already cut before starting a new NAR: less memory held.
             match self.frames_rx.try_recv() {
@@ -255,7 +302,8 @@ impl Worker {
                     Err(_) => return,
                 },
                 recv(jobs) -> job => match job {
-                    Ok(job) => self.guarded(|w| w.produce(job)),
+                    Ok(Work::Nar(job)) => self.guarded(|w| w.produce(job)),
+                    Ok(Work::Call(f)) => self.guarded(|_| f()),
                     Err(_) => return,
                 },
             }
@@ -382,8 +430,8 @@ impl Worker {
         drop(pending);
         self.keep_spare(buf);
         match result {
-            Ok(digest) => {
-                let _ = job.out.blocking_send(Ok(Piece::End(digest)));
+            Ok((digest, listing)) => {
+                let _ = job.out.blocking_send(Ok(Piece::End(digest, listing)));
             }
             Err(Failure::Cancelled) => {}
             Err(Failure::Failed(e)) => {
@@ -423,12 +471,17 @@ struct Producer<'a> {
 }
 
 impl Producer<'_> {
-    fn run(&mut self) -> Result<NarDigest, Failure> {
+    fn run(&mut self) -> Result<(NarDigest, Option<Vec<u8>>), Failure> {
         if let Codec::Xz(_) = self.job.codec {
             self.emit(xz::stream_header().to_vec())?;
         }
         let path = self.job.path.clone();
-        let walked = nar::dump_into(&path, self).and_then(|()| match self.fill {
+        let mut listing = self.job.listing.then(NarListing::new);
+        let walked = match &mut listing {
+            Some(l) => nar::dump_listed(&path, self, l),
+            None => nar::dump_into(&path, self),
+        };
+        let walked = walked.and_then(|()| match self.fill {
             0 => Ok(()),
             _ => self.cut(),
         });
@@ -452,12 +505,13 @@ impl Producer<'_> {
             Codec::None => nar_hash,
             _ => Sha256(std::mem::take(&mut self.file_hasher).finalize().into()),
         };
-        Ok(NarDigest {
+        let digest = NarDigest {
             nar_hash,
             nar_size: self.nar_size,
             file_hash,
             file_size: self.file_size,
-        })
+        };
+        Ok((digest, listing.map(NarListing::finish)))
     }
 
     /// Keeps `f` for [`Producer::run`] and stops the walk.
@@ -631,12 +685,15 @@ mod tests {
     }
 
     async fn collect(engine: &Engine, path: PathBuf, c: Compression) -> (Vec<u8>, NarDigest) {
-        let mut s = engine.nar(path, c, None).await.unwrap();
+        let mut s = engine.nar(path, c, None, false).await.unwrap();
         let mut out = Vec::new();
         loop {
             match s.next().await.unwrap() {
                 Next::Data(b) => out.extend_from_slice(&b),
-                Next::End(d) => return (out, d),
+                Next::End(d, l) => {
+                    assert!(l.is_none(), "a listing nobody asked for");
+                    return (out, d);
+                }
             }
         }
     }
@@ -697,12 +754,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (root, nar) = tree(dir.path(), 9);
         let engine = Engine::new(2).unwrap();
-        let mut s = engine.nar(root, Compression::Xz, Some(0)).await.unwrap();
+        let mut s = engine
+            .nar(root, Compression::Xz, Some(0), false)
+            .await
+            .unwrap();
         let mut file = Vec::new();
         let d = loop {
             match s.next().await.unwrap() {
                 Next::Data(b) => file.extend_from_slice(&b),
-                Next::End(d) => break d,
+                Next::End(d, _) => break d,
             }
         };
         check_digest(&nar, &file, &d);
@@ -718,6 +778,35 @@ mod tests {
         let blocks = file[index + 1] as usize;
         assert_eq!(blocks, nar.len().div_ceil(xz::block_size(0)));
         assert!(blocks >= 2, "{blocks} blocks");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_listing_comes_with_the_digest_and_points_into_the_nar() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, nar) = tree(dir.path(), 9);
+        let engine = Engine::new(2).unwrap();
+        let mut s = engine
+            .nar(root.clone(), Compression::Zstd, None, true)
+            .await
+            .unwrap();
+        let listing = loop {
+            match s.next().await.unwrap() {
+                Next::Data(_) => {}
+                Next::End(_, l) => break l.expect("a listing"),
+            }
+        };
+        let want = nar::dump_with_listing(&root, &mut std::io::sink()).unwrap();
+        assert_eq!(listing, want);
+        // The big file's contents span frames; its offset is in the whole NAR.
+        let v: serde_json::Value = serde_json::from_slice(&listing).unwrap();
+        let big = &v["root"]["entries"]["sub"]["entries"]["big"];
+        let (off, size) = (
+            big["narOffset"].as_u64().unwrap() as usize,
+            big["size"].as_u64().unwrap() as usize,
+        );
+        assert_eq!(size, 9 << 20);
+        let data = std::fs::read(root.join("sub/big")).unwrap();
+        assert!(nar[off..off + size] == data[..], "narOffset {off} is wrong");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -743,7 +832,7 @@ mod tests {
         let (root, nar) = tree(dir.path(), 12);
         let engine = Engine::new(1).unwrap();
         let mut s = engine
-            .nar(root.clone(), Compression::Xz, None)
+            .nar(root.clone(), Compression::Xz, None, false)
             .await
             .unwrap();
         // Take the first piece (the stream header), then walk away mid-NAR.
@@ -760,10 +849,29 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_puts_work_on_a_pool_thread_and_survives_a_panic() {
+        let engine = Engine::new(1).unwrap();
+        let name = engine
+            .run(|| std::thread::current().name().map(str::to_string))
+            .await
+            .unwrap();
+        assert_eq!(name.as_deref(), Some("narpipe-nar-0"));
+        let err = engine.run(|| panic!("on purpose")).await.unwrap_err();
+        assert!(matches!(err, Error::Panicked), "{err}");
+        // The one thread is still there, and its permit came back.
+        assert_eq!(engine.run(|| 2 + 2).await.unwrap(), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_missing_path_is_an_archive_error() {
         let engine = Engine::new(1).unwrap();
         let mut s = engine
-            .nar("/nonexistent/narpipe".into(), Compression::Zstd, None)
+            .nar(
+                "/nonexistent/narpipe".into(),
+                Compression::Zstd,
+                None,
+                false,
+            )
             .await
             .unwrap();
         let err = s.next().await.err().expect("an error");

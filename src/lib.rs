@@ -2,11 +2,13 @@
 //!
 //! Modules, from the bottom up (each layer uses only the ones below it):
 //! - formats (pure, no IO): [`nixbase32`], [`hash`], [`store_path`], [`narinfo`],
-//!   [`cache_info`], [`signing`], [`nar`] (the NAR writer), [`pipe`] (line framing)
+//!   [`cache_info`], [`signing`], [`nar`] (the NAR writer), [`nar_listing`] (`.ls`
+//!   files), [`realisation`] (`.doi` files), [`pipe`] (line framing)
 //! - formats for compressed NARs: [`xz`] (one stream of independently compressed blocks)
 //! - adapters: [`compress`]; [`engine`] (makes compressed NARs on a pool of plain threads)
 //! - IO edges, independent of each other: [`resolve`] (input → store path), [`nix`]
-//!   (runs the Nix CLI), [`cache`] (the binary cache through `object_store`), [`queue`]
+//!   (runs the Nix CLI; [`build_log`] reads its log directory), [`cache`] (the binary
+//!   cache through `object_store`), [`queue`]
 //!   (the durable queue on SQLite; [`journal`] reads an earlier version's file once),
 //!   [`spool`]
 //! - orchestration: [`daemon`] (the whole uploader, one module per stage; one path's life
@@ -14,6 +16,7 @@
 //!
 //! The binaries `upload` and `send` are thin: arguments, logging, signals, exit codes.
 
+pub mod build_log;
 pub mod cache;
 pub mod cache_info;
 pub mod cache_url;
@@ -27,11 +30,13 @@ pub mod import;
 pub mod journal;
 pub mod metrics;
 pub mod nar;
+pub mod nar_listing;
 pub mod narinfo;
 pub mod nix;
 pub mod nixbase32;
 pub mod pipe;
 pub mod queue;
+pub mod realisation;
 pub mod resolve;
 pub mod signing;
 pub mod spool;

@@ -11,12 +11,15 @@
 //! with directory entries in byte order of their names. Files are streamed, never held
 //! whole in memory. Sync on purpose: callers run it on a plain thread. A [`Sink`] that
 //! holds a buffer takes file contents straight into it, in large contiguous reads.
+//! [`dump_listed`] also writes the tree's [`NarListing`] on the same walk.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+
+use crate::nar_listing::NarListing;
 
 const COPY_BUF: usize = 256 * 1024;
 
@@ -47,18 +50,119 @@ impl<W: Write> Sink for WriteSink<'_, W> {
     }
 }
 
-fn token<S: Sink>(out: &mut S, bytes: &[u8]) -> io::Result<()> {
-    out.put(&(bytes.len() as u64).to_le_bytes())?;
-    out.put(bytes)?;
-    pad(out, bytes.len() as u64)
+/// Writes `path`'s NAR into a sink, counting bytes so that a listing can be told where
+/// each file's contents start.
+struct Walk<'a, S> {
+    out: &'a mut S,
+    pos: u64,
+    listing: Option<&'a mut NarListing>,
 }
 
-fn pad<S: Sink>(out: &mut S, len: u64) -> io::Result<()> {
-    let rem = (len % 8) as usize;
-    if rem != 0 {
-        out.put(&[0u8; 8][..8 - rem])?;
+impl<S: Sink> Walk<'_, S> {
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.out.put(bytes)?;
+        self.pos += bytes.len() as u64;
+        Ok(())
     }
-    Ok(())
+
+    fn token(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.put(&(bytes.len() as u64).to_le_bytes())?;
+        self.put(bytes)?;
+        self.pad(bytes.len() as u64)
+    }
+
+    fn pad(&mut self, len: u64) -> io::Result<()> {
+        let rem = (len % 8) as usize;
+        if rem != 0 {
+            self.put(&[0u8; 8][..8 - rem])?;
+        }
+        Ok(())
+    }
+
+    fn node(&mut self, path: &Path) -> io::Result<()> {
+        let meta = fs::symlink_metadata(path)?;
+        let ft = meta.file_type();
+        self.token(b"(")?;
+        self.token(b"type")?;
+        if ft.is_symlink() {
+            self.token(b"symlink")?;
+            self.token(b"target")?;
+            let target = fs::read_link(path)?;
+            self.token(target.as_os_str().as_bytes())?;
+            if let Some(l) = self.listing.as_deref_mut() {
+                l.symlink(target.as_os_str().as_bytes());
+            }
+        } else if ft.is_file() {
+            self.token(b"regular")?;
+            let executable = meta.permissions().mode() & 0o100 != 0;
+            if executable {
+                self.token(b"executable")?;
+                self.token(b"")?;
+            }
+            self.token(b"contents")?;
+            self.contents(path, meta.len(), executable)?;
+        } else if ft.is_dir() {
+            self.token(b"directory")?;
+            if let Some(l) = self.listing.as_deref_mut() {
+                l.directory();
+            }
+            let mut names: Vec<_> = fs::read_dir(path)?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<io::Result<_>>()?;
+            names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            for name in names {
+                self.token(b"entry")?;
+                self.token(b"(")?;
+                self.token(b"name")?;
+                self.token(name.as_bytes())?;
+                self.token(b"node")?;
+                if let Some(l) = self.listing.as_deref_mut() {
+                    l.entry(name.as_bytes());
+                }
+                self.node(&path.join(&name))?;
+                self.token(b")")?;
+            }
+            if let Some(l) = self.listing.as_deref_mut() {
+                l.end_directory();
+            }
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} is not a regular file, directory or symlink",
+                    path.display()
+                ),
+            ));
+        }
+        self.token(b")")
+    }
+
+    fn contents(&mut self, path: &Path, len: u64, executable: bool) -> io::Result<()> {
+        let mut file = File::open(path)?;
+        self.put(&len.to_le_bytes())?;
+        if let Some(l) = self.listing.as_deref_mut() {
+            l.regular(len, executable, self.pos);
+        }
+        let mut left = len;
+        while left > 0 {
+            let n = self.out.put_from(&mut file, left)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{} shrank while being archived", path.display()),
+                ));
+            }
+            self.pos += n as u64;
+            left -= n as u64;
+        }
+        if file.read(&mut [0u8; 1])? != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} grew while being archived", path.display()),
+            ));
+        }
+        self.pad(len)
+    }
 }
 
 /// Writes the NAR serialisation of `path` (not following a symlink at `path`) to `out`.
@@ -72,77 +176,36 @@ pub fn dump<W: Write>(path: &Path, out: &mut W) -> io::Result<()> {
     )
 }
 
+/// [`dump`], and returns the tree's listing (see [`crate::nar_listing`]).
+pub fn dump_with_listing<W: Write>(path: &Path, out: &mut W) -> io::Result<Vec<u8>> {
+    let mut listing = NarListing::new();
+    let mut sink = WriteSink {
+        out,
+        buf: vec![0u8; COPY_BUF],
+    };
+    walk(path, &mut sink, Some(&mut listing))?;
+    Ok(listing.finish())
+}
+
 /// Puts the NAR serialisation of `path` (not following a symlink at `path`) into `out`.
 pub fn dump_into<S: Sink>(path: &Path, out: &mut S) -> io::Result<()> {
-    token(out, b"nix-archive-1")?;
-    node(path, out)
+    walk(path, out, None)
 }
 
-fn node<S: Sink>(path: &Path, out: &mut S) -> io::Result<()> {
-    let meta = fs::symlink_metadata(path)?;
-    let ft = meta.file_type();
-    token(out, b"(")?;
-    token(out, b"type")?;
-    if ft.is_symlink() {
-        token(out, b"symlink")?;
-        token(out, b"target")?;
-        token(out, fs::read_link(path)?.as_os_str().as_bytes())?;
-    } else if ft.is_file() {
-        token(out, b"regular")?;
-        if meta.permissions().mode() & 0o100 != 0 {
-            token(out, b"executable")?;
-            token(out, b"")?;
-        }
-        token(out, b"contents")?;
-        contents(path, meta.len(), out)?;
-    } else if ft.is_dir() {
-        token(out, b"directory")?;
-        let mut names: Vec<_> = fs::read_dir(path)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<io::Result<_>>()?;
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        for name in names {
-            token(out, b"entry")?;
-            token(out, b"(")?;
-            token(out, b"name")?;
-            token(out, name.as_bytes())?;
-            token(out, b"node")?;
-            node(&path.join(&name), out)?;
-            token(out, b")")?;
-        }
-    } else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "{} is not a regular file, directory or symlink",
-                path.display()
-            ),
-        ));
-    }
-    token(out, b")")
+/// [`dump_into`], and describes the tree in `listing` on the way (see
+/// [`crate::nar_listing`]).
+pub fn dump_listed<S: Sink>(path: &Path, out: &mut S, listing: &mut NarListing) -> io::Result<()> {
+    walk(path, out, Some(listing))
 }
 
-fn contents<S: Sink>(path: &Path, len: u64, out: &mut S) -> io::Result<()> {
-    let mut file = File::open(path)?;
-    out.put(&len.to_le_bytes())?;
-    let mut left = len;
-    while left > 0 {
-        let n = out.put_from(&mut file, left)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("{} shrank while being archived", path.display()),
-            ));
-        }
-        left -= n as u64;
-    }
-    if file.read(&mut [0u8; 1])? != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} grew while being archived", path.display()),
-        ));
-    }
-    pad(out, len)
+fn walk<S: Sink>(path: &Path, out: &mut S, listing: Option<&mut NarListing>) -> io::Result<()> {
+    let mut w = Walk {
+        out,
+        pos: 0,
+        listing,
+    };
+    w.token(b"nix-archive-1")?;
+    w.node(path)
 }
 
 #[cfg(test)]
@@ -156,7 +219,12 @@ mod tests {
             out: &mut v,
             buf: Vec::new(),
         };
-        token(&mut sink, s).unwrap();
+        let mut w = Walk {
+            out: &mut sink,
+            pos: 0,
+            listing: None,
+        };
+        w.token(s).unwrap();
         v
     }
 
@@ -280,5 +348,32 @@ mod tests {
         nix::unistd::mkfifo(&p, nix::sys::stat::Mode::S_IRWXU).unwrap();
         let err = dump(&p, &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains("fifo"));
+    }
+    #[test]
+    fn listing_equals_what_nix_copy_wrote_for_the_same_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("empty")).unwrap();
+        fs::create_dir_all(root.join("sub/deeper")).unwrap();
+        symlink("sub/file", root.join("link")).unwrap();
+        fs::write(root.join("run"), b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(root.join("run"), fs::Permissions::from_mode(0o555)).unwrap();
+        fs::write(root.join("sub/deeper/one"), b"x").unwrap();
+        fs::write(root.join("sub/file"), b"hi\n").unwrap();
+        fs::write(root.join("we\"ird\\name\\ttab"), b"q").unwrap();
+        fs::write(root.join("zero"), b"").unwrap();
+        fs::write(root.join("ünï"), b"u").unwrap();
+        let mut nar = Vec::new();
+        let listing = dump_with_listing(&root, &mut nar).unwrap();
+        // `nix copy --to 'file://…?write-nar-listing=true'` (Nix 2.8.0) of a store
+        // path holding this tree wrote exactly this `.ls`.
+        let want = r#"{"version":1,"root":{"type":"directory","entries":{"empty":{"type":"directory","entries":{}},"link":{"type":"symlink","target":"sub/file"},"run":{"type":"regular","size":10,"executable":true,"narOffset":624},"sub":{"type":"directory","entries":{"deeper":{"type":"directory","entries":{"one":{"type":"regular","size":1,"narOffset":1096}}},"file":{"type":"regular","size":3,"narOffset":1320}}},"we\"ird\\name\\ttab":{"type":"regular","size":1,"narOffset":1552},"zero":{"type":"regular","size":0,"narOffset":1744},"ünï":{"type":"regular","size":1,"narOffset":1928}}}}"#;
+        assert_eq!(String::from_utf8(listing).unwrap(), want);
+        assert_eq!(&nar[1320..1323], b"hi\n");
+        assert_eq!(nar, {
+            let mut v = Vec::new();
+            dump(&root, &mut v).unwrap();
+            v
+        });
     }
 }

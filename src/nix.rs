@@ -17,6 +17,7 @@ use std::process::Stdio;
 use serde::Deserialize;
 
 use crate::hash::Sha256;
+use crate::realisation::Realisation;
 use crate::store_path::{StoreDir, StorePath};
 
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +243,43 @@ impl Nix {
     }
 }
 
+impl Nix {
+    /// The realisations Nix recorded for the outputs of valid derivations, from one
+    /// `nix realisation info --json` call per chunk (experimental feature
+    /// ca-derivations). Outputs without one (input-addressed, built before the
+    /// feature was on) are left out; a content-addressed output never built fails
+    /// the call.
+    pub async fn realisations(&self, drvs: &[StorePath]) -> Result<Vec<Realisation>, Error> {
+        let args = [
+            "--extra-experimental-features",
+            "nix-command ca-derivations",
+            "realisation",
+            "info",
+            "--json",
+        ];
+        let mut all = Vec::new();
+        for chunk in drvs.chunks(ARGS_PER_CALL) {
+            let paths = self.abs(chunk);
+            let out = self.run("nix", &args, &paths).await?;
+            all.extend(parse_realisations(&out).map_err(|reason| Error::Output {
+                argv: argv_text("nix", &args, &paths),
+                reason,
+            })?);
+        }
+        Ok(all)
+    }
+}
+
+/// `nix realisation info --json`: an array of realisations, and `{"opaquePath": …}`
+/// for outputs that have none.
+pub fn parse_realisations(json: &[u8]) -> Result<Vec<Realisation>, String> {
+    let all: Vec<serde_json::Value> = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    all.into_iter()
+        .filter(|v| v.get("opaquePath").is_none())
+        .map(|v| Realisation::from_json(v).map_err(|e| e.to_string()))
+        .collect()
+}
+
 fn argv_text(program: &str, args: &[&str], paths: &[String]) -> String {
     let mut s = std::iter::once(program)
         .chain(args.iter().copied())
@@ -424,5 +462,19 @@ mod tests {
     fn garbage_is_an_error() {
         assert!(parse_path_info(b"not json", &sd()).is_err());
         assert!(parse_path_info(br#"[{"path":"/etc/x","narHash":"sha256:0bx1rx8nqlb5d43d5m8rq7m4qwa9ai2565br3igxhy8aiz0609ha","narSize":1}]"#, &sd()).is_err());
+    }
+
+    #[test]
+    fn realisations_as_nix_realisation_info_prints_them() {
+        // `nix realisation info --json` (Nix 2.8.0) of a content-addressed and an
+        // input-addressed derivation built without ca-derivations.
+        let json = br#"[{"dependentRealisations":{},"id":"sha256:586efef6775a1cb8a65139778fd2f47771ad0f3c7481237615e8a4cf8018ad5c!out","outPath":"q3dxyba8mrvjs1x7zqdmd3c2fq8f4zf1-ca-b-1","signatures":[]},{"opaquePath":"/nix/store/i4f2p40hvqk913wm1a390hrbjrn72zdl-ia-r4test-3"}]"#;
+        let r = parse_realisations(json).unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            r[0].out_path.to_string(),
+            "q3dxyba8mrvjs1x7zqdmd3c2fq8f4zf1-ca-b-1"
+        );
+        assert!(parse_realisations(b"{}").is_err());
     }
 }

@@ -240,6 +240,26 @@ struct RunArgs {
     #[arg(long, env = "NARPIPE_INCLUDE_BUILD_DEPS")]
     include_build_deps: bool,
 
+    /// Also write <hash>.ls, the JSON listing of each NAR's files, as Nix's
+    /// write-nar-listing does.
+    #[arg(long, env = "NARPIPE_WRITE_NAR_LISTING")]
+    write_nar_listing: bool,
+
+    /// Also upload the build log of each pushed path's deriver, when Nix kept one on
+    /// this machine, as log/<name>.drv (what `nix store copy-log` writes).
+    #[arg(long, env = "NARPIPE_UPLOAD_LOGS")]
+    upload_logs: bool,
+
+    /// Also write the realisation of each pushed output of a content-addressed
+    /// derivation (realisations/<id>.doi, signed), as nix copy does with
+    /// ca-derivations.
+    #[arg(long, env = "NARPIPE_WRITE_REALISATIONS")]
+    write_realisations: bool,
+
+    /// Nix's log directory, where --upload-logs finds build logs.
+    #[arg(long, env = "NIX_LOG_DIR", default_value = "/nix/var/log/nix")]
+    nix_log_dir: PathBuf,
+
     #[command(flatten)]
     upstream: UpstreamArgs,
 
@@ -428,6 +448,9 @@ fn config(args: &RunArgs) -> Result<Config> {
         stats: Arc::new(Stats::default()),
         include_build_deps: args.include_build_deps,
         upstream: upstream(&args.upstream)?,
+        write_nar_listing: args.write_nar_listing,
+        upload_logs: args.upload_logs.then(|| args.nix_log_dir.clone()),
+        write_realisations: args.write_realisations,
     })
 }
 

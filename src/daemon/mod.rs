@@ -24,6 +24,7 @@ mod input;
 mod path;
 mod plan;
 mod presence;
+mod realise;
 mod retry;
 mod tasks;
 
@@ -92,6 +93,13 @@ pub struct Config {
     pub upstream: Upstream,
     /// Also push the built outputs of each root's whole build closure.
     pub include_build_deps: bool,
+    /// Write `<hash>.ls`, the NAR's listing, beside each narinfo (Nix's
+    /// `write-nar-listing`).
+    pub write_nar_listing: bool,
+    /// Nix's log directory, to upload each pushed path's build log from; None: no logs.
+    pub upload_logs: Option<PathBuf>,
+    /// Write the realisations of content-addressed outputs after their narinfos.
+    pub write_realisations: bool,
     /// Counters, shared with whoever displays them.
     pub stats: Arc<Stats>,
 }
@@ -148,6 +156,10 @@ struct Shared {
     jobs: Semaphore,
     checks: Semaphore,
     state: Mutex<State>,
+    /// Derivations whose build log was uploaded (their other outputs need not again).
+    logs_sent: Mutex<BoundedSet>,
+    /// Where realisations are asked for, if they are written.
+    realisations: Option<realise::Realisations>,
     stats: Arc<Stats>,
     /// Which rejected input lines are shown (see [`input::RejectLog`]).
     rejects: Mutex<input::RejectLog>,
@@ -180,6 +192,10 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
             upstream: BoundedSet::default(),
             inflight: HashMap::new(),
         }),
+        logs_sent: Mutex::new(BoundedSet::default()),
+        realisations: cfg
+            .write_realisations
+            .then(|| realise::Realisations::start(Nix::new(cfg.store_dir.clone()))),
         stats: cfg.stats.clone(),
         rejects: Mutex::new(input::RejectLog::default()),
         stop: shutdown.stop.clone(),

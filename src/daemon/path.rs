@@ -7,21 +7,31 @@
 //! ```text
 //! filesystem ─ engine (plain threads: walk, NarHash, compress, FileHash) ─▶ NarWriter
 //!                                             bounded channel            (async task)
-//! NAR committed ─▶ references' narinfos present? ─▶ sign ─▶ <hash>.narinfo
+//! NAR committed ─▶ [<hash>.ls] ─▶ references' narinfos present? ─▶ sign ─▶ <hash>.narinfo
 //! ```
+//! With `write_nar_listing`, the listing made on the same walk as the NAR is written
+//! as `<hash>.ls` before the narinfo (as Nix does; it is no commit point: a retry
+//! writes it again). With `upload_logs`, so is the deriver's build log, if Nix kept
+//! one on this machine (see [`crate::build_log`]); one that cannot be read is reported
+//! and left out, the path is uploaded all the same. With `write_realisations`, the
+//! realisations of a content-addressed output (see [`crate::realisation`]) follow its
+//! narinfo, as they do in `nix copy`: a realisation points at a path that must be
+//! there.
 //! The NAR is never whole in memory. A NAR whose hash or size differs from the store's
 //! database is dropped: nothing is published.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use log::{debug, info};
+use log::{debug, info, warn};
 
+use super::realise;
 use super::tasks::{Dep, Settle, Status};
 use super::Shared;
+use crate::build_log;
 use crate::cache::{self, Cache};
 use crate::compress::Compression;
 use crate::engine::{self, Engine, Next};
@@ -30,7 +40,7 @@ use crate::narinfo::NarInfo;
 use crate::nix::PathInfo;
 use crate::signing::SecretKey;
 use crate::stats::human;
-use crate::store_path::StoreDir;
+use crate::store_path::{StoreDir, StorePath};
 
 enum Outcome {
     Uploaded {
@@ -105,15 +115,20 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
         let _permit = shared.jobs.acquire().await.expect("never closed");
         // Boxed: its state is allocated only once the upload starts, so the many
         // tasks still waiting for a permit stay small.
-        Box::pin(upload_nar(
+        let nar = Box::pin(upload_nar(
             &shared.engine,
             &cfg.cache,
             &cfg.store_dir,
             info,
             cfg.compression,
             cfg.level,
+            cfg.write_nar_listing,
         ))
-        .await?
+        .await?;
+        if let (Some(log_dir), Some(drv)) = (&cfg.upload_logs, &info.deriver) {
+            Box::pin(upload_log(shared, log_dir, drv)).await?;
+        }
+        nar
     };
     // Progress follows the NARs; the narinfo may still wait for its references.
     shared.progress(info.nar_size);
@@ -142,6 +157,9 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
             "text/x-nix-narinfo",
         )
         .await?;
+    if let (Some(lookups), Some(_), Some(drv)) = (&shared.realisations, &info.ca, &info.deriver) {
+        write_realisations(shared, lookups, drv, info).await?;
+    }
     Ok(Outcome::Uploaded {
         nar: info.nar_size,
         file: nar.file_size,
@@ -187,7 +205,81 @@ struct NarFile {
     pub file_size: u64,
 }
 
-/// Streams the NAR of `info.path` into the cache and returns where it went.
+/// Uploads `drv`'s build log if Nix kept one in `log_dir` and it was not uploaded
+/// already (another output of the same derivation).
+async fn upload_log(shared: &Shared, log_dir: &Path, drv: &StorePath) -> Result<(), Error> {
+    if shared.logs_sent.lock().unwrap().contains(drv) {
+        return Ok(());
+    }
+    let (dir, d) = (log_dir.to_path_buf(), drv.clone());
+    let found = shared
+        .engine
+        .run(move || build_log::read(&dir, &d))
+        .await
+        .map_err(|cause| Error::Engine {
+            path: shared.show(drv),
+            cause,
+        })?;
+    match found {
+        Ok(Some(text)) => {
+            shared
+                .cfg
+                .cache
+                .put(
+                    &build_log::cache_key(drv),
+                    Bytes::from(text),
+                    "text/plain; charset=utf-8",
+                )
+                .await?;
+            shared.logs_sent.lock().unwrap().insert(drv.clone());
+        }
+        Ok(None) => {}
+        Err(e) => warn!("{e} (the log is left out; its outputs are uploaded)"),
+    }
+    Ok(())
+}
+
+/// Writes the realisations Nix has for `info.path`, an output of `drv`, signed. One
+/// that depends on other realisations (an unresolved derivation's) is left out: its
+/// dependencies might not be in the cache, and Nix could not use it then. The
+/// realisations of the resolved derivation that built the path, the one Nix records
+/// as its deriver, have none.
+async fn write_realisations(
+    shared: &Shared,
+    lookups: &realise::Realisations,
+    drv: &StorePath,
+    info: &PathInfo,
+) -> Result<(), Error> {
+    for mut r in lookups.of(drv, &info.path).await {
+        if !r.dependent.is_empty() {
+            info!(
+                "realisation {} of {} left out: it depends on other realisations",
+                r.id,
+                shared.show(&info.path)
+            );
+            continue;
+        }
+        r.sign(&shared.cfg.keys);
+        shared
+            .cfg
+            .cache
+            .put(
+                &r.cache_key(),
+                Bytes::from(r.to_string()),
+                "application/json",
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// The object name of a path's NAR listing.
+fn listing_key(p: &StorePath) -> String {
+    format!("{}.ls", p.hash_part())
+}
+
+/// Streams the NAR of `info.path` into the cache (and, if `listing`, then its listing)
+/// and returns where it went.
 async fn upload_nar(
     engine: &Engine,
     cache: &Cache,
@@ -195,6 +287,7 @@ async fn upload_nar(
     info: &PathInfo,
     compression: Compression,
     level: Option<i32>,
+    listing: bool,
 ) -> Result<NarFile, Error> {
     let path_text = store_dir.display(&info.path);
     let failed = |cause| Error::Engine {
@@ -202,14 +295,14 @@ async fn upload_nar(
         cause,
     };
     let mut nar = engine
-        .nar(PathBuf::from(&path_text), compression, level)
+        .nar(PathBuf::from(&path_text), compression, level, listing)
         .await
         .map_err(failed)?;
     let mut writer = cache.nar_writer();
-    let digest = loop {
+    let (digest, listing) = loop {
         match nar.next().await.map_err(failed)? {
             Next::Data(bytes) => writer.write(bytes).await?,
-            Next::End(digest) => break digest,
+            Next::End(digest, listing) => break (digest, listing),
         }
     };
     if digest.nar_hash != info.nar_hash || digest.nar_size != info.nar_size {
@@ -227,6 +320,15 @@ async fn upload_nar(
         compression.nar_extension()
     );
     writer.commit(&url).await?;
+    if let Some(listing) = listing {
+        cache
+            .put(
+                &listing_key(&info.path),
+                Bytes::from(listing),
+                "application/json",
+            )
+            .await?;
+    }
     Ok(NarFile {
         url,
         compression,
@@ -262,7 +364,6 @@ fn narinfo(store_dir: &StoreDir, info: &PathInfo, nar: &NarFile, keys: &[SecretK
 mod tests {
     use super::*;
     use crate::nar;
-    use crate::store_path::StorePath;
     use sha2::Digest;
     use tokio::io::AsyncReadExt;
 
@@ -303,9 +404,15 @@ mod tests {
             &info,
             Compression::Zstd,
             None,
+            false,
         )
         .await
         .unwrap();
+        assert!(!dir
+            .path()
+            .join("cache")
+            .join(listing_key(&info.path))
+            .exists());
         assert!(nar.url.starts_with("nar/") && nar.url.ends_with(".nar.zst"));
         let stored = cache.get(&nar.url).await.unwrap().unwrap();
         assert_eq!(stored.len() as u64, nar.file_size);
@@ -348,6 +455,7 @@ mod tests {
             &info,
             Compression::None,
             None,
+            true,
         )
         .await
         .unwrap_err();
@@ -356,5 +464,39 @@ mod tests {
         let nar_dir = dir.path().join("cache/nar");
         let left = std::fs::read_dir(&nar_dir).map(|d| d.count()).unwrap_or(0);
         assert_eq!(left, 0);
+        assert!(!dir
+            .path()
+            .join("cache")
+            .join(listing_key(&info.path))
+            .exists());
+    }
+
+    #[tokio::test]
+    async fn writes_the_listing_beside_the_nar_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let name = "xav0pws0268idny9wi60ylqqiyryzfz6-data";
+        std::fs::create_dir_all(store.join(name).join("bin")).unwrap();
+        std::fs::write(store.join(name).join("bin/hi"), b"hello").unwrap();
+        let (sd, info) = info_for(&store, name);
+        let cache = Cache::open(dir.path().join("cache").to_str().unwrap()).unwrap();
+        upload_nar(
+            &Engine::new(1).unwrap(),
+            &cache,
+            &sd,
+            &info,
+            Compression::Xz,
+            None,
+            true,
+        )
+        .await
+        .unwrap();
+        let ls = cache.get(&listing_key(&info.path)).await.unwrap().unwrap();
+        let want = nar::dump_with_listing(&store.join(name), &mut std::io::sink()).unwrap();
+        assert_eq!(ls, want);
+        assert_eq!(
+            listing_key(&info.path),
+            "xav0pws0268idny9wi60ylqqiyryzfz6.ls"
+        );
     }
 }

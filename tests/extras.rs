@@ -1,0 +1,385 @@
+//! What Nix writes besides narinfos and NARs, written by upload and judged by real Nix:
+//! NAR listings (`<hash>.ls`), build logs (`log/<name>.drv`), realisations of
+//! content-addressed derivations (`realisations/<id>.doi`).
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// A store path with every kind of node, names Nix's JSON writer must escape, and a
+/// file that spans several of the engine's frames.
+fn tree_expr(word: &str) -> String {
+    format!(
+        r#"derivation {{
+  name = "{word}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  PATH = "/usr/bin:/bin";
+  args = [ "-c" ''
+    mkdir -p $out/empty $out/sub/deeper
+    printf '#!/bin/sh\n' > $out/run; chmod +x $out/run
+    printf x > $out/sub/deeper/one; echo hi > $out/sub/file; : > $out/zero
+    printf 123456789 > $out/nine
+    head -c 9000000 /dev/urandom > $out/sub/big
+    ln -s sub/file $out/link
+    printf q > "$out/we\"ird\\name"
+    printf t > "$out/$(printf 'tab\there')"
+    printf u > $out/ünï
+  '' ];
+}}"#
+    )
+}
+
+fn hash_part(path: &str) -> &str {
+    &Path::new(path).file_name().unwrap().to_str().unwrap()[..32]
+}
+
+#[test]
+fn nar_listing_is_what_nix_writes_and_nix_reads_its_offsets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let word = unique("listing");
+    let path = build_expr(tmp.path(), &word, &tree_expr(&word));
+    let hash = hash_part(&path);
+
+    let ours = tmp.path().join("ours");
+    let out = feed(
+        upload_cmd()
+            .args(["--write-nar-listing", "--compression", "zstd"])
+            .arg(format!("file://{}", ours.display())),
+        std::slice::from_ref(&path),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = std::fs::read(ours.join(format!("{hash}.ls"))).expect("a listing");
+
+    // What Nix itself writes for the same path.
+    let theirs = tmp.path().join("theirs");
+    run_ok(
+        nix("nix")
+            .arg("copy")
+            .arg("--to")
+            .arg(format!(
+                "file://{}?write-nar-listing=true&compression=none",
+                theirs.display()
+            ))
+            .arg(&path),
+    );
+    let nix_listing = std::fs::read(theirs.join(format!("{hash}.ls"))).unwrap();
+    let value = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+    assert_eq!(value(&listing), value(&nix_listing));
+    assert!(
+        listing == nix_listing,
+        "same JSON, other bytes:\n{}\n{}",
+        String::from_utf8_lossy(&listing),
+        String::from_utf8_lossy(&nix_listing)
+    );
+
+    // Nix 2.8 reads a listing only from a binary cache's local-nar-cache folder (the
+    // root object beside the uncompressed NAR), never from the cache itself. Put ours
+    // there and take the cache's NAR away: Nix lists the tree from our listing alone,
+    // and reads files at our narOffsets.
+    let lnc = tmp.path().join("lnc");
+    std::fs::create_dir_all(&lnc).unwrap();
+    let prefix = br#"{"version":1,"root":"#;
+    assert!(listing.starts_with(prefix) && listing.ends_with(b"}"));
+    std::fs::write(
+        lnc.join(format!("{hash}.ls")),
+        &listing[prefix.len()..listing.len() - 1],
+    )
+    .unwrap();
+    let nar = run_ok_bytes(nix("nix-store").arg("--dump").arg(&path));
+    std::fs::write(lnc.join(format!("{hash}.nar")), &nar).unwrap();
+    for e in std::fs::read_dir(ours.join("nar")).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let store = format!(
+        "file://{}?local-nar-cache={}",
+        ours.display(),
+        lnc.display()
+    );
+    let listed = run_ok(nix("nix").args(["store", "ls", "-lR", "--store", &store, &path]));
+    let local = run_ok(nix("nix").args(["store", "ls", "-lR", &path]));
+    assert_eq!(listed, local);
+    for file in ["sub/file", "sub/big", "nine", "run", "ünï"] {
+        let got = run_ok_bytes(
+            nix("nix")
+                .args(["store", "cat", "--store", &store])
+                .arg(format!("{path}/{file}")),
+        );
+        assert!(
+            got == std::fs::read(Path::new(&path).join(file)).unwrap(),
+            "{file} read at its narOffset differs"
+        );
+    }
+}
+
+/// Without the option, no listing (Nix's default too).
+#[test]
+fn no_listing_unless_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = build_closure(tmp.path(), "nolisting", 1, 10);
+    let cache = tmp.path().join("cache");
+    let out = feed(
+        upload_cmd().arg(format!("file://{}", cache.display())),
+        std::slice::from_ref(&path),
+    );
+    assert!(out.status.success());
+    assert!(narinfo_path(&cache, &path).exists());
+    let ls: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "ls")
+        })
+        .collect();
+    assert!(ls.is_empty());
+}
+
+/// A derivation that says `marker` on stdout and stderr while it builds.
+fn loud_expr(word: &str, marker: &str) -> String {
+    format!(
+        r#"derivation {{
+  name = "{word}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo {marker} on stdout; echo {marker} on stderr >&2; echo built > $out" ];
+}}"#
+    )
+}
+
+fn upload_ok(cache: &Path, flags: &[&str], path: &str) -> String {
+    let out = feed(
+        upload_cmd()
+            .args(flags)
+            .arg(format!("file://{}", cache.display())),
+        &[path.to_string()],
+    );
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{log}");
+    log
+}
+
+#[test]
+fn nix_log_reads_the_build_log_we_uploaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let word = unique("logged");
+    let marker = unique("MARKER");
+    let path = build_expr(tmp.path(), &word, &loud_expr(&word, &marker));
+    let drv = run_ok(nix("nix-store").args(["--query", "--deriver", &path]));
+    let drv_name = Path::new(drv.trim())
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    let cache = tmp.path().join("cache");
+    upload_ok(&cache, &["--upload-logs"], &path);
+    let store = format!("file://{}", cache.display());
+    let log = run_ok(nix("nix").args(["log", "--store", &store, &path]));
+    assert!(log.contains(&format!("{marker} on stdout")), "{log}");
+    assert!(log.contains(&format!("{marker} on stderr")), "{log}");
+    // Stored as `nix store copy-log` stores it: the text, uncompressed.
+    let stored = std::fs::read(cache.join("log").join(&drv_name)).unwrap();
+    let theirs = tmp.path().join("copy-log");
+    run_ok(
+        nix("nix")
+            .args(["store", "copy-log", "--to"])
+            .arg(format!("file://{}", theirs.display()))
+            .arg(&path),
+    );
+    assert!(stored == std::fs::read(theirs.join("log").join(&drv_name)).unwrap());
+
+    // Not without the option.
+    let plain = tmp.path().join("plain");
+    upload_ok(&plain, &[], &path);
+    assert!(!plain.join("log").join(&drv_name).exists());
+}
+
+#[test]
+fn a_missing_or_damaged_log_leaves_the_path_uploaded_without_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let word = unique("unlogged");
+    let path = build_expr(tmp.path(), &word, &loud_expr(&word, "quiet"));
+    let drv = run_ok(nix("nix-store").args(["--query", "--deriver", &path]));
+    let drv_name = Path::new(drv.trim())
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    // No log where we look.
+    let empty = tmp.path().join("no-logs");
+    std::fs::create_dir_all(&empty).unwrap();
+    let cache = tmp.path().join("cache");
+    let dir_flag = format!("--nix-log-dir={}", empty.display());
+    upload_ok(&cache, &["--upload-logs", &dir_flag], &path);
+    assert!(narinfo_path(&cache, &path).exists());
+    assert!(!cache.join("log").join(&drv_name).exists());
+
+    // A log that is not bzip2: reported, left out; the path is uploaded.
+    let damaged = tmp.path().join("damaged");
+    let sub = damaged.join("drvs").join(&drv_name[..2]);
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::write(sub.join(format!("{}.bz2", &drv_name[2..])), b"garbage").unwrap();
+    let cache = tmp.path().join("cache2");
+    let dir_flag = format!("--nix-log-dir={}", damaged.display());
+    let log = upload_ok(&cache, &["--upload-logs", &dir_flag], &path);
+    assert!(narinfo_path(&cache, &path).exists());
+    assert!(!cache.join("log").join(&drv_name).exists());
+    assert!(
+        log.contains("warning:") && log.contains(&drv_name[2..]),
+        "{log}"
+    );
+}
+
+/// Nix with content-addressed derivations (experimental in 2.8).
+const CA_CONFIG: &str = "substituters =\nexperimental-features = nix-command ca-derivations";
+
+fn nix_ca(program: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(program);
+    c.env("NIX_CONFIG", CA_CONFIG);
+    c
+}
+
+#[test]
+fn realisations_let_nix_substitute_content_addressed_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let word = unique("ca");
+    // Builders run as nixbld users: they need a way to the log of builds.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let builds = shared.join("builds");
+    let expr = tmp.path().join("ca.nix");
+    // b refers to a; both are floating content-addressed. Each build leaves a line in
+    // `builds`, so a build where a substitution was expected shows.
+    std::fs::write(
+        &expr,
+        format!(
+            r#"let mk = name: deps: derivation {{
+  inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
+  __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";
+  args = [ "-c" "echo ${{name}} >> {builds} || exit 1; echo ${{name}} > $out; for d in $deps; do echo $d >> $out; done" ];
+}}; a = mk "{word}-a" []; in mk "{word}-b" [ a ]"#,
+            builds = builds.display()
+        ),
+    )
+    .unwrap();
+    let b = run_ok(
+        nix_ca("nix-build")
+            .arg(&expr)
+            .args(["--no-out-link", "--quiet"]),
+    )
+    .trim()
+    .to_string();
+    assert_eq!(std::fs::read_to_string(&builds).unwrap().lines().count(), 2);
+    let keys = keygen(tmp.path(), "narpipe-realisations");
+    let cache = tmp.path().join("cache");
+    let out = feed(
+        upload_cmd()
+            .arg("--write-realisations")
+            .arg("--secret-key-file")
+            .arg(&keys.secret)
+            .arg(format!("file://{}", cache.display())),
+        std::slice::from_ref(&b),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // One per output: the realisation of the derivation Nix records as its deriver.
+    let docs: Vec<_> = std::fs::read_dir(cache.join("realisations"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(docs.len(), 2, "{docs:?}");
+    let pk: narpipe::signing::PublicKey = keys.public.parse().unwrap();
+    for doc in &docs {
+        let text = std::fs::read_to_string(doc).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let sigs = v.as_object_mut().unwrap().remove("signatures").unwrap();
+        // Signed over the JSON without signatures, as Realisation::fingerprint does.
+        let sig = sigs[0].as_str().unwrap();
+        assert!(pk.verifies(&v.to_string(), sig), "{text}");
+        let out_path = v["outPath"].as_str().unwrap();
+        assert!(narinfo_path(&cache, &format!("/nix/store/{out_path}")).exists());
+    }
+
+    // The same bytes as nix copy writes, but for our signature.
+    let theirs = tmp.path().join("theirs");
+    run_ok(
+        nix_ca("nix")
+            .arg("copy")
+            .arg("--to")
+            .arg(format!("file://{}", theirs.display()))
+            .arg("--file")
+            .arg(&expr),
+    );
+    let a_id = std::fs::read_dir(theirs.join("realisations"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .contains(r#""dependentRealisations":{}"#)
+        })
+        .expect("nix copy wrote a's realisation");
+    let name = a_id.file_name().unwrap();
+    let ours = std::fs::read_to_string(cache.join("realisations").join(name)).unwrap();
+    let unsigned = without_signatures(&ours);
+    assert_eq!(unsigned, std::fs::read_to_string(&a_id).unwrap());
+
+    // A fresh store builds the expression from the cache without building anything.
+    std::fs::remove_file(&builds).unwrap();
+    let fresh = tmp.path().join("fresh");
+    run_ok(
+        nix_ca("nix")
+            .arg("build")
+            .arg("--store")
+            .arg(&fresh)
+            .arg("--no-link")
+            .arg("--file")
+            .arg(&expr)
+            .arg("--option")
+            .arg("substituters")
+            .arg(format!("file://{}", cache.display()))
+            .arg("--option")
+            .arg("trusted-public-keys")
+            .arg(&keys.public),
+    );
+    assert!(
+        !builds.exists(),
+        "something was built instead of substituted"
+    );
+    assert!(fresh.join(b.trim_start_matches('/')).exists());
+}
+
+/// A `.doi` with its signatures emptied.
+fn without_signatures(doi: &str) -> String {
+    let i = doi.find(r#","signatures":["#).unwrap();
+    format!("{}{}", &doi[..i], r#","signatures":[]}"#)
+}
+
+fn run_ok_bytes(cmd: &mut std::process::Command) -> Vec<u8> {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
