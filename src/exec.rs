@@ -27,8 +27,9 @@ pub enum Error {
     },
     #[error(transparent)]
     Daemon(#[from] daemon::Error),
+    /// The join error's text is part of the message, not a `source`.
     #[error("the upload task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
+    Task(String),
 }
 
 /// How the run ended.
@@ -98,7 +99,7 @@ pub async fn run(
         .await;
     // The hook runs before Nix reports a build done, so everything is in the pipe now.
     shutdown.drain.cancel();
-    let summary = uploader.await?;
+    let summary = uploader.await.map_err(|e| Error::Task(e.to_string()))?;
     Ok(Finished {
         command: status,
         summary,

@@ -62,8 +62,9 @@ enum CopyError {
     FileSize { url: String, got: u64, want: u64 },
     #[error(transparent)]
     Cache(#[from] cache::Error),
+    /// The join error's text is part of the message, not a `source`.
     #[error("the task checking its NAR failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
+    Task(String),
 }
 
 /// Opens both caches for an import: the source must be a binary cache (it has a
@@ -354,10 +355,13 @@ async fn copy_one(
         }
     }
     drop(tx);
-    let (nar_hash, nar_size) = checker.await?.map_err(|cause| CopyError::Decompress {
-        url: url.clone(),
-        cause,
-    })?;
+    let (nar_hash, nar_size) = checker
+        .await
+        .map_err(|e| CopyError::Task(e.to_string()))?
+        .map_err(|cause| CopyError::Decompress {
+            url: url.clone(),
+            cause,
+        })?;
     let file_hash = Sha256(file_hasher.finalize().into());
     if nar_hash != info.nar_hash || nar_size != info.nar_size {
         return Err(CopyError::NarMismatch {

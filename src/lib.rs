@@ -27,7 +27,6 @@ pub mod exec;
 pub mod filter;
 pub mod hash;
 pub mod import;
-pub mod journal;
 pub mod metrics;
 pub mod nar;
 pub mod nar_listing;

@@ -185,11 +185,16 @@ impl Nix {
     /// Path info for exactly `paths` (valid, non-derivation: Nix would try to build or
     /// substitute anything else), not their closures.
     pub async fn path_infos(&self, paths: &[StorePath]) -> Result<Vec<PathInfo>, Error> {
+        // No substituters: for a path that is not valid, Nix would otherwise ask them
+        // what it could fetch (a network round trip per garbage-collected root).
         let args = [
             "--extra-experimental-features",
             "nix-command",
             "path-info",
             "--json",
+            "--option",
+            "substitute",
+            "false",
         ];
         let mut seen = HashSet::new();
         let mut infos = Vec::new();
@@ -211,10 +216,11 @@ impl Nix {
     }
 
     /// Path info for the valid ones of `paths`, and which are not valid, in one call per
-    /// chunk: `path-info` reports an invalid path as such (`"valid": false`, or `null`
-    /// in newer versions), so a path it does not describe is not valid. Should a Nix
-    /// version refuse the call instead, the chunk is checked for validity and asked
-    /// again without the invalid paths.
+    /// chunk when all are valid: `path-info` leaves an invalid path out of its answer
+    /// (`"valid": false`, or `null` in newer versions), and only the paths it leaves out
+    /// are then checked with `--check-validity`: a path counts as invalid only when
+    /// the store says so. Should a Nix version refuse the call instead, the chunk is
+    /// checked for validity first and asked again without the invalid paths.
     pub async fn valid_path_infos(
         &self,
         paths: &[StorePath],
@@ -236,7 +242,24 @@ impl Nix {
                 Err(e) => return Err(e),
             };
             let described: HashSet<&StorePath> = found.iter().map(|i| &i.path).collect();
-            invalid.extend(chunk.iter().filter(|p| !described.contains(p)).cloned());
+            let left_out: Vec<StorePath> = chunk
+                .iter()
+                .filter(|p| !described.contains(p))
+                .cloned()
+                .collect();
+            if !left_out.is_empty() {
+                let bad = self.invalid(&left_out).await?;
+                if let Some(p) = left_out.iter().find(|p| !bad.contains(*p)) {
+                    return Err(Error::Output {
+                        argv: "nix path-info --json".into(),
+                        reason: format!(
+                            "{} is valid but was not described",
+                            self.store_dir.display(p)
+                        ),
+                    });
+                }
+                invalid.extend(bad);
+            }
             infos.extend(found);
         }
         Ok((infos, invalid))

@@ -74,7 +74,17 @@ impl Upstream {
 
     /// The first upstream cache that has `p`'s narinfo, asked in order.
     pub async fn has(&self, p: &StorePath) -> Result<Option<Served>, cache::Error> {
+        self.has_counting(p, &mut 0).await
+    }
+
+    /// [`Upstream::has`], adding the requests it made to `requests`.
+    pub async fn has_counting(
+        &self,
+        p: &StorePath,
+        requests: &mut u64,
+    ) -> Result<Option<Served>, cache::Error> {
         for c in &self.caches {
+            *requests += 1;
             if c.exists(&cache::narinfo_key(p)).await? {
                 return Ok(Some(Served::In(c.url().to_string())));
             }

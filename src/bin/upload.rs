@@ -151,7 +151,13 @@ fn upstream(args: &UpstreamArgs) -> Result<narpipe::upstream::Upstream> {
             .upstreams
             .iter()
             .filter(|u| !u.is_empty())
-            .map(|u| Cache::open(u).with_context(|| format!("--upstream {u}")))
+            // Few retries and short timeouts: an upstream that does not answer is
+            // not waited for (its paths are pushed instead).
+            .map(|u| {
+                Cache::open(u)
+                    .and_then(|c| c.probe())
+                    .with_context(|| format!("--upstream {u}"))
+            })
             .collect::<Result<_>>()?,
     })
 }
@@ -472,7 +478,7 @@ async fn start(args: &RunArgs) -> Result<(Config, Input)> {
     let input = Input::open(&input_path).await?;
     if let Some(dir) = state_dir(args, matches!(input, Input::Fifo(_))) {
         check_state_dir(&dir)?;
-        let (queue, pending) = daemon::open_queue(&dir)?;
+        let (queue, pending) = daemon::open_queue(&dir).await?;
         if !pending.is_empty() {
             log::info!("{} paths pending in {}", pending.len(), dir.display());
         }
@@ -738,7 +744,7 @@ async fn exec(args: RunArgs, command: Vec<String>) -> ExitCode {
             log::error!("{e:#}");
             return ExitCode::from(2);
         }
-        match daemon::open_queue(&dir) {
+        match daemon::open_queue(&dir).await {
             Ok((queue, pending)) => {
                 cfg.queue = Some(queue);
                 cfg.pending = pending;
@@ -812,6 +818,13 @@ fn status(state_dir: Option<PathBuf>) -> ExitCode {
                 .as_deref()
                 .map(|r| format!(", last error: {}", r.replace('\n', " ")))
                 .unwrap_or_default()
+        ));
+    }
+    if dir.join("journal").exists() {
+        text.push_str(&format!(
+            "note: {} from an earlier version is not imported yet; the next upload on this \
+             state dir imports its paths\n",
+            dir.join("journal").display()
         ));
     }
     let failed = entries.iter().filter(|e| e.failed).count();

@@ -12,10 +12,16 @@ use super::{Error, Shared};
 use crate::queue::{self, Opened, Pending, Queue};
 use crate::store_path::StorePath;
 
-/// Opens the queue in `state_dir`, returning it with what it still holds; what opening
-/// found worth saying (a damaged database rebuilt, an old journal imported) is logged.
-pub fn open_queue(state_dir: &std::path::Path) -> Result<(Arc<Mutex<Queue>>, Vec<Pending>), Error> {
-    let (q, Opened { pending, notes }) = Queue::open(state_dir)?;
+/// Opens the queue in `state_dir` (off the async threads: it checks and may rebuild
+/// the database), returning it with what it still holds; what opening found worth
+/// saying (a damaged database rebuilt, an old journal imported) is logged.
+pub async fn open_queue(
+    state_dir: &std::path::Path,
+) -> Result<(Arc<Mutex<Queue>>, Vec<Pending>), Error> {
+    let dir = state_dir.to_path_buf();
+    let (q, Opened { pending, notes }) = tokio::task::spawn_blocking(move || Queue::open(&dir))
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
     for note in notes {
         warn!("{note}");
     }

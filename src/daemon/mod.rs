@@ -67,6 +67,8 @@ pub enum Error {
     Nix(#[from] nix::Error),
     #[error(transparent)]
     Queue(#[from] queue::Error),
+    #[error("a start-up task failed: {0}")]
+    Task(String),
     #[error("cannot open input {path}: {cause}")]
     Input { path: String, cause: std::io::Error },
 }

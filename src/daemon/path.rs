@@ -479,6 +479,7 @@ mod tests {
         std::fs::create_dir_all(store.join(name).join("bin")).unwrap();
         std::fs::write(store.join(name).join("bin/hi"), b"hello").unwrap();
         let (sd, info) = info_for(&store, name);
+        std::fs::create_dir_all(dir.path().join("cache")).unwrap();
         let cache = Cache::open(dir.path().join("cache").to_str().unwrap()).unwrap();
         upload_nar(
             &Engine::new(1).unwrap(),

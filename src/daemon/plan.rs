@@ -56,8 +56,12 @@ pub(super) async fn batch(
     for (p, present) in presence(shared, paths).await {
         match present {
             Ok(true) => {
-                shared.stats.skipped.fetch_add(1, Relaxed);
-                info!("skipped {} (already in the cache)", shared.show(&p));
+                if shared.state.lock().unwrap().upstream.contains(&p) {
+                    info!("skipped {} (served upstream)", shared.show(&p));
+                } else {
+                    shared.stats.skipped.fetch_add(1, Relaxed);
+                    info!("skipped {} (already in the cache)", shared.show(&p));
+                }
                 outcomes.push((p, RootOutcome::Done));
             }
             Ok(false) => missing.push(p),

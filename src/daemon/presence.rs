@@ -217,18 +217,28 @@ pub(super) async fn skip_upstream(
     }
     let checks = ask.into_iter().map(|info| async move {
         let _permit = shared.checks.acquire().await.expect("never closed");
-        shared
-            .stats
-            .upstream_checks
-            .fetch_add(up.caches.len() as u64, Relaxed);
-        let found = up.has(&info.path).await;
+        let mut requests = 0;
+        let found = up.has_counting(&info.path, &mut requests).await;
+        shared.stats.upstream_checks.fetch_add(requests, Relaxed);
         (info, found)
     });
+    // An upstream that cannot answer never holds paths back: they are pushed (always
+    // safe for the cache), and the trouble is said once per batch.
+    let mut unanswered = 0;
+    let mut first_error = None;
     for (info, found) in futures::future::join_all(checks).await {
-        match found? {
-            Some(why) => shared.served_upstream(&info.path, why),
-            None => keep.push(info),
+        match found {
+            Ok(Some(why)) => shared.served_upstream(&info.path, why),
+            Ok(None) => keep.push(info),
+            Err(e) => {
+                unanswered += 1;
+                first_error.get_or_insert(e);
+                keep.push(info);
+            }
         }
+    }
+    if let Some(e) = first_error {
+        warn!("upstream did not answer for {unanswered} paths, pushing them: {e}");
     }
     Ok(keep)
 }

@@ -9,10 +9,11 @@
 //! D\t/nix/store/…-hello\t5f1d…          done: retired
 //! ```
 //! Records replay into the set of pending paths; a torn or corrupt line is skipped.
-//! The older upload held `lock` (flock) while it ran.
+//! The older upload held `lock` (flock) while it ran; the queue takes the same lock
+//! before reading this, so an older upload still running keeps it out.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
@@ -23,8 +24,6 @@ const FILE: &str = "journal";
 pub enum Error {
     #[error("old state journal {}: {cause}", .path.display())]
     Io { path: PathBuf, cause: io::Error },
-    #[error("state dir {} is in use by an upload of an earlier version (it holds {})", .dir.display(), .lock.display())]
-    Locked { dir: PathBuf, lock: PathBuf },
 }
 
 /// An old journal read, to be imported and then put away with [`Legacy::finish`].
@@ -32,7 +31,6 @@ pub struct Legacy {
     dir: PathBuf,
     /// Paths still pending, with the reason when they had failed.
     pub pending: Vec<(String, Option<String>)>,
-    _lock: Option<nix::fcntl::Flock<File>>,
 }
 
 #[cfg(test)]
@@ -57,7 +55,8 @@ fn parse(line: &str) -> Option<(char, String, Option<String>)> {
     }
 }
 
-/// Reads the journal an earlier version left in `dir`, if any.
+/// Reads the journal an earlier version left in `dir`, if any (the caller holds the
+/// state dir's lock).
 pub fn take(dir: &Path) -> Result<Option<Legacy>, Error> {
     let path = dir.join(FILE);
     let err = |cause| Error::Io {
@@ -68,19 +67,6 @@ pub fn take(dir: &Path) -> Result<Option<Legacy>, Error> {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(err(e)),
-    };
-    // An older upload still running on this dir would keep writing the journal.
-    let lock_path = dir.join("lock");
-    let lock = match OpenOptions::new().write(true).open(&lock_path) {
-        Ok(file) => Some(
-            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
-                |_| Error::Locked {
-                    dir: dir.to_path_buf(),
-                    lock: lock_path.clone(),
-                },
-            )?,
-        ),
-        Err(_) => None,
     };
     let mut live = BTreeMap::new();
     let mut reader = BufReader::new(f);
@@ -106,7 +92,6 @@ pub fn take(dir: &Path) -> Result<Option<Legacy>, Error> {
     Ok(Some(Legacy {
         dir: dir.to_path_buf(),
         pending: live.into_iter().collect(),
-        _lock: lock,
     }))
 }
 
@@ -119,9 +104,7 @@ impl Legacy {
         let from = self.dir.join(FILE);
         let to = self.dir.join(format!("{FILE}.imported-{at}"));
         fs::rename(&from, &to).map_err(|cause| Error::Io { path: from, cause })?;
-        for leftover in [format!("{FILE}.tmp"), "lock".to_string()] {
-            let _ = fs::remove_file(self.dir.join(leftover));
-        }
+        let _ = fs::remove_file(self.dir.join(format!("{FILE}.tmp")));
         Ok(to)
     }
 }

@@ -5,27 +5,32 @@
 //! ```text
 //! paths(path TEXT PRIMARY KEY, accepted_at INTEGER, attempts INTEGER,
 //!       last_error TEXT, failed INTEGER)     one row per root still owed to the cache
-//! owner(pid, start_time, since)              the upload that writes here now
 //! ```
 //! A root counts as accepted once the transaction inserting it commits with
 //! `synchronous=FULL` (the WAL is fsync'd); a whole read of the pipe is one
 //! transaction. Retiring deletes the row (not synced: a retirement lost to a power cut
 //! only makes the next start look at the path again and skip it).
 //!
-//! One writer per state dir: the `owner` row is claimed inside an IMMEDIATE
-//! transaction, so two uploads starting together cannot both win, and an owner whose
-//! process is gone (kill -9) is replaced. At open, SQLite's integrity check runs; a
-//! damaged database, or a file that is not one, is moved aside as
-//! `queue.sqlite.corrupt-<time>` and rebuilt from every row that can still be read.
-//! The journal file of earlier versions is imported once, then renamed.
+//! One writer per state dir: an exclusive lock on `STATE_DIR/lock` (flock, released by
+//! the kernel when the process ends, however it ends) is taken before the database is
+//! touched, and holds the owner's PID for the message a second upload gets; earlier
+//! versions lock the same file. At open, SQLite's integrity check runs; a database it
+//! finds damaged, or a file that is not a database, is moved aside as
+//! `queue.sqlite.corrupt-<time>` and replaced by one rebuilt from every row that can
+//! still be read. Any other failure to open is an error: a healthy queue is never
+//! set aside because it was busy or unreadable for another reason. The journal file of
+//! earlier versions is imported once, then renamed.
+
+mod legacy;
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
-use crate::journal;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
 
 const FILE: &str = "queue.sqlite";
 /// The format of the tables, in `PRAGMA user_version`.
@@ -41,14 +46,17 @@ pub enum Error {
     Dir { dir: PathBuf, cause: io::Error },
     #[error("state queue {}: {cause}", .db.display())]
     Db { db: PathBuf, cause: rusqlite::Error },
-    #[error("state dir {} is in use by another upload (process {pid}, since {since})", .dir.display())]
+    #[error("state dir {} is in use by another upload{} (it holds {})", .dir.display(), .holder.map(|p| format!(", process {p}")).unwrap_or_default(), .lock.display())]
     Locked {
         dir: PathBuf,
-        pid: u32,
-        since: String,
+        lock: PathBuf,
+        /// The process that holds it, as it wrote in the lock file.
+        holder: Option<u32>,
     },
+    #[error("state queue {} was made by a newer narpipe (format {found}; this one knows {SCHEMA})", .db.display())]
+    Newer { db: PathBuf, found: i64 },
     #[error(transparent)]
-    Legacy(#[from] journal::Error),
+    Legacy(#[from] legacy::Error),
     #[error("cannot move the damaged state queue {} aside: {cause}", .db.display())]
     MoveAside { db: PathBuf, cause: io::Error },
 }
@@ -75,6 +83,24 @@ pub struct Entry {
 pub struct Queue {
     conn: Connection,
     db: PathBuf,
+    /// Held while open: one upload per state dir.
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// Why a database cannot be used as it is.
+enum Unusable {
+    /// SQLite says it is damaged, or not a database: rebuild it.
+    Damaged(String),
+    /// Anything else (busy, permissions, IO, a newer format): report it.
+    Failed(Error),
+}
+
+/// Whether an SQLite error means the file itself is damaged.
+fn damaged(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+    )
 }
 
 /// What opening found, besides the pending roots: things the user should hear about
@@ -91,17 +117,39 @@ fn now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// When process `pid` started (clock ticks since boot), to tell it from a later
-/// process that got the same PID. None: no such process.
-fn start_time(pid: u32) -> Option<i64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces), from field 3 on.
-    let rest = stat.rsplit_once(") ")?.1;
-    rest.split(' ').nth(19)?.parse().ok()
+/// Takes the state dir's lock for this process, writing its PID in the file.
+fn lock(dir: &Path) -> Result<nix::fcntl::Flock<File>, Error> {
+    let path = dir.join("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|cause| Error::Dir {
+            dir: dir.to_path_buf(),
+            cause,
+        })?;
+    let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |_| Error::Locked {
+            dir: dir.to_path_buf(),
+            holder: std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok()),
+            lock: path.clone(),
+        },
+    )?;
+    lock.set_len(0)
+        .and_then(|()| writeln!(&*lock, "{}", std::process::id()))
+        .map_err(|cause| Error::Dir {
+            dir: dir.to_path_buf(),
+            cause,
+        })?;
+    Ok(lock)
 }
 
 impl Queue {
-    /// Opens (creating) the queue in `dir`, claims it for this process, and returns
+    /// Opens (creating) the queue in `dir`, locks it for this process, and returns
     /// what is still pending.
     pub fn open(dir: &Path) -> Result<(Queue, Opened), Error> {
         match std::fs::metadata(dir) {
@@ -120,18 +168,23 @@ impl Queue {
                 })
             }
         }
+        let lock = lock(dir)?;
         let db = dir.join(FILE);
         let mut opened = Opened::default();
         let conn = match Self::connect(&db) {
             Ok(conn) => conn,
-            Err(problem) => {
+            Err(Unusable::Damaged(problem)) => {
                 let (conn, note) = Self::rebuild(&db, &problem)?;
                 opened.notes.push(note);
                 conn
             }
+            Err(Unusable::Failed(e)) => return Err(e),
         };
-        let mut queue = Queue { conn, db };
-        queue.claim(dir)?;
+        let mut queue = Queue {
+            conn,
+            db,
+            _lock: lock,
+        };
         if let Some(note) = queue.import_journal(dir)? {
             opened.notes.push(note);
         }
@@ -146,19 +199,37 @@ impl Queue {
         }
     }
 
-    /// Opens the database, checks it and sets it up; an error says what is wrong with
-    /// the file (it is then rebuilt).
-    fn connect(db: &Path) -> Result<Connection, String> {
-        let conn = Connection::open(db).map_err(|e| e.to_string())?;
+    /// Opens the database, checks it and sets it up.
+    fn connect(db: &Path) -> Result<Connection, Unusable> {
+        let fail = |cause: rusqlite::Error| {
+            if damaged(&cause) {
+                Unusable::Damaged(cause.to_string())
+            } else {
+                Unusable::Failed(Error::Db {
+                    db: db.to_path_buf(),
+                    cause,
+                })
+            }
+        };
+        let conn = Connection::open(db).map_err(fail)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(|e| e.to_string())?;
+            .map_err(fail)?;
         let check: String = conn
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .map_err(|e| e.to_string())?;
+            .map_err(fail)?;
         if check != "ok" {
-            return Err(format!("integrity check: {check}"));
+            return Err(Unusable::Damaged(format!("integrity check: {check}")));
         }
-        Self::set_up(&conn).map_err(|e| e.to_string())?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(fail)?;
+        if version > SCHEMA {
+            return Err(Unusable::Failed(Error::Newer {
+                db: db.to_path_buf(),
+                found: version,
+            }));
+        }
+        Self::set_up(&conn).map_err(fail)?;
         Ok(conn)
     }
 
@@ -176,12 +247,6 @@ impl Queue {
                      last_error TEXT,
                      failed INTEGER NOT NULL DEFAULT 0
                  );
-                 CREATE TABLE IF NOT EXISTS owner (
-                     id INTEGER PRIMARY KEY CHECK (id = 1),
-                     pid INTEGER NOT NULL,
-                     start_time INTEGER,
-                     since INTEGER NOT NULL
-                 );
                  PRAGMA user_version = 1;
                  COMMIT;",
             )?;
@@ -189,46 +254,83 @@ impl Queue {
         Ok(())
     }
 
-    /// Moves a damaged database aside and builds a new one from what can be read.
+    /// Replaces a damaged database by one built from what can still be read: the new
+    /// one is made complete beside it first, then the damaged one (with its WAL) is
+    /// moved aside under a name of its own, then the new one is renamed into place. A
+    /// crash at any step leaves either the damaged queue or the rebuilt one in place.
     fn rebuild(db: &Path, problem: &str) -> Result<(Connection, String), Error> {
         let rows = salvage(db);
-        let aside = db.with_file_name(format!("{FILE}.corrupt-{}", now()));
-        std::fs::rename(db, &aside).map_err(|cause| Error::MoveAside {
+        let fresh = db.with_file_name(format!("{FILE}.new"));
+        let db_err = |cause| Error::Db {
             db: db.to_path_buf(),
             cause,
-        })?;
+        };
+        let io_err = |cause| Error::MoveAside {
+            db: db.to_path_buf(),
+            cause,
+        };
+        for stale in [
+            String::new(),
+            "-wal".into(),
+            "-shm".into(),
+            "-journal".into(),
+        ] {
+            let _ = std::fs::remove_file(format!("{}{stale}", fresh.display()));
+        }
+        {
+            let mut conn = Connection::open(&fresh).map_err(db_err)?;
+            conn.pragma_update(None, "synchronous", "FULL")
+                .map_err(db_err)?;
+            Self::set_up(&conn).map_err(db_err)?;
+            let tx = conn.transaction().map_err(db_err)?;
+            {
+                let mut insert = tx
+                    .prepare(
+                        "INSERT OR IGNORE INTO paths (path, accepted_at, attempts, last_error, failed)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .map_err(db_err)?;
+                for e in &rows {
+                    insert
+                        .execute(params![
+                            e.path,
+                            e.accepted_at,
+                            e.attempts,
+                            e.last_error,
+                            e.failed
+                        ])
+                        .map_err(db_err)?;
+                }
+            }
+            tx.commit().map_err(db_err)?;
+            // Fold the WAL into the file, so that the file alone is the queue.
+            conn.pragma_update(None, "journal_mode", "DELETE")
+                .map_err(db_err)?;
+        }
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let aside = db.with_file_name(format!("{FILE}.corrupt-{stamp}-{}", std::process::id()));
         for ext in ["-wal", "-shm"] {
             let side = PathBuf::from(format!("{}{ext}", db.display()));
             if side.exists() {
-                let _ = std::fs::rename(&side, format!("{}{ext}", aside.display()));
+                std::fs::rename(&side, format!("{}{ext}", aside.display())).map_err(io_err)?;
             }
         }
-        let conn = Connection::open(db)
-            .and_then(|c| Self::set_up(&c).map(|()| c))
-            .map_err(|cause| Error::Db {
-                db: db.to_path_buf(),
-                cause,
-            })?;
-        let kept = (|| {
-            let mut insert = conn.prepare(
-                "INSERT OR IGNORE INTO paths (path, accepted_at, attempts, last_error, failed)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for e in &rows {
-                insert.execute(params![
-                    e.path,
-                    e.accepted_at,
-                    e.attempts,
-                    e.last_error,
-                    e.failed
-                ])?;
+        std::fs::rename(db, &aside).map_err(io_err)?;
+        std::fs::rename(&fresh, db).map_err(io_err)?;
+        if let Some(dir) = db.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err)?;
+        }
+        let conn = match Self::connect(db) {
+            Ok(conn) => conn,
+            Err(Unusable::Damaged(why)) => {
+                return Err(db_err(rusqlite::Error::InvalidParameterName(format!(
+                    "the rebuilt queue is damaged too: {why}"
+                ))))
             }
-            Ok(())
-        })();
-        kept.map_err(|cause| Error::Db {
-            db: db.to_path_buf(),
-            cause,
-        })?;
+            Err(Unusable::Failed(e)) => return Err(e),
+        };
         Ok((
             conn,
             format!(
@@ -241,52 +343,9 @@ impl Queue {
         ))
     }
 
-    /// Claims the queue for this process unless a live upload holds it.
-    fn claim(&mut self, dir: &Path) -> Result<(), Error> {
-        let me = std::process::id();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| Error::Db {
-                db: self.db.clone(),
-                cause: e,
-            })?;
-        let owner: Option<(u32, Option<i64>, i64)> = tx
-            .query_row(
-                "SELECT pid, start_time, since FROM owner WHERE id = 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-            .map_err(|e| Error::Db {
-                db: self.db.clone(),
-                cause: e,
-            })?;
-        if let Some((pid, started, since)) = owner {
-            let alive =
-                pid != me && start_time(pid).is_some_and(|t| started.is_none_or(|s| s == t));
-            if alive {
-                return Err(Error::Locked {
-                    dir: dir.to_path_buf(),
-                    pid,
-                    since: format!("{}s ago", (now() - since).max(0)),
-                });
-            }
-        }
-        tx.execute(
-            "INSERT OR REPLACE INTO owner (id, pid, start_time, since) VALUES (1, ?1, ?2, ?3)",
-            params![me, start_time(me), now()],
-        )
-        .and_then(|_| tx.commit())
-        .map_err(|e| Error::Db {
-            db: self.db.clone(),
-            cause: e,
-        })
-    }
-
     /// Imports the journal file an earlier version left, once.
     fn import_journal(&mut self, dir: &Path) -> Result<Option<String>, Error> {
-        let Some(old) = journal::take(dir)? else {
+        let Some(old) = legacy::take(dir)? else {
             return Ok(None);
         };
         let tx = self.conn.transaction().map_err(|e| Error::Db {
@@ -416,15 +475,6 @@ impl Queue {
     }
 }
 
-impl Drop for Queue {
-    fn drop(&mut self) {
-        let _ = self.conn.execute(
-            "DELETE FROM owner WHERE id = 1 AND pid = ?1",
-            [std::process::id()],
-        );
-    }
-}
-
 /// Every row of the queue in `dir`, oldest first, read without claiming it (an
 /// upload may be running). An empty list when there is no queue.
 pub fn entries(dir: &Path) -> Result<Vec<Entry>, Error> {
@@ -470,43 +520,60 @@ fn read_entries(conn: &Connection) -> rusqlite::Result<Vec<Entry>> {
     rows.collect()
 }
 
-/// The rows of a damaged database that can still be read, one by one (a bad page
-/// ends the scan, or is skipped, depending on where it is).
+/// The rows of a damaged database that can still be read. Rows are read in rowid
+/// order; where a damaged page stops the scan, it starts again past the last rowid
+/// read, one rowid further each time, so rows after a bad page are still found.
 fn salvage(db: &Path) -> Vec<Entry> {
     let Ok(conn) = Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
     else {
         return Vec::new();
     };
-    let Ok(mut stmt) =
-        conn.prepare("SELECT path, accepted_at, attempts, last_error, failed FROM paths")
-    else {
-        return Vec::new();
-    };
-    let Ok(mut rows) = stmt.query([]) else {
-        return Vec::new();
-    };
+    // How far to look: the largest rowid, if that can be read, else a generous bound.
+    let last: i64 = conn
+        .query_row("SELECT max(rowid) FROM paths", [], |r| {
+            r.get::<_, Option<i64>>(0)
+        })
+        .ok()
+        .flatten()
+        .unwrap_or(10_000_000);
     let mut found = Vec::new();
-    loop {
-        match rows.next() {
-            Ok(Some(r)) => {
-                let entry = (|| {
-                    Ok::<_, rusqlite::Error>(Entry {
-                        path: r.get(0)?,
-                        accepted_at: r.get(1).unwrap_or_else(|_| now()),
-                        attempts: r.get(2).unwrap_or(0),
-                        last_error: r.get(3).unwrap_or(None),
-                        failed: r.get(4).unwrap_or(false),
-                    })
-                })();
-                if let Ok(e) = entry {
-                    found.push(e);
+    let mut after = 0i64;
+    let mut restarts = 0;
+    while after < last && restarts < 100_000 {
+        let Ok(mut stmt) = conn.prepare(
+            "SELECT rowid, path, accepted_at, attempts, last_error, failed FROM paths
+             WHERE rowid > ?1 ORDER BY rowid",
+        ) else {
+            return found;
+        };
+        let Ok(mut rows) = stmt.query([after]) else {
+            after += 1;
+            restarts += 1;
+            continue;
+        };
+        loop {
+            match rows.next() {
+                Ok(Some(r)) => {
+                    if let Ok(rowid) = r.get::<_, i64>(0) {
+                        after = rowid;
+                    }
+                    if let Ok(path) = r.get::<_, String>(1) {
+                        found.push(Entry {
+                            path,
+                            accepted_at: r.get(2).unwrap_or_else(|_| now()),
+                            attempts: r.get(3).unwrap_or(0),
+                            last_error: r.get(4).unwrap_or(None),
+                            failed: r.get(5).unwrap_or(false),
+                        });
+                    }
+                }
+                Ok(None) => return found,
+                Err(_) => {
+                    after += 1;
+                    restarts += 1;
+                    break;
                 }
             }
-            Ok(None) => break,
-            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::DatabaseCorrupt => {
-                break
-            }
-            Err(_) => break,
         }
     }
     found
@@ -549,33 +616,45 @@ mod tests {
     }
 
     #[test]
-    fn one_upload_per_state_dir_named_by_its_process() {
+    fn one_upload_per_state_dir_named_with_its_lock_and_process() {
         let dir = tempfile::tempdir().unwrap();
         let (first, _) = Queue::open(dir.path()).unwrap();
-        // Another process holds it: pretend to be a live one (our parent).
-        let parent = nix::unistd::getppid().as_raw() as u32;
-        first
-            .conn
-            .execute(
-                "UPDATE owner SET pid = ?1, start_time = ?2",
-                params![parent, start_time(parent)],
-            )
-            .unwrap();
+        // A second open (flock is per open file, so this process counts as another).
         let err = Queue::open(dir.path()).err().expect("refused");
         let text = format!("{:#}", anyhow::Error::from(err));
-        assert!(text.contains(&format!("process {parent}")), "{text}");
+        let lock = dir.path().join("lock").display().to_string();
+        assert!(text.contains(&lock), "{text}");
+        assert!(
+            text.contains(&format!("process {}", std::process::id())),
+            "{text}"
+        );
         assert_eq!(
             text.matches("in use by another upload").count(),
             1,
             "{text}"
         );
-        // An owner whose process is gone (kill -9) does not hold it.
-        first
-            .conn
-            .execute("UPDATE owner SET pid = 999999999", [])
-            .unwrap();
+        // Released with the queue (and by the kernel when a process dies).
         drop(first);
         assert!(Queue::open(dir.path()).is_ok());
+    }
+
+    #[test]
+    fn a_busy_or_unreadable_queue_is_an_error_not_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut q, _) = Queue::open(dir.path()).unwrap();
+        q.accept(&["/nix/store/a"]).unwrap();
+        drop(q);
+        // A newer format: refused, and left alone.
+        let conn = Connection::open(dir.path().join(FILE)).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = Queue::open(dir.path()).err().expect("refused");
+        assert!(matches!(err, Error::Newer { found: 99, .. }), "{err}");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(!names.iter().any(|n| n.contains("corrupt")), "{names:?}");
     }
 
     #[test]
@@ -620,7 +699,9 @@ mod tests {
         assert_eq!(opened.notes.len(), 1, "{:?}", opened.notes);
         assert!(opened.notes[0].contains("damaged"), "{:?}", opened.notes);
         let kept = opened.pending.len();
-        assert!(kept > 0 && kept < 3000, "{kept} of 3000 kept");
+        // 8 KiB of damage costs the rows of two or three pages, not the rest of the
+        // table after them.
+        assert!((2500..3000).contains(&kept), "{kept} of 3000 kept");
         assert!(
             opened.notes[0].contains(&format!("{kept} paths")),
             "{:?}",
@@ -631,7 +712,7 @@ mod tests {
     #[test]
     fn a_journal_of_an_earlier_version_is_imported_once() {
         let dir = tempfile::tempdir().unwrap();
-        journal::write_for_test(
+        legacy::write_for_test(
             dir.path(),
             &[("/nix/store/a", None), ("/nix/store/b", Some("no"))],
         );
