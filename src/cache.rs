@@ -16,6 +16,7 @@
 //! `<object>#<N>`, our `nar/tmp-<uuid>.part`): [`Cache::prepare`] removes the stale
 //! ones (see [`LEFTOVER_AGE`]). On S3 and GCS it leaves an incomplete multipart upload,
 //! which no reader sees and object_store cannot list: a bucket lifecycle rule expires it.
+//! On Azure it leaves uncommitted blocks, which Azure discards after a week.
 //! A WebDAV server has no multipart upload: there a large NAR is held in memory and put
 //! in one request (see [`crate::webdav`]); a kill between that put and the rename leaves
 //! a `nar/tmp-<uuid>.part` no narinfo names.
@@ -26,6 +27,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::{GcpCredential, GoogleCloudStorageBuilder};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
@@ -87,6 +89,11 @@ impl Error {
             object_store::Error::Unauthenticated { .. }
             | object_store::Error::PermissionDenied { .. } => "the credentials were rejected",
             _ if text.contains("NoSuchBucket") => "the bucket does not exist",
+            _ if text.contains("ContainerNotFound") => "the container does not exist",
+            // Azure without keys in the environment asks for a managed identity's token.
+            _ if text.contains("Error performing token request") => {
+                "no credentials in the environment, and no managed identity answered"
+            }
             _ if text.contains("SignatureDoesNotMatch")
                 || text.contains("InvalidAccessKeyId")
                 || text.contains("AccessDenied") =>
@@ -276,6 +283,34 @@ impl Cache {
                     if let Some(ep) = endpoint {
                         // MinIO, SeaweedFS, Ceph, R2…: path-style requests to the endpoint.
                         b = b.with_endpoint(ep).with_virtual_hosted_style_request(false);
+                        client = client.with_allow_http(ep.starts_with("http://"));
+                    }
+                    let store = b
+                        .with_retry(retry)
+                        .with_client_options(client)
+                        .build()
+                        .map_err(|e| setup(e.to_string()))?;
+                    (
+                        OnceLock::from(Arc::new(store) as Arc<dyn ObjectStore>),
+                        prefix.clone(),
+                        true,
+                    )
+                }
+                CacheUrl::Azure {
+                    container,
+                    prefix,
+                    account,
+                    endpoint,
+                } => {
+                    // Keys, SAS, client secrets, managed identity: AZURE_* as object_store
+                    // reads them.
+                    let mut b = MicrosoftAzureBuilder::from_env().with_container_name(container);
+                    if let Some(a) = account {
+                        b = b.with_account(a);
+                    }
+                    let mut client = client;
+                    if let Some(ep) = endpoint {
+                        b = b.with_endpoint(ep.clone());
                         client = client.with_allow_http(ep.starts_with("http://"));
                     }
                     let store = b

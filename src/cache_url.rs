@@ -4,11 +4,14 @@
 //! file:///srv/cache            /srv/cache
 //! s3://BUCKET[/PREFIX]?region=eu-west-1&endpoint=http://127.0.0.1:8333&profile=ci&scheme=https
 //! gs://BUCKET[/PREFIX]?service-account=/etc/narpipe/gcs.json&endpoint=http://127.0.0.1:4443&anonymous=true
+//! azure://CONTAINER[/PREFIX]?account=mystorage&endpoint=http://127.0.0.1:10000/devstoreaccount1
 //! http(s)://HOST[:PORT][/PREFIX]  a WebDAV server (PUT, DELETE, MOVE); or read only,
 //!                                  as an --upstream such as https://cache.nixos.org
 //! ```
 //! S3 parameters use Nix's own names (`region`, `endpoint`, `profile`, `scheme`); an
-//! endpoint without a scheme gets `scheme` (default https), as in Nix. A parameter that
+//! endpoint without a scheme gets `scheme` (default https), as in Nix. Azure's `account`
+//! is the storage account (else `AZURE_STORAGE_ACCOUNT_NAME`); its `endpoint` is the
+//! blob service's URL, account path included for an emulator. A parameter that
 //! is not understood is an error naming it, never silently ignored. Credentials never
 //! go in a URL (it shows in `ps` and logs): HTTP ones come from a file (see
 //! [`crate::http_auth`]), the others from the environment. Pure: no IO.
@@ -44,6 +47,14 @@ pub enum CacheUrl {
         /// Send no credentials (emulators, public test buckets).
         anonymous: bool,
     },
+    Azure {
+        container: String,
+        prefix: Option<String>,
+        /// The storage account; else object_store reads `AZURE_STORAGE_ACCOUNT_NAME`.
+        account: Option<String>,
+        /// Full URL of the blob service (default `https://ACCOUNT.blob.core.windows.net`).
+        endpoint: Option<String>,
+    },
     /// A cache served over HTTP(S): a WebDAV server narpipe writes to, or one only read,
     /// such as cache.nixos.org.
     Http {
@@ -54,6 +65,7 @@ pub enum CacheUrl {
 
 const S3_PARAMS: &[&str] = &["region", "endpoint", "profile", "scheme"];
 const GS_PARAMS: &[&str] = &["service-account", "endpoint", "anonymous"];
+const AZURE_PARAMS: &[&str] = &["account", "endpoint"];
 
 impl FromStr for CacheUrl {
     type Err = Error;
@@ -71,7 +83,8 @@ impl FromStr for CacheUrl {
         }
         let (scheme, rest) = url.split_once("://").ok_or_else(|| {
             err(
-                "want file:///dir, s3://bucket, gs://bucket, http(s)://host or an absolute path"
+                "want file:///dir, s3://bucket, gs://bucket, azure://container, http(s)://host \
+                 or an absolute path"
                     .into(),
             )
         })?;
@@ -116,16 +129,22 @@ impl FromStr for CacheUrl {
         let known = match scheme {
             "s3" => S3_PARAMS,
             "gs" => GS_PARAMS,
+            "azure" => AZURE_PARAMS,
             other => {
                 return Err(err(format!(
-                    "unsupported scheme {other}:// (want file://, s3://, gs:// or http(s)://)"
+                    "unsupported scheme {other}:// (want file://, s3://, gs://, azure:// or \
+                     http(s)://)"
                 )))
             }
         };
         let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
         if bucket.is_empty() {
-            return Err(err("no bucket name".into()));
+            return Err(err(if scheme == "azure" {
+                "no container name".into()
+            } else {
+                "no bucket name".into()
+            }));
         }
         let prefix = prefix.trim_matches('/');
         let prefix = (!prefix.is_empty()).then(|| prefix.to_string());
@@ -183,6 +202,12 @@ impl FromStr for CacheUrl {
                     profile: take("profile"),
                 })
             }
+            "azure" => Ok(CacheUrl::Azure {
+                container: bucket.to_string(),
+                prefix,
+                account: take("account"),
+                endpoint: endpoint(None)?,
+            }),
             _ => {
                 let anonymous = match take("anonymous").as_deref() {
                     None | Some("false") | Some("0") => false,
@@ -244,6 +269,18 @@ impl fmt::Display for CacheUrl {
                 ..
             } => {
                 loc(f, "gs", bucket, prefix)?;
+                if let Some(e) = endpoint {
+                    write!(f, " at {e}")?;
+                }
+                Ok(())
+            }
+            CacheUrl::Azure {
+                container,
+                prefix,
+                endpoint,
+                ..
+            } => {
+                loc(f, "azure", container, prefix)?;
                 if let Some(e) = endpoint {
                     write!(f, " at {e}")?;
                 }
@@ -373,5 +410,35 @@ mod tests {
             }
         );
         assert_eq!(parse("gs://bkt/pre").to_string(), "gs://bkt/pre");
+    }
+
+    #[test]
+    fn azure() {
+        assert_eq!(
+            parse("azure://nix/some/prefix/?account=devstoreaccount1&endpoint=http://127.0.0.1:10000/devstoreaccount1/"),
+            CacheUrl::Azure {
+                container: "nix".into(),
+                prefix: Some("some/prefix".into()),
+                account: Some("devstoreaccount1".into()),
+                endpoint: Some("http://127.0.0.1:10000/devstoreaccount1".into()),
+            }
+        );
+        assert_eq!(
+            parse("azure://nix?endpoint=acct.blob.core.windows.net"),
+            CacheUrl::Azure {
+                container: "nix".into(),
+                prefix: None,
+                account: None,
+                endpoint: Some("https://acct.blob.core.windows.net".into()),
+            }
+        );
+        assert_eq!(
+            parse("azure://nix/p?account=a&endpoint=http://127.0.0.1:1/a").to_string(),
+            "azure://nix/p at http://127.0.0.1:1/a"
+        );
+        assert!(reason("azure://c?access_key=x").contains("\"access_key\""));
+        assert!(reason("azure://c?region=x").contains("known: account, endpoint"));
+        assert!(reason("azure://").contains("no container"));
+        assert!(reason("azure://c?endpoint=ftp://x").contains("http"));
     }
 }

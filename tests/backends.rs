@@ -1,4 +1,4 @@
-//! S3 (SeaweedFS), GCS (fake-gcs-server) and HTTP (nginx WebDAV) backends on real
+//! S3 (SeaweedFS), GCS (fake-gcs-server), Azure (Azurite) and HTTP (nginx WebDAV) backends on real
 //! servers on 127.0.0.1, judged by real Nix substituting from a mirror of the bucket, or
 //! over HTTP from the server itself.
 
@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::servers::{mirror, runtime, FakeGcs, Nginx, Seaweed};
+use common::servers::{mirror, runtime, Azurite, FakeGcs, Nginx, Seaweed};
 use common::*;
 use object_store::ObjectStoreExt;
 
@@ -616,4 +616,104 @@ fn a_large_rerun_on_a_server_that_cannot_list_asks_path_by_path() {
     assert!(log.contains(&format!("uploaded {zero}")), "{log}");
     assert_eq!(assert_closed(&dir), 1200);
     assert_substitutes(&dir, &root, &keys.public, tmp.path());
+}
+
+#[test]
+fn azure_closure_with_a_multipart_nar_is_substitutable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-azure");
+    let az = Azurite::start("nixcache");
+    let root = build_closure(tmp.path(), "azure", 3, 2000);
+    let big = big_path(tmp.path(), "azure-big", 12 << 20);
+    let mut paths = closure_of(&root);
+    paths.push(big.clone());
+    let url = az.url("nixcache", "some/prefix");
+
+    let out = run_upload(az.upload_cmd(), &keys.secret, &url, &paths);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(
+        log.matches("uploaded /nix/store/").count(),
+        paths.len(),
+        "{log}"
+    );
+
+    let dest = tmp.path().join("mirror");
+    let objects = mirror(&*az.store("nixcache"), "some/prefix", &dest);
+    for (name, ct) in &objects {
+        let want = if name.ends_with(".narinfo") {
+            "text/x-nix-narinfo"
+        } else if name.starts_with("nar/") && !name.contains("tmp-") {
+            "application/x-nix-nar"
+        } else if name == "nix-cache-info" {
+            "text/x-nix-cache-info"
+        } else {
+            panic!("unexpected object {name}")
+        };
+        assert_eq!(ct.as_deref(), Some(want), "{name}");
+    }
+    assert_eq!(assert_closed(&dest), paths.len());
+    assert_substitutes(&dest, &root, &keys.public, tmp.path());
+    assert_substitutes(&dest, &big, &keys.public, tmp.path());
+
+    let again = run_upload(az.upload_cmd(), &keys.secret, &url, &paths);
+    let log = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{log}");
+    assert!(log.contains("0 uploaded"), "{log}");
+}
+
+#[test]
+fn azure_start_up_errors_say_which_and_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let az = Azurite::start("nixcache");
+    let url = az.url("nixcache", "errs");
+    let start = |mut cmd: Command, url: &str| {
+        let out = cmd.arg(url).stdin(Stdio::null()).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // A well-formed key that is not the account's.
+    let mut wrong = az.upload_cmd();
+    wrong.env(
+        "AZURE_STORAGE_ACCOUNT_KEY",
+        "bm90LXRoZS1rZXktbm90LXRoZS1rZXktbm90LXRoZS1rZXk=",
+    );
+    let (code, err) = start(wrong, &url);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the credentials were rejected"), "{err}");
+
+    let (code, err) = start(az.upload_cmd(), &az.url("missing", "c"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the container does not exist"), "{err}");
+
+    let (code, err) = start(az.upload_cmd(), &format!("{url}&access_key=x"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown parameter \"access_key\""), "{err}");
+
+    let closed = format!(
+        "azure://nixcache?account=devstoreaccount1&endpoint=http://127.0.0.1:{}/devstoreaccount1",
+        common::servers::free_port()
+    );
+    let (code, err) = start(az.upload_cmd(), &closed);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the endpoint cannot be reached"), "{err}");
+
+    // The account from the environment, as object_store reads it.
+    let keys = keygen(tmp.path(), "narpipe-azure-env");
+    let root = build_closure(tmp.path(), "azure-env", 0, 10);
+    let mut cmd = az.upload_cmd();
+    cmd.env(
+        "AZURE_STORAGE_ACCOUNT_NAME",
+        common::servers::AZURITE_ACCOUNT,
+    );
+    let env_url = format!("azure://nixcache/env?endpoint={}", az.endpoint);
+    let out = run_upload(cmd, &keys.secret, &env_url, &[root]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
