@@ -16,6 +16,10 @@
 //! `<object>#<N>`, our `nar/tmp-<uuid>.part`): [`Cache::prepare`] removes the stale
 //! ones (see [`LEFTOVER_AGE`]). On S3 and GCS it leaves an incomplete multipart upload,
 //! which no reader sees and object_store cannot list: a bucket lifecycle rule expires it.
+//! On Azure it leaves uncommitted blocks, which Azure discards after a week.
+//! A WebDAV server has no multipart upload: there a large NAR is held in memory and put
+//! in one request (see [`crate::webdav`]); a kill between that put and the rename leaves
+//! a `nar/tmp-<uuid>.part` no narinfo names.
 
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
@@ -23,6 +27,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::{GcpCredential, GoogleCloudStorageBuilder};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
@@ -35,7 +40,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::cache_info::CacheInfo;
 use crate::cache_url::{self, CacheUrl};
+use crate::http_auth::AuthFile;
 use crate::store_path::StorePath;
+use crate::webdav::WebDav;
 
 /// NARs whose compressed size fits here are uploaded with one put.
 pub const SMALL_NAR: usize = 8 << 20;
@@ -76,11 +83,17 @@ impl Error {
         let Error::Backend { cause, .. } = self else {
             return None;
         };
-        let text = format!("{cause:?}");
+        // The variant names (Debug) and the server's words (Display).
+        let text = format!("{cause:?} {cause}");
         Some(match **cause {
             object_store::Error::Unauthenticated { .. }
             | object_store::Error::PermissionDenied { .. } => "the credentials were rejected",
             _ if text.contains("NoSuchBucket") => "the bucket does not exist",
+            _ if text.contains("ContainerNotFound") => "the container does not exist",
+            // Azure without keys in the environment asks for a managed identity's token.
+            _ if text.contains("Error performing token request") => {
+                "no credentials in the environment, and no managed identity answered"
+            }
             _ if text.contains("SignatureDoesNotMatch")
                 || text.contains("InvalidAccessKeyId")
                 || text.contains("AccessDenied") =>
@@ -88,6 +101,9 @@ impl Error {
                 "the credentials were rejected"
             }
             object_store::Error::NotFound { .. } => "the bucket does not exist",
+            _ if text.contains("status code: 405") => {
+                "the server refuses uploads there (WebDAV PUT and DELETE not enabled?)"
+            }
             _ if text.contains("onnect") || text.contains("dns") || text.contains("imed out") => {
                 "the endpoint cannot be reached"
             }
@@ -110,6 +126,42 @@ pub const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
 /// Where a large NAR streams before it is renamed to its final name.
 const TMP_NAR_PREFIX: &str = "tmp-";
 const TMP_NAR_SUFFIX: &str = ".part";
+
+/// Where the credentials for HTTP caches are: a file, or its text in the environment
+/// (see [`crate::http_auth`]).
+pub const HTTP_AUTH_FILE_VAR: &str = "NARPIPE_HTTP_AUTH_FILE";
+pub const HTTP_AUTH_VAR: &str = "NARPIPE_HTTP_AUTH";
+
+/// The `Authorization` header for the HTTP cache at `url`, if the credentials name its
+/// host.
+fn http_authorization(url: &str) -> Result<Option<http::HeaderValue>, String> {
+    let var = |name| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let (source, text) = match (var(HTTP_AUTH_FILE_VAR), var(HTTP_AUTH_VAR)) {
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "set {HTTP_AUTH_FILE_VAR} or {HTTP_AUTH_VAR}, not both"
+            ))
+        }
+        (Some(file), None) => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| format!("{HTTP_AUTH_FILE_VAR}: cannot read {file}: {e}"))?;
+            (file, text)
+        }
+        (None, Some(text)) => (format!("${HTTP_AUTH_VAR}"), text),
+        (None, None) => return Ok(None),
+    };
+    let auth = AuthFile::parse(&text).map_err(|e| format!("credentials in {source}: {e}"))?;
+    let parsed = url::Url::parse(url).map_err(|e| e.to_string())?;
+    let host = parsed.host_str().unwrap_or_default();
+    let Some(credential) = auth.for_host(host, parsed.port_or_known_default()) else {
+        return Ok(None);
+    };
+    let mut value = http::HeaderValue::from_str(&credential.header()).map_err(|_| {
+        format!("credentials in {source} for {host}: characters an HTTP header cannot carry")
+    })?;
+    value.set_sensitive(true);
+    Ok(Some(value))
+}
 
 /// The object name of a path's narinfo.
 pub fn narinfo_key(p: &StorePath) -> String {
@@ -244,17 +296,47 @@ impl Cache {
                         true,
                     )
                 }
-                CacheUrl::Http { url } => {
-                    let store = object_store::http::HttpBuilder::new()
-                        .with_url(url)
+                CacheUrl::Azure {
+                    container,
+                    prefix,
+                    account,
+                    endpoint,
+                } => {
+                    // Keys, SAS, client secrets, managed identity: AZURE_* as object_store
+                    // reads them.
+                    let mut b = MicrosoftAzureBuilder::from_env().with_container_name(container);
+                    if let Some(a) = account {
+                        b = b.with_account(a);
+                    }
+                    let mut client = client;
+                    if let Some(ep) = endpoint {
+                        b = b.with_endpoint(ep.clone());
+                        client = client.with_allow_http(ep.starts_with("http://"));
+                    }
+                    let store = b
                         .with_retry(retry)
-                        .with_client_options(client.with_allow_http(url.starts_with("http://")))
+                        .with_client_options(client)
                         .build()
                         .map_err(|e| setup(e.to_string()))?;
                     (
                         OnceLock::from(Arc::new(store) as Arc<dyn ObjectStore>),
+                        prefix.clone(),
+                        true,
+                    )
+                }
+                CacheUrl::Http { url } => {
+                    let mut client = client.with_allow_http(url.starts_with("http://"));
+                    if let Some(value) = http_authorization(url).map_err(setup)? {
+                        let mut headers = http::HeaderMap::new();
+                        headers.insert(http::header::AUTHORIZATION, value);
+                        client = client.with_default_headers(headers);
+                    }
+                    let store =
+                        WebDav::new(url, client, retry).map_err(|e| setup(e.to_string()))?;
+                    (
+                        OnceLock::from(Arc::new(store) as Arc<dyn ObjectStore>),
                         None,
-                        false,
+                        true,
                     )
                 }
                 CacheUrl::Gcs {

@@ -4,11 +4,17 @@
 //! file:///srv/cache            /srv/cache
 //! s3://BUCKET[/PREFIX]?region=eu-west-1&endpoint=http://127.0.0.1:8333&profile=ci&scheme=https
 //! gs://BUCKET[/PREFIX]?service-account=/etc/narpipe/gcs.json&endpoint=http://127.0.0.1:4443&anonymous=true
-//! https://cache.nixos.org        (read only: an upstream to look paths up in)
+//! azure://CONTAINER[/PREFIX]?account=mystorage&endpoint=http://127.0.0.1:10000/devstoreaccount1
+//! http(s)://HOST[:PORT][/PREFIX]  a WebDAV server (PUT, DELETE, MOVE); or read only,
+//!                                  as an --upstream such as https://cache.nixos.org
 //! ```
 //! S3 parameters use Nix's own names (`region`, `endpoint`, `profile`, `scheme`); an
-//! endpoint without a scheme gets `scheme` (default https), as in Nix. A parameter that
-//! is not understood is an error naming it, never silently ignored. Pure: no IO.
+//! endpoint without a scheme gets `scheme` (default https), as in Nix. Azure's `account`
+//! is the storage account (else `AZURE_STORAGE_ACCOUNT_NAME`); its `endpoint` is the
+//! blob service's URL, account path included for an emulator. A parameter that
+//! is not understood is an error naming it, never silently ignored. Credentials never
+//! go in a URL (it shows in `ps` and logs): HTTP ones come from a file (see
+//! [`crate::http_auth`]), the others from the environment. Pure: no IO.
 
 use std::fmt;
 use std::str::FromStr;
@@ -41,7 +47,16 @@ pub enum CacheUrl {
         /// Send no credentials (emulators, public test buckets).
         anonymous: bool,
     },
-    /// A cache served over HTTP(S), such as cache.nixos.org: read only here.
+    Azure {
+        container: String,
+        prefix: Option<String>,
+        /// The storage account; else object_store reads `AZURE_STORAGE_ACCOUNT_NAME`.
+        account: Option<String>,
+        /// Full URL of the blob service (default `https://ACCOUNT.blob.core.windows.net`).
+        endpoint: Option<String>,
+    },
+    /// A cache served over HTTP(S): a WebDAV server narpipe writes to, or one only read,
+    /// such as cache.nixos.org.
     Http {
         /// The whole URL, without a trailing slash.
         url: String,
@@ -50,6 +65,7 @@ pub enum CacheUrl {
 
 const S3_PARAMS: &[&str] = &["region", "endpoint", "profile", "scheme"];
 const GS_PARAMS: &[&str] = &["service-account", "endpoint", "anonymous"];
+const AZURE_PARAMS: &[&str] = &["account", "endpoint"];
 
 impl FromStr for CacheUrl {
     type Err = Error;
@@ -67,7 +83,8 @@ impl FromStr for CacheUrl {
         }
         let (scheme, rest) = url.split_once("://").ok_or_else(|| {
             err(
-                "want file:///dir, s3://bucket, gs://bucket, http(s)://host or an absolute path"
+                "want file:///dir, s3://bucket, gs://bucket, azure://container, http(s)://host \
+                 or an absolute path"
                     .into(),
             )
         })?;
@@ -93,6 +110,18 @@ impl FromStr for CacheUrl {
             if parsed.host_str().is_none_or(str::is_empty) {
                 return Err(err("no host".into()));
             }
+            if !parsed.username().is_empty() || parsed.password().is_some() {
+                // Said without echoing them.
+                let mut shown = parsed.clone();
+                let _ = shown.set_username("");
+                let _ = shown.set_password(None);
+                return Err(Error {
+                    url: shown.to_string(),
+                    reason: "credentials in the URL would show in ps and logs: put them in \
+                             $NARPIPE_HTTP_AUTH_FILE (netrc format)"
+                        .into(),
+                });
+            }
             return Ok(CacheUrl::Http {
                 url: url.trim_end_matches('/').to_string(),
             });
@@ -100,16 +129,22 @@ impl FromStr for CacheUrl {
         let known = match scheme {
             "s3" => S3_PARAMS,
             "gs" => GS_PARAMS,
+            "azure" => AZURE_PARAMS,
             other => {
                 return Err(err(format!(
-                    "unsupported scheme {other}:// (want file://, s3://, gs:// or http(s)://)"
+                    "unsupported scheme {other}:// (want file://, s3://, gs://, azure:// or \
+                     http(s)://)"
                 )))
             }
         };
         let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
         if bucket.is_empty() {
-            return Err(err("no bucket name".into()));
+            return Err(err(if scheme == "azure" {
+                "no container name".into()
+            } else {
+                "no bucket name".into()
+            }));
         }
         let prefix = prefix.trim_matches('/');
         let prefix = (!prefix.is_empty()).then(|| prefix.to_string());
@@ -167,6 +202,12 @@ impl FromStr for CacheUrl {
                     profile: take("profile"),
                 })
             }
+            "azure" => Ok(CacheUrl::Azure {
+                container: bucket.to_string(),
+                prefix,
+                account: take("account"),
+                endpoint: endpoint(None)?,
+            }),
             _ => {
                 let anonymous = match take("anonymous").as_deref() {
                     None | Some("false") | Some("0") => false,
@@ -188,11 +229,6 @@ impl FromStr for CacheUrl {
 }
 
 impl CacheUrl {
-    /// Whether narpipe can write to it (HTTP caches are only read, as upstreams).
-    pub fn writable(&self) -> bool {
-        !matches!(self, CacheUrl::Http { .. })
-    }
-
     fn normalised(self) -> Self {
         match self {
             CacheUrl::File { dir } if dir.is_empty() => CacheUrl::File { dir: "/".into() },
@@ -238,6 +274,18 @@ impl fmt::Display for CacheUrl {
                 }
                 Ok(())
             }
+            CacheUrl::Azure {
+                container,
+                prefix,
+                endpoint,
+                ..
+            } => {
+                loc(f, "azure", container, prefix)?;
+                if let Some(e) = endpoint {
+                    write!(f, " at {e}")?;
+                }
+                Ok(())
+            }
             CacheUrl::Http { url } => write!(f, "{url}"),
         }
     }
@@ -248,7 +296,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn http_caches_are_read_only_upstreams() {
+    fn http_caches() {
         let u: CacheUrl = "https://cache.nixos.org/".parse().unwrap();
         assert_eq!(
             u,
@@ -256,11 +304,28 @@ mod tests {
                 url: "https://cache.nixos.org".into()
             }
         );
-        assert!(!u.writable());
         assert_eq!(u.to_string(), "https://cache.nixos.org");
-        assert!("http://127.0.0.1:8080/sub".parse::<CacheUrl>().is_ok());
+        assert_eq!(
+            "http://127.0.0.1:8080/sub/dir/".parse::<CacheUrl>(),
+            Ok(CacheUrl::Http {
+                url: "http://127.0.0.1:8080/sub/dir".into()
+            })
+        );
         assert!("https://h/?priority=1".parse::<CacheUrl>().is_err());
-        assert!("file:///srv/c".parse::<CacheUrl>().unwrap().writable());
+    }
+
+    #[test]
+    fn credentials_in_an_http_url_are_refused_without_echoing_them() {
+        for url in [
+            "https://ci:hunter2@cache.example.org/c",
+            "https://ci:hun@ter2@cache.example.org/c",
+            "http://ci@cache.example.org",
+        ] {
+            let e = url.parse::<CacheUrl>().unwrap_err();
+            assert!(e.reason.contains("NARPIPE_HTTP_AUTH_FILE"), "{e}");
+            assert!(!e.to_string().contains("ter2"), "{e}");
+            assert!(e.to_string().contains("cache.example.org"), "{e}");
+        }
     }
 
     fn parse(s: &str) -> CacheUrl {
@@ -345,5 +410,35 @@ mod tests {
             }
         );
         assert_eq!(parse("gs://bkt/pre").to_string(), "gs://bkt/pre");
+    }
+
+    #[test]
+    fn azure() {
+        assert_eq!(
+            parse("azure://nix/some/prefix/?account=devstoreaccount1&endpoint=http://127.0.0.1:10000/devstoreaccount1/"),
+            CacheUrl::Azure {
+                container: "nix".into(),
+                prefix: Some("some/prefix".into()),
+                account: Some("devstoreaccount1".into()),
+                endpoint: Some("http://127.0.0.1:10000/devstoreaccount1".into()),
+            }
+        );
+        assert_eq!(
+            parse("azure://nix?endpoint=acct.blob.core.windows.net"),
+            CacheUrl::Azure {
+                container: "nix".into(),
+                prefix: None,
+                account: None,
+                endpoint: Some("https://acct.blob.core.windows.net".into()),
+            }
+        );
+        assert_eq!(
+            parse("azure://nix/p?account=a&endpoint=http://127.0.0.1:1/a").to_string(),
+            "azure://nix/p at http://127.0.0.1:1/a"
+        );
+        assert!(reason("azure://c?access_key=x").contains("\"access_key\""));
+        assert!(reason("azure://c?region=x").contains("known: account, endpoint"));
+        assert!(reason("azure://").contains("no container"));
+        assert!(reason("azure://c?endpoint=ftp://x").contains("http"));
     }
 }

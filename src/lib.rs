@@ -3,14 +3,15 @@
 //! Modules, from the bottom up (each layer uses only the ones below it):
 //! - formats (pure, no IO): [`nixbase32`], [`hash`], [`store_path`], [`narinfo`],
 //!   [`cache_info`], [`signing`], [`nar`] (the NAR writer), [`nar_listing`] (`.ls`
-//!   files), [`realisation`] (`.doi` files), [`pipe`] (line framing)
+//!   files), [`realisation`] (`.doi` files), [`pipe`] (line framing), [`http_auth`]
+//!   (credentials for HTTP caches)
 //! - formats for compressed NARs: [`xz`] (one stream of independently compressed blocks)
 //! - adapters: [`compress`]; [`engine`] (makes compressed NARs on a pool of plain threads)
 //! - IO edges, independent of each other: [`resolve`] (input → store path), [`nix`]
 //!   (runs the Nix CLI; [`build_log`] reads its log directory), [`cache`] (the binary
-//!   cache through `object_store`), [`queue`]
-//!   (the durable queue on SQLite; [`journal`] reads an earlier version's file once),
-//!   [`spool`]
+//!   cache through `object_store`; [`webdav`] adapts its HTTP store to a writable
+//!   cache), [`queue`] (the durable queue on SQLite; it imports an earlier version's
+//!   journal once), [`spool`], [`upstream`] (what upstream already serves)
 //! - orchestration: [`daemon`] (the whole uploader, one module per stage; one path's life
 //!   in `daemon::path`), [`exec`] (`upload exec`), [`import`], [`verify`]
 //!
@@ -26,6 +27,7 @@ pub mod engine;
 pub mod exec;
 pub mod filter;
 pub mod hash;
+pub mod http_auth;
 pub mod import;
 pub mod metrics;
 pub mod nar;
@@ -43,4 +45,5 @@ pub mod stats;
 pub mod store_path;
 pub mod upstream;
 pub mod verify;
+pub mod webdav;
 pub mod xz;

@@ -1,5 +1,6 @@
-//! S3 (SeaweedFS) and GCS (fake-gcs-server) backends on real servers on 127.0.0.1,
-//! judged by real Nix substituting from a mirror of the bucket.
+//! S3 (SeaweedFS), GCS (fake-gcs-server), Azure (Azurite) and HTTP (nginx WebDAV) backends on real
+//! servers on 127.0.0.1, judged by real Nix substituting from a mirror of the bucket, or
+//! over HTTP from the server itself.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::servers::{mirror, runtime, FakeGcs, Seaweed};
+use common::servers::{mirror, runtime, Azurite, FakeGcs, Nginx, Seaweed};
 use common::*;
 use object_store::ObjectStoreExt;
 
@@ -421,4 +422,298 @@ fn a_large_rerun_on_s3_lists_the_bucket_instead_of_asking_for_each_path() {
     mirror(&*store, "deep/prefix", &dest);
     assert_eq!(assert_closed(&dest), 1500);
     assert_substitutes(&dest, &root, &keys.public, tmp.path());
+}
+
+/// upload with no HTTP credentials but those given here.
+fn http_upload() -> Command {
+    let mut c = upload_cmd();
+    c.env_remove("NARPIPE_HTTP_AUTH")
+        .env_remove("NARPIPE_HTTP_AUTH_FILE");
+    c
+}
+
+fn basic(login: &str, password: &str) -> String {
+    use base64::Engine;
+    let pair = format!("{login}:{password}");
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(pair)
+    )
+}
+
+/// Every file below `dir`, relative, sorted.
+fn files_below(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.push(rel);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn http_closure_with_a_big_nar_is_substitutable_over_http() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-http");
+    // Anyone may read; only "ci" may write, as a netrc file says (Nix's own format).
+    let web = Nginx::start(&[basic("ci", "s3cret")]);
+    let netrc = tmp.path().join("netrc");
+    std::fs::write(&netrc, "machine 127.0.0.1 login ci password s3cret\n").unwrap();
+    let root = build_closure(tmp.path(), "http", 3, 2000);
+    // Past SMALL_NAR even compressed: held in memory, put once, then moved into place.
+    let big = big_path(tmp.path(), "http-big", 20 << 20);
+    let mut paths = closure_of(&root);
+    paths.push(big.clone());
+    // A prefix no earlier run used: Nix remembers narinfos per cache URL.
+    let prefix = format!("nix/{}", unique("cache"));
+    let url = web.url(&prefix);
+    let mut cmd = http_upload();
+    cmd.env("NARPIPE_HTTP_AUTH_FILE", &netrc);
+    let out = run_upload(cmd, &keys.secret, &url, &paths);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(
+        log.matches("uploaded /nix/store/").count(),
+        paths.len(),
+        "{log}"
+    );
+
+    let dir = web.root().join(&prefix);
+    for name in files_below(&dir) {
+        assert!(
+            name == "nix-cache-info"
+                || name.ends_with(".narinfo") && !name.contains('/')
+                || name.starts_with("nar/") && name.ends_with(".nar.zst"),
+            "unexpected file {name}"
+        );
+    }
+    assert_eq!(assert_closed(&dir), paths.len());
+    assert_substitutes_from(&url, &root, &keys.public, tmp.path());
+    assert_substitutes_from(&url, &big, &keys.public, tmp.path());
+    let other = keygen(tmp.path(), "narpipe-http-other");
+    let refused = nix_copy_from_url(&url, &root, &tmp.path().join("refused"), &other.public);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(err.contains("signature"), "{err}");
+
+    // A re-run: everything is there (looked up path by path), the write check is gone.
+    let mut cmd = http_upload();
+    cmd.env("NARPIPE_HTTP_AUTH_FILE", &netrc);
+    let again = run_upload(cmd, &keys.secret, &url, &paths);
+    let log = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{log}");
+    assert!(log.contains("0 uploaded"), "{log}");
+    assert!(!dir.join(".narpipe-write-check").exists());
+}
+
+#[test]
+fn http_credentials_come_from_a_file_or_the_environment_and_errors_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-http-auth");
+    let web = Nginx::start(&["Bearer tok-123".to_string()]);
+    let prefix = unique("c");
+    let url = web.url(&prefix);
+    let start = |env: &[(&str, &str)], url: &str| {
+        let mut cmd = http_upload();
+        cmd.envs(env.iter().copied());
+        let out = cmd.arg(url).stdin(Stdio::null()).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let port = web.port;
+    let for_here = format!("machine 127.0.0.1:{port} token tok-123");
+    for (env, want) in [
+        (vec![], "the credentials were rejected"),
+        (
+            vec![("NARPIPE_HTTP_AUTH", "machine 127.0.0.1 token wrong")],
+            "the credentials were rejected",
+        ),
+        // Credentials are only sent to the host they are written for.
+        (
+            vec![("NARPIPE_HTTP_AUTH", "machine 127.0.0.2 token tok-123")],
+            "the credentials were rejected",
+        ),
+        (
+            vec![
+                ("NARPIPE_HTTP_AUTH", for_here.as_str()),
+                ("NARPIPE_HTTP_AUTH_FILE", "/nonexistent"),
+            ],
+            "not both",
+        ),
+        (
+            vec![("NARPIPE_HTTP_AUTH", "machine 127.0.0.1 login ci")],
+            "has a login but no password",
+        ),
+    ] {
+        let (code, err) = start(&env, &url);
+        assert_eq!(code, Some(2), "{env:?}: {err}");
+        assert!(err.contains(want), "{env:?}: {err}");
+    }
+    // Never in the URL, and never echoed.
+    let (code, err) = start(&[], &url.replace("127.0.0.1", "ci:hunter2@127.0.0.1"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("NARPIPE_HTTP_AUTH_FILE"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+    let (code, err) = start(&[("NARPIPE_HTTP_AUTH", &for_here)], &web.url("static/c"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the server refuses uploads there"), "{err}");
+    let closed = format!("http://127.0.0.1:{}/c", common::servers::free_port());
+    let (code, err) = start(&[], &closed);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the endpoint cannot be reached"), "{err}");
+
+    // The right token, from the environment.
+    let root = build_closure(tmp.path(), "http-auth", 1, 10);
+    let mut cmd = http_upload();
+    cmd.env("NARPIPE_HTTP_AUTH", &for_here);
+    let out = run_upload(cmd, &keys.secret, &url, &closure_of(&root));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_substitutes_from(&url, &root, &keys.public, tmp.path());
+}
+
+#[test]
+fn a_large_rerun_on_a_server_that_cannot_list_asks_path_by_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-http-listing");
+    let web = Nginx::start(&[]);
+    let root = wide_closure(tmp.path(), 1200);
+    let closure = closure_of(&root);
+    let url = web.url("wide");
+    let out = run_upload(http_upload(), &keys.secret, &url, &closure);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let zero = closure
+        .iter()
+        .find(|p| p.ends_with("-0"))
+        .expect("path 0 of the wide closure");
+    let dir = web.root().join("wide");
+    std::fs::remove_file(narinfo_path(&dir, zero)).unwrap();
+    let out = run_upload(http_upload(), &keys.secret, &url, &closure);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("asking path by path"), "{log}");
+    assert!(log.contains("PROPFIND"), "{log}");
+    assert!(log.contains("1 uploaded"), "{log}");
+    assert!(log.contains(&format!("uploaded {zero}")), "{log}");
+    assert_eq!(assert_closed(&dir), 1200);
+    assert_substitutes(&dir, &root, &keys.public, tmp.path());
+}
+
+#[test]
+fn azure_closure_with_a_multipart_nar_is_substitutable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-azure");
+    let az = Azurite::start("nixcache");
+    let root = build_closure(tmp.path(), "azure", 3, 2000);
+    let big = big_path(tmp.path(), "azure-big", 12 << 20);
+    let mut paths = closure_of(&root);
+    paths.push(big.clone());
+    let url = az.url("nixcache", "some/prefix");
+
+    let out = run_upload(az.upload_cmd(), &keys.secret, &url, &paths);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(
+        log.matches("uploaded /nix/store/").count(),
+        paths.len(),
+        "{log}"
+    );
+
+    let dest = tmp.path().join("mirror");
+    let objects = mirror(&*az.store("nixcache"), "some/prefix", &dest);
+    for (name, ct) in &objects {
+        let want = if name.ends_with(".narinfo") {
+            "text/x-nix-narinfo"
+        } else if name.starts_with("nar/") && !name.contains("tmp-") {
+            "application/x-nix-nar"
+        } else if name == "nix-cache-info" {
+            "text/x-nix-cache-info"
+        } else {
+            panic!("unexpected object {name}")
+        };
+        assert_eq!(ct.as_deref(), Some(want), "{name}");
+    }
+    assert_eq!(assert_closed(&dest), paths.len());
+    assert_substitutes(&dest, &root, &keys.public, tmp.path());
+    assert_substitutes(&dest, &big, &keys.public, tmp.path());
+
+    let again = run_upload(az.upload_cmd(), &keys.secret, &url, &paths);
+    let log = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{log}");
+    assert!(log.contains("0 uploaded"), "{log}");
+}
+
+#[test]
+fn azure_start_up_errors_say_which_and_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let az = Azurite::start("nixcache");
+    let url = az.url("nixcache", "errs");
+    let start = |mut cmd: Command, url: &str| {
+        let out = cmd.arg(url).stdin(Stdio::null()).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // A well-formed key that is not the account's.
+    let mut wrong = az.upload_cmd();
+    wrong.env(
+        "AZURE_STORAGE_ACCOUNT_KEY",
+        "bm90LXRoZS1rZXktbm90LXRoZS1rZXktbm90LXRoZS1rZXk=",
+    );
+    let (code, err) = start(wrong, &url);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the credentials were rejected"), "{err}");
+
+    let (code, err) = start(az.upload_cmd(), &az.url("missing", "c"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the container does not exist"), "{err}");
+
+    let (code, err) = start(az.upload_cmd(), &format!("{url}&access_key=x"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown parameter \"access_key\""), "{err}");
+
+    let closed = format!(
+        "azure://nixcache?account=devstoreaccount1&endpoint=http://127.0.0.1:{}/devstoreaccount1",
+        common::servers::free_port()
+    );
+    let (code, err) = start(az.upload_cmd(), &closed);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the endpoint cannot be reached"), "{err}");
+
+    // The account from the environment, as object_store reads it.
+    let keys = keygen(tmp.path(), "narpipe-azure-env");
+    let root = build_closure(tmp.path(), "azure-env", 0, 10);
+    let mut cmd = az.upload_cmd();
+    cmd.env(
+        "AZURE_STORAGE_ACCOUNT_NAME",
+        common::servers::AZURITE_ACCOUNT,
+    );
+    let env_url = format!("azure://nixcache/env?endpoint={}", az.endpoint);
+    let out = run_upload(cmd, &keys.secret, &env_url, &[root]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -81,7 +81,7 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Copy every narinfo and NAR of one cache into another (file, S3, GCS), verifying
+    /// Copy every narinfo and NAR of one cache into another (file, S3, GCS, Azure, HTTP), verifying
     /// hashes as it streams, keeping signatures and adding ours, skipping what the
     /// destination has, references first. Run it again to finish an interrupted import.
     Import {
@@ -125,8 +125,8 @@ struct UpstreamArgs {
     )]
     upstream_keys: Vec<String>,
 
-    /// Don't push a path this cache has a narinfo for (file://, http(s)://, s3://,
-    /// gs://); repeatable. One request per path, remembered.
+    /// Don't push a path this cache has a narinfo for (any cache URL, e.g.
+    /// https://cache.nixos.org); repeatable. One request per path, remembered.
     #[arg(long = "upstream", env = "NARPIPE_UPSTREAMS", value_delimiter = ' ')]
     upstreams: Vec<String>,
 
@@ -162,19 +162,10 @@ fn upstream(args: &UpstreamArgs) -> Result<narpipe::upstream::Upstream> {
     })
 }
 
-/// A destination must be one narpipe can write to.
-fn ensure_writable(url: &str) -> Result<()> {
-    let parsed: narpipe::cache_url::CacheUrl = url.parse()?;
-    anyhow::ensure!(
-        parsed.writable(),
-        "cache {parsed}: HTTP caches are only read here (as --upstream); push to a folder, s3:// or gs://"
-    );
-    Ok(())
-}
-
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// The cache: file:///dir (or /dir), s3://bucket[/prefix][?…], gs://bucket[/prefix][?…].
+    /// The cache: file:///dir (or /dir), s3://bucket[/prefix][?…], gs://bucket[/prefix][?…],
+    /// azure://container[/prefix][?…], http(s)://host[:port]/prefix (WebDAV PUT).
     #[arg(env = "NARPIPE_CACHE")]
     cache_url: Option<String>,
 
@@ -416,7 +407,6 @@ fn config(args: &RunArgs) -> Result<Config> {
         .as_deref()
         .context("no cache URL given (argument CACHE_URL or NARPIPE_CACHE)")?;
     let store_dir = StoreDir::new(&args.store_dir).context("--store-dir")?;
-    ensure_writable(url)?;
     let cache = Cache::open(url)?;
     let keys = read_keys(&args.secret_key_file)?;
     if let (Some(level), Compression::Zstd) = (args.compression_level, args.compression) {
@@ -845,7 +835,6 @@ async fn import(
 ) -> ExitCode {
     let setup = async {
         let keys = read_keys(key_files)?;
-        ensure_writable(dest)?;
         let upstream = upstream(upstream_args)?;
         let (source, dest) = narpipe::import::open(source, dest).await?;
         for url in upstream.check().await? {

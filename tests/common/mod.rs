@@ -119,10 +119,20 @@ pub fn keygen(dir: &Path, name: &str) -> Keys {
 
 /// `nix copy --from file://CACHE --to FRESH PATH` with only `public_key` trusted.
 pub fn nix_copy_from(cache: &Path, path: &str, fresh: &Path, public_key: &str) -> Output {
+    nix_copy_from_url(
+        &format!("file://{}", cache.display()),
+        path,
+        fresh,
+        public_key,
+    )
+}
+
+/// `nix copy --from URL --to FRESH PATH` with only `public_key` trusted.
+pub fn nix_copy_from_url(url: &str, path: &str, fresh: &Path, public_key: &str) -> Output {
     nix("nix")
         .arg("copy")
         .arg("--from")
-        .arg(format!("file://{}", cache.display()))
+        .arg(url)
         .arg("--to")
         .arg(fresh)
         .arg(path)
@@ -135,12 +145,21 @@ pub fn nix_copy_from(cache: &Path, path: &str, fresh: &Path, public_key: &str) -
 
 /// Asserts real Nix substitutes every path of `root`'s closure from `cache`.
 pub fn assert_substitutes(cache: &Path, root: &str, public_key: &str, scratch: &Path) {
+    assert_substitutes_from(
+        &format!("file://{}", cache.display()),
+        root,
+        public_key,
+        scratch,
+    );
+}
+
+/// Asserts real Nix substitutes every path of `root`'s closure from the cache at `url`.
+pub fn assert_substitutes_from(url: &str, root: &str, public_key: &str, scratch: &Path) {
     let fresh = scratch.join(unique("fresh"));
-    let out = nix_copy_from(cache, root, &fresh, public_key);
+    let out = nix_copy_from_url(url, root, &fresh, public_key);
     assert!(
         out.status.success(),
-        "nix copy from {} failed: {}",
-        cache.display(),
+        "nix copy from {url} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     for p in closure_of(root) {

