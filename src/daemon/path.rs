@@ -29,7 +29,7 @@ use bytes::Bytes;
 use log::{debug, info, warn};
 
 use super::realise;
-use super::tasks::{Dep, Settle, Status};
+use super::tasks::{Dep, Settle, Status, Watch};
 use super::Shared;
 use crate::build_log;
 use crate::cache::{self, Cache};
@@ -50,7 +50,35 @@ enum Outcome {
     },
 }
 
+/// Takes a path out of the in-flight map however its task ends (a panic included), so
+/// that a later batch plans it again instead of waiting on a task that is gone.
+/// Only this task's own entry is removed: a later batch may have planned the path again.
+struct InFlight<'a> {
+    shared: &'a Shared,
+    path: &'a StorePath,
+    watch: Watch,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.shared.state.lock() {
+            if state
+                .inflight
+                .get(self.path)
+                .is_some_and(|w| w.same(&self.watch))
+            {
+                state.inflight.remove(self.path);
+            }
+        }
+    }
+}
+
 pub(super) async fn task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, settle: Settle) {
+    let _inflight = InFlight {
+        shared: &shared,
+        path: &info.path,
+        watch: settle.watch().clone(),
+    };
     let start = Instant::now();
     let shown = shared.show(&info.path);
     let result = tokio::select! {
@@ -99,7 +127,13 @@ pub(super) async fn task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, se
     };
     {
         let mut state = shared.state.lock().unwrap();
-        state.inflight.remove(&info.path);
+        if state
+            .inflight
+            .get(&info.path)
+            .is_some_and(|w| w.same(settle.watch()))
+        {
+            state.inflight.remove(&info.path);
+        }
         if matches!(status, Status::Done) {
             state.present.insert(info.path.clone());
         }

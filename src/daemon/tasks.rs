@@ -49,6 +49,11 @@ impl Watch {
         }))
     }
 
+    /// Whether both watch the same task.
+    pub(super) fn same(&self, other: &Watch) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// The final status, once the task has one.
     pub(super) async fn settled(&self) -> Status {
         loop {
@@ -69,6 +74,11 @@ impl Watch {
 pub(super) struct Settle(Watch);
 
 impl Settle {
+    /// The watch this settles.
+    pub(super) fn watch(&self) -> &Watch {
+        &self.0
+    }
+
     pub(super) fn set(&self, status: Status) {
         if self.0 .0.status.set(status).is_ok() {
             self.0 .0.notify.notify_waiters();
