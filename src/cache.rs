@@ -8,9 +8,13 @@
 //! ```
 //! NARs are named by the hash of their compressed bytes, known only at the end of the
 //! stream. A NAR that fits in [`SMALL_NAR`] is held and put under its final name in one
-//! request; a larger one streams as a multipart upload to a temporary name and is
-//! renamed once complete and verified. Puts are atomic on every backend, so no reader
-//! ever sees a partial object; an abandoned multipart upload is aborted.
+//! request; a larger one streams as a multipart upload (parts sized for its expected
+//! size, see [`crate::parts`]) to a name of its own and is then moved to its final
+//! name: renamed in a local folder or on a WebDAV server; copied server-side and
+//! deleted on S3, GCS and Azure, where a NAR too big to copy (S3 copies at most 5 GiB,
+//! [`COPY_LIMIT`]) keeps its own name `nar/<uuid>.nar.zst`, which the narinfo's URL
+//! then names (Nix follows the URL; the FileHash is the same). Puts are atomic on every backend, so no reader ever sees a
+//! partial object; an abandoned multipart upload is aborted.
 //!
 //! A process killed mid-write leaves staging files in a local folder (object_store's
 //! `<object>#<N>`, our `nar/tmp-<uuid>.part`): [`Cache::prepare`] removes the stale
@@ -32,26 +36,27 @@ use object_store::gcp::{GcpCredential, GoogleCloudStorageBuilder};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{
-    Attribute, Attributes, BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode,
-    PutMultipartOptions, PutOptions, PutPayload, RetryConfig, StaticCredentialProvider,
-    WriteMultipart,
+    Attribute, Attributes, BackoffConfig, ClientOptions, MultipartUpload, ObjectStore,
+    ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutPayloadMut,
+    RetryConfig, StaticCredentialProvider,
 };
+use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
 use crate::cache_info::CacheInfo;
 use crate::cache_url::{self, CacheUrl};
 use crate::http_auth::AuthFile;
+use crate::parts::{self, PartSizes};
 use crate::store_path::StorePath;
 use crate::webdav::WebDav;
 
 /// NARs whose compressed size fits here are uploaded with one put.
 pub const SMALL_NAR: usize = 8 << 20;
-/// Multipart part size (S3 wants ≥ 5 MiB) and parts in flight per upload.
-const PART_SIZE: usize = 8 << 20;
+/// Multipart parts in flight per upload.
 const PARTS_IN_FLIGHT: usize = 2;
 // A multipart upload starts only past SMALL_NAR, so it always has at least two parts:
 // a NAR that would fit one part goes in one put.
-const _: () = assert!(SMALL_NAR >= PART_SIZE);
+const _: () = assert!(SMALL_NAR as u64 >= parts::MIN_PART);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -182,6 +187,8 @@ pub struct Cache {
     attributes: bool,
     /// A local folder's directory: look-ups there are stats (see `exist_local`).
     local_dir: Option<std::path::PathBuf>,
+    /// Where big NARs stream before they are published.
+    staging: Staging,
     cleanups: TaskTracker,
 }
 
@@ -386,6 +393,11 @@ impl Cache {
             local_dir: match &parsed {
                 CacheUrl::File { dir } => Some(dir.into()),
                 _ => None,
+            },
+            staging: match &parsed {
+                // A WebDAV MOVE is a rename on the server, at any size.
+                CacheUrl::File { .. } | CacheUrl::Http { .. } => Staging::Rename,
+                _ => Staging::CopyUpTo(COPY_LIMIT),
             },
             cleanups: TaskTracker::new(),
         })
@@ -717,13 +729,31 @@ impl Cache {
         }
     }
 
-    /// A writer for one NAR file, committed under its final name later.
-    pub fn nar_writer(&self) -> NarWriter {
+    /// A writer for one NAR file, committed under its final name later. `expected` is
+    /// the most bytes the compressed NAR should have (its NarSize will do; 0: unknown):
+    /// it sets the multipart part size (see [`crate::parts`]). `extension` (`.nar.zst`)
+    /// ends the name a big NAR may be published under on a remote cache.
+    pub fn nar_writer(&self, expected: u64, extension: &str) -> NarWriter {
         NarWriter {
             cache: self.clone(),
+            sizes: PartSizes::for_expected(expected),
+            extension: extension.to_string(),
             held: Vec::new(),
             held_len: 0,
+            written: 0,
             multipart: None,
+        }
+    }
+
+    /// Watches over a NAR [`NarWriter::commit`] put under a name of its own
+    /// ([`Published::unique`]) until a narinfo is about to name it: dropped before
+    /// [`Unclaimed::claim`] (a reference failed, the run stops…), it deletes it, as
+    /// nothing else can refer to it. A content-addressed NAR is never deleted (another
+    /// uploader's narinfo may point at it).
+    pub fn unclaimed(&self, nar: &Published) -> Unclaimed {
+        Unclaimed {
+            cache: self.clone(),
+            nar: nar.unique.then(|| nar.url.clone()),
         }
     }
 
@@ -732,11 +762,166 @@ impl Cache {
         self.cleanups.close();
         let _ = tokio::time::timeout(limit, self.cleanups.wait()).await;
     }
+
+    /// Aborts an unfinished multipart upload, on a task of its own (see
+    /// [`Cache::finish_cleanups`]).
+    fn abandon(&self, mp: Multipart) {
+        let Multipart {
+            mut upload,
+            in_flight,
+            ..
+        } = mp;
+        // Dropping the set stops the parts still being sent.
+        drop(in_flight);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            self.cleanups.spawn_on(
+                async move {
+                    let _ = upload.abort().await;
+                },
+                &handle,
+            );
+        }
+    }
 }
 
+/// Where a multipart NAR streams before it is published (its FileHash, hence its
+/// content-addressed name, is known only at the end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Staging {
+    /// A local folder or a WebDAV server: to `nar/tmp-<uuid>.part`, renamed into place
+    /// (atomic, any size).
+    Rename,
+    /// S3, GCS, Azure: to `nar/<uuid>.nar.zst`, a name of its own that is as good a
+    /// final name as any (Nix follows the narinfo's URL), then copied server-side to
+    /// its content-addressed name when it is at most this big; else, or when the copy
+    /// fails, it stays where it is.
+    CopyUpTo(u64),
+}
+
+/// The largest object narpipe copies server-side: S3's CopyObject limit (and that of
+/// S3-compatible stores such as OSS and OBS). It applies to every remote cache; a
+/// smaller limit of another server shows as a failed copy, which publishes the NAR
+/// under its own name all the same.
+pub const COPY_LIMIT: u64 = 5 << 30;
+
+/// Where [`NarWriter::commit`] put a NAR.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The object name, relative to the cache: the narinfo's URL.
+    pub url: String,
+    /// Named for this upload alone (`nar/<uuid>.nar.zst`), not by its content: no
+    /// other uploader writes or refers to it (see [`Cache::unclaimed`]).
+    pub unique: bool,
+}
+
+/// See [`Cache::unclaimed`].
+#[must_use]
+#[derive(Debug)]
+pub struct Unclaimed {
+    cache: Cache,
+    /// The NAR to delete on drop.
+    nar: Option<String>,
+}
+
+impl Unclaimed {
+    /// A narinfo is about to name the NAR: it stays. Called before the narinfo is
+    /// written, since a write that fails may still have landed.
+    pub fn claim(&mut self) {
+        self.nar = None;
+    }
+}
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        let Some(rel) = self.nar.take() else {
+            return;
+        };
+        let (Ok(store), Ok(handle)) = (
+            self.cache.store().cloned(),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        let (key, url) = (self.cache.key(&rel), self.cache.url.clone());
+        self.cache.cleanups.spawn_on(
+            async move {
+                if let Err(e) = store.delete(&key).await {
+                    log::warn!("cannot remove {rel}, which no narinfo names, from {url}: {e}");
+                }
+            },
+            &handle,
+        );
+    }
+}
+
+/// A multipart upload under way: parts are cut as [`PartSizes`] says and sent,
+/// [`PARTS_IN_FLIGHT`] at a time, each on a task of its own.
 struct Multipart {
-    tmp: String,
-    upload: WriteMultipart,
+    /// Where the NAR streams (see [`Staging`]).
+    name: String,
+    upload: Box<dyn MultipartUpload>,
+    sizes: PartSizes,
+    /// Parts handed to the backend so far.
+    sent: u64,
+    /// The next part, as it fills.
+    part: PutPayloadMut,
+    in_flight: JoinSet<Result<(), object_store::Error>>,
+}
+
+impl Multipart {
+    /// Adds `data`, sending each part once it is full; waits while the parts in
+    /// flight are as many as allowed.
+    async fn put(&mut self, mut data: Bytes) -> Result<(), object_store::Error> {
+        while !data.is_empty() {
+            let room = self.sizes.size(self.sent) as usize - self.part.content_length();
+            if data.len() < room {
+                self.part.push(data);
+                return Ok(());
+            }
+            // Exactly the part size: R2 wants every part but the last of one size.
+            self.part.push(data.split_to(room));
+            self.send().await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self) -> Result<(), object_store::Error> {
+        if self.sent >= parts::MAX_PARTS {
+            return Err(object_store::Error::Generic {
+                store: "narpipe",
+                source: format!("the NAR needs more than {} parts", parts::MAX_PARTS).into(),
+            });
+        }
+        while self.in_flight.len() >= PARTS_IN_FLIGHT {
+            self.join_one().await?;
+        }
+        let part = std::mem::take(&mut self.part).freeze();
+        self.in_flight.spawn(self.upload.put_part(part));
+        self.sent += 1;
+        Ok(())
+    }
+
+    async fn join_one(&mut self) -> Result<(), object_store::Error> {
+        match self.in_flight.join_next().await {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(e)) => Err(object_store::Error::Generic {
+                store: "narpipe",
+                source: Box::new(e),
+            }),
+        }
+    }
+
+    /// Sends the last part, waits for every part, and completes the upload.
+    async fn finish(&mut self) -> Result<(), object_store::Error> {
+        if !self.part.is_empty() {
+            self.send().await?;
+        }
+        while !self.in_flight.is_empty() {
+            self.join_one().await?;
+        }
+        self.upload.complete().await.map(|_| ())
+    }
 }
 
 /// Receives a compressed NAR in pieces, kept as they come (never copied). Dropping it
@@ -744,35 +929,39 @@ struct Multipart {
 /// multipart upload is aborted.
 pub struct NarWriter {
     cache: Cache,
+    sizes: PartSizes,
+    extension: String,
     held: Vec<Bytes>,
     held_len: usize,
+    /// Bytes received so far.
+    written: u64,
     multipart: Option<Multipart>,
 }
 
 impl NarWriter {
     pub async fn write(&mut self, data: Bytes) -> Result<(), Error> {
+        self.written += data.len() as u64;
         if let Some(mp) = &mut self.multipart {
-            mp.upload
-                .wait_for_capacity(PARTS_IN_FLIGHT)
+            return mp
+                .put(data)
                 .await
-                .map_err(|e| self.cache.err("upload part of", &mp.tmp, e))?;
-            mp.upload.put(data);
-            return Ok(());
+                .map_err(|e| self.cache.err("upload part of", &mp.name, e));
         }
         if self.held_len + data.len() <= SMALL_NAR {
             self.held_len += data.len();
             self.held.push(data);
             return Ok(());
         }
-        let tmp = format!(
-            "nar/{TMP_NAR_PREFIX}{}{TMP_NAR_SUFFIX}",
-            uuid::Uuid::new_v4()
-        );
+        let id = uuid::Uuid::new_v4();
+        let name = match self.cache.staging {
+            Staging::Rename => format!("nar/{TMP_NAR_PREFIX}{id}{TMP_NAR_SUFFIX}"),
+            Staging::CopyUpTo(_) => format!("nar/{id}{}", self.extension),
+        };
         // Started on its own task: if this writer is dropped while the upload is being
         // created, the task still sees it through and aborts it, leaving nothing behind.
         let (tx, rx) = tokio::sync::oneshot::channel();
         let store = self.cache.store()?.clone();
-        let key = self.cache.key(&tmp);
+        let key = self.cache.key(&name);
         let opts = PutMultipartOptions {
             attributes: self
                 .cache
@@ -791,57 +980,102 @@ impl NarWriter {
             .map_err(|_| {
                 self.cache.err(
                     "start multipart upload of",
-                    &tmp,
+                    &name,
                     object_store::Error::Generic {
                         store: "narpipe",
                         source: "the task starting the upload vanished".into(),
                     },
                 )
             })?
-            .map_err(|e| self.cache.err("start multipart upload of", &tmp, e))?;
-        let mut upload = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-        for piece in self.held.drain(..) {
-            upload.put(piece);
-        }
+            .map_err(|e| self.cache.err("start multipart upload of", &name, e))?;
+        let mp = self.multipart.insert(Multipart {
+            name,
+            upload,
+            sizes: self.sizes,
+            sent: 0,
+            part: PutPayloadMut::new(),
+            in_flight: JoinSet::new(),
+        });
         self.held_len = 0;
-        upload.put(data);
-        self.multipart = Some(Multipart { tmp, upload });
+        for piece in self.held.drain(..).chain([data]) {
+            mp.put(piece)
+                .await
+                .map_err(|e| self.cache.err("upload part of", &mp.name, e))?;
+        }
         Ok(())
     }
 
-    /// Publishes the NAR at `rel` (its content-addressed final name).
-    pub async fn commit(mut self, rel: &str) -> Result<(), Error> {
+    /// Publishes the NAR under `rel`, its content-addressed final name; or, on a
+    /// remote cache, a NAR too big for a server-side copy (over [`COPY_LIMIT`]) or
+    /// whose copy failed stays under the unique name it streamed to. Returns where it
+    /// went.
+    pub async fn commit(mut self, rel: &str) -> Result<Published, Error> {
         let cache = self.cache.clone();
-        match self.multipart.take() {
-            None => {
-                let payload = std::mem::take(&mut self.held).into_iter().collect();
-                cache
-                    .store()?
-                    .put_opts(
-                        &cache.key(rel),
-                        payload,
-                        cache.put_opts("application/x-nix-nar", PutMode::Overwrite),
-                    )
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| cache.err("put", rel, e))
-            }
-            Some(Multipart { tmp, upload }) => {
-                upload
-                    .finish()
-                    .await
-                    .map_err(|e| cache.err("complete multipart upload of", &tmp, e))?;
+        let content_named = Published {
+            url: rel.to_string(),
+            unique: false,
+        };
+        let Some(mut mp) = self.multipart.take() else {
+            let payload = std::mem::take(&mut self.held).into_iter().collect();
+            return cache
+                .store()?
+                .put_opts(
+                    &cache.key(rel),
+                    payload,
+                    cache.put_opts("application/x-nix-nar", PutMode::Overwrite),
+                )
+                .await
+                .map(|_| content_named)
+                .map_err(|e| cache.err("put", rel, e));
+        };
+        if let Err(e) = mp.finish().await {
+            let err = cache.err("complete multipart upload of", &mp.name, e);
+            cache.abandon(mp);
+            return Err(err);
+        }
+        let store = cache.store()?;
+        let (from, to) = (cache.key(&mp.name), cache.key(rel));
+        match cache.staging {
+            Staging::Rename => {
                 // Same name means same bytes, so overwriting a concurrent writer's copy is harmless.
-                let store = cache.store()?;
                 let res = store
-                    .rename(&cache.key(&tmp), &cache.key(rel))
+                    .rename(&from, &to)
                     .await
+                    .map(|()| content_named)
                     .map_err(|e| cache.err("rename to", rel, e));
                 if res.is_err() {
-                    let _ = store.delete(&cache.key(&tmp)).await;
+                    let _ = store.delete(&from).await;
                 }
                 res
             }
+            Staging::CopyUpTo(limit) if self.written > limit => Ok(Published {
+                url: mp.name,
+                unique: true,
+            }),
+            Staging::CopyUpTo(_) => match store.copy(&from, &to).await {
+                Ok(()) => {
+                    if let Err(e) = store.delete(&from).await {
+                        log::warn!(
+                            "cannot remove {} from {} after copying it to {rel}: {e}",
+                            mp.name,
+                            cache.url
+                        );
+                    }
+                    Ok(content_named)
+                }
+                Err(e) => {
+                    // It is complete where it is: publish it there rather than fail.
+                    log::warn!(
+                        "cache {}: cannot copy {} to {rel}, so it is published under its upload name: {e}",
+                        cache.url,
+                        mp.name
+                    );
+                    Ok(Published {
+                        url: mp.name,
+                        unique: true,
+                    })
+                }
+            },
         }
     }
 }
@@ -849,14 +1083,7 @@ impl NarWriter {
 impl Drop for NarWriter {
     fn drop(&mut self) {
         if let Some(mp) = self.multipart.take() {
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                self.cache.cleanups.spawn_on(
-                    async move {
-                        let _ = mp.upload.abort().await;
-                    },
-                    &handle,
-                );
-            }
+            self.cache.abandon(mp);
         }
     }
 }
@@ -1003,22 +1230,29 @@ mod tests {
     async fn small_and_large_nars_commit_atomically_and_drops_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let c = Cache::open(dir.path().to_str().unwrap()).unwrap();
-        let mut w = c.nar_writer();
+        let mut w = c.nar_writer(0, ".nar");
         w.write(Bytes::from_static(b"sm")).await.unwrap();
         w.write(Bytes::from_static(b"all")).await.unwrap();
-        w.commit("nar/a.nar").await.unwrap();
+        let published = w.commit("nar/a.nar").await.unwrap();
+        assert_eq!(
+            published,
+            Published {
+                url: "nar/a.nar".into(),
+                unique: false
+            }
+        );
         assert_eq!(c.get("nar/a.nar").await.unwrap().unwrap(), &b"small"[..]);
 
         // Exactly SMALL_NAR is still one put.
         let piece = Bytes::from(vec![7u8; 1 << 20]);
-        let mut w = c.nar_writer();
+        let mut w = c.nar_writer(0, ".nar");
         for _ in 0..SMALL_NAR / piece.len() {
             w.write(piece.clone()).await.unwrap();
         }
         assert!(w.multipart.is_none());
         w.commit("nar/one.nar").await.unwrap();
 
-        let mut w = c.nar_writer();
+        let mut w = c.nar_writer(0, ".nar");
         for _ in 0..(SMALL_NAR / piece.len() + 3) {
             w.write(piece.clone()).await.unwrap();
         }
@@ -1027,7 +1261,7 @@ mod tests {
         let got = c.get("nar/b.nar").await.unwrap().unwrap();
         assert_eq!(got.len(), SMALL_NAR + 3 * piece.len());
 
-        let mut w = c.nar_writer();
+        let mut w = c.nar_writer(0, ".nar");
         for _ in 0..(SMALL_NAR / piece.len() + 3) {
             w.write(piece.clone()).await.unwrap();
         }
@@ -1039,6 +1273,147 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["a.nar", "b.nar", "one.nar"]);
+    }
+
+    /// A multipart upload that records the sizes of its parts.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        parts: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl MultipartUpload for Recorder {
+        fn put_part(&mut self, data: PutPayload) -> object_store::UploadPart {
+            self.parts.lock().unwrap().push(data.content_length());
+            Box::pin(async { Ok(()) })
+        }
+
+        fn complete<'a, 'b>(
+            &'a mut self,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = object_store::Result<object_store::PutResult>>
+                    + Send
+                    + 'b,
+            >,
+        >
+        where
+            'a: 'b,
+            Self: 'b,
+        {
+            Box::pin(async {
+                Ok(object_store::PutResult {
+                    e_tag: None,
+                    version: None,
+                    extensions: Default::default(),
+                })
+            })
+        }
+
+        fn abort<'a, 'b>(
+            &'a mut self,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = object_store::Result<()>> + Send + 'b>,
+        >
+        where
+            'a: 'b,
+            Self: 'b,
+        {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn parts_have_the_size_planned_for_the_expected_size() {
+        const MIB: usize = 1 << 20;
+        let recorder = Recorder::default();
+        let parts = recorder.parts.clone();
+        let mut mp = Multipart {
+            name: "nar/x".into(),
+            upload: Box::new(recorder),
+            // 200 GiB expected: 23 MiB parts (see crate::parts).
+            sizes: PartSizes::for_expected(200 << 30),
+            sent: 0,
+            part: PutPayloadMut::new(),
+            in_flight: JoinSet::new(),
+        };
+        // 50 MiB in pieces of 3 MiB and a bit, cut exactly at part boundaries.
+        let all = Bytes::from(vec![1u8; 50 * MIB]);
+        for piece in all.chunks(3 * MIB + 5) {
+            mp.put(all.slice_ref(piece)).await.unwrap();
+        }
+        mp.finish().await.unwrap();
+        assert_eq!(*parts.lock().unwrap(), [23 * MIB, 23 * MIB, 4 * MIB]);
+        assert_eq!(mp.sent, 3);
+    }
+
+    #[tokio::test]
+    async fn big_nars_on_remote_caches_keep_their_own_name_when_too_big_to_copy() {
+        // A local folder run as a remote cache is: upload under a unique name, then
+        // copy. The copy limit is lowered from 5 GiB to 10 MiB.
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Cache::open(dir.path().to_str().unwrap()).unwrap();
+        c.staging = Staging::CopyUpTo(10 << 20);
+        let nar_files = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path().join("nar"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let piece = Bytes::from(vec![7u8; 1 << 20]);
+        let write = |mib: usize| {
+            let c = c.clone();
+            let piece = piece.clone();
+            async move {
+                let mut w = c.nar_writer(mib as u64 * piece.len() as u64, ".nar.zst");
+                for _ in 0..mib {
+                    w.write(piece.clone()).await.unwrap();
+                }
+                w
+            }
+        };
+
+        // 9 MiB: streamed under its own name, copied to its content name, removed.
+        let published = write(9).await.commit("nar/nine.nar.zst").await.unwrap();
+        assert_eq!(published.url, "nar/nine.nar.zst");
+        assert!(!published.unique);
+        assert_eq!(nar_files(), ["nine.nar.zst"]);
+
+        // 11 MiB: over the copy limit, so it stays where it streamed.
+        let published = write(11).await.commit("nar/eleven.nar.zst").await.unwrap();
+        assert!(published.unique);
+        let name = published.url.strip_prefix("nar/").unwrap().to_string();
+        let id = name.strip_suffix(".nar.zst").unwrap();
+        assert!(uuid::Uuid::try_parse(id).is_ok(), "{name}");
+        assert_eq!(nar_files(), [name.as_str(), "nine.nar.zst"]);
+        let stored = c.get(&published.url).await.unwrap().unwrap();
+        assert_eq!(stored.len(), 11 << 20);
+
+        // A failed copy (here: nar/blocked is a file, not a folder) publishes it under
+        // its own name too, rather than failing the path.
+        std::fs::write(dir.path().join("nar/blocked"), b"").unwrap();
+        let other = write(9)
+            .await
+            .commit("nar/blocked/x.nar.zst")
+            .await
+            .unwrap();
+        assert!(other.unique, "{other:?}");
+        assert!(c.exists(&other.url).await.unwrap());
+
+        // Unique names are removed when no narinfo is going to name them; claimed
+        // ones and content names never are.
+        drop(c.unclaimed(&published));
+        c.unclaimed(&other).claim();
+        drop(c.unclaimed(&Published {
+            url: "nar/nine.nar.zst".into(),
+            unique: false,
+        }));
+        c.finish_cleanups(std::time::Duration::from_secs(5)).await;
+        let other_name = other.url.strip_prefix("nar/").unwrap();
+        let mut left = vec!["blocked", "nine.nar.zst", other_name];
+        left.sort();
+        assert_eq!(nar_files(), left);
     }
 
     #[test]

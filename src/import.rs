@@ -342,7 +342,14 @@ async fn copy_one(
         }
         Ok::<_, std::io::Error>((Sha256(hasher.finalize().into()), size))
     });
-    let mut writer = dest.nar_writer();
+    // The source's name (nar/<FileHash>.nar.xz, or anything) and its extension.
+    let extension = url
+        .rsplit('/')
+        .next()
+        .and_then(|name| name.find('.').map(|dot| &name[dot..]))
+        .unwrap_or("");
+    let expected = info.file_size.unwrap_or(info.nar_size);
+    let mut writer = dest.nar_writer(expected, extension);
     let mut file_hasher = sha2::Sha256::new();
     let mut file_size = 0u64;
     while let Some(chunk) = stream.next().await {
@@ -386,7 +393,8 @@ async fn copy_one(
             want,
         });
     }
-    writer.commit(&url).await?;
+    // Under the source's name, or one of its own (see NarWriter::commit).
+    info.url = writer.commit(&url).await?.url;
     info.file_hash = Some(file_hash);
     info.file_size = Some(file_size);
     info.sign(keys);

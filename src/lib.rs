@@ -4,7 +4,7 @@
 //! - formats (pure, no IO): [`nixbase32`], [`hash`], [`store_path`], [`narinfo`],
 //!   [`cache_info`], [`signing`], [`nar`] (the NAR writer), [`nar_listing`] (`.ls`
 //!   files), [`realisation`] (`.doi` files), [`pipe`] (line framing), [`http_auth`]
-//!   (credentials for HTTP caches)
+//!   (credentials for HTTP caches), [`parts`] (multipart part sizes)
 //! - formats for compressed NARs: [`xz`] (one stream of independently compressed blocks)
 //! - adapters: [`compress`]; [`engine`] (makes compressed NARs on a pool of plain threads)
 //! - IO edges, independent of each other: [`resolve`] (input → store path), [`nix`]
@@ -35,6 +35,7 @@ pub mod nar_listing;
 pub mod narinfo;
 pub mod nix;
 pub mod nixbase32;
+pub mod parts;
 pub mod pipe;
 pub mod queue;
 pub mod realisation;

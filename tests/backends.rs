@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::servers::{mirror, runtime, Azurite, FakeGcs, Nginx, Seaweed};
+use common::servers::{mirror, runtime, Azurite, FakeGcs, Nginx, S3Proxy, Seaweed};
 use common::*;
 use object_store::ObjectStoreExt;
 
@@ -716,4 +716,83 @@ fn azure_start_up_errors_say_which_and_exit_2() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The narinfo of `path` in the folder `dir`.
+fn narinfo_in(dir: &Path, path: &str) -> narpipe::narinfo::NarInfo {
+    std::fs::read_to_string(narinfo_path(dir, path))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn s3_nar_too_big_to_copy_is_published_under_its_own_name() {
+    // S3 refuses to copy an object of more than 5 GiB (CopyObject); the proxy refuses
+    // the same way from 10 MiB on, so that the case needs no 5 GiB of disk.
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-copy-limit");
+    let s3 = Seaweed::start();
+    let proxy = S3Proxy::start(&s3, &["--copy-limit", &(10 << 20).to_string()]);
+    // Random bytes: compressed they stay 9 and 12 MiB, both multipart uploads.
+    let copied = big_path(tmp.path(), "copied", 9 << 20);
+    let kept = big_path(tmp.path(), "kept", 12 << 20);
+    let paths = vec![copied.clone(), kept.clone()];
+    let url = proxy.url("copylimit", "c");
+    let out = run_upload(s3.upload_cmd(), &keys.secret, &url, &paths);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("2 uploaded"), "{log}");
+
+    // Both streamed under a name of their own; the 9 MiB one was copied to its content
+    // name, the 12 MiB one's copy was refused and it stayed.
+    let requests = proxy.requests();
+    let copies: Vec<_> = requests
+        .iter()
+        .filter(|r| r.copy_source.is_some())
+        .collect();
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    assert_eq!(copies.iter().filter(|r| r.status == 200).count(), 1);
+    assert_eq!(copies.iter().filter(|r| r.status == 400).count(), 1);
+
+    let dest = tmp.path().join("mirror");
+    let objects = mirror(&*s3.store("copylimit"), "c", &dest);
+    let copied_info = narinfo_in(&dest, &copied);
+    let kept_info = narinfo_in(&dest, &kept);
+    let file_hash = |rel: &str| {
+        use sha2::Digest;
+        narpipe::hash::Sha256(sha2::Sha256::digest(std::fs::read(dest.join(rel)).unwrap()).into())
+    };
+    assert_eq!(
+        copied_info.url,
+        format!("nar/{}.nar.zst", copied_info.file_hash.unwrap().to_nix32())
+    );
+    let own = kept_info
+        .url
+        .strip_prefix("nar/")
+        .and_then(|n| n.strip_suffix(".nar.zst"))
+        .unwrap();
+    assert!(uuid::Uuid::try_parse(own).is_ok(), "{}", kept_info.url);
+    // The FileHash is that of the bytes, whatever the name.
+    for info in [&copied_info, &kept_info] {
+        assert_eq!(info.file_hash, Some(file_hash(&info.url)), "{}", info.url);
+    }
+    // Nothing else was left: every NAR in the bucket is one a narinfo names.
+    let nars: HashSet<&str> = objects
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| n.starts_with("nar/"))
+        .collect();
+    assert_eq!(
+        nars,
+        HashSet::from([copied_info.url.as_str(), kept_info.url.as_str()])
+    );
+    assert_eq!(assert_closed(&dest), 2);
+    assert_substitutes(&dest, &copied, &keys.public, tmp.path());
+    assert_substitutes(&dest, &kept, &keys.public, tmp.path());
+
+    let again = run_upload(s3.upload_cmd(), &keys.secret, &url, &paths);
+    let log = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{log}");
+    assert!(log.contains("0 uploaded"), "{log}");
 }

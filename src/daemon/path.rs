@@ -145,7 +145,7 @@ pub(super) async fn task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, se
 /// concurrent writer's copy would be the same bytes).
 async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<Outcome, Error> {
     let cfg = &shared.cfg;
-    let nar = {
+    let mut nar = {
         let _permit = shared.jobs.acquire().await.expect("never closed");
         // Boxed: its state is allocated only once the upload starts, so the many
         // tasks still waiting for a permit stay small.
@@ -183,6 +183,8 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
             }
         }
     }
+    // From here on a narinfo may name the NAR (even if its put seems to fail).
+    nar.unclaimed.claim();
     let narinfo = narinfo(&cfg.store_dir, info, &nar, &cfg.keys);
     cfg.cache
         .put(
@@ -231,9 +233,11 @@ pub enum Error {
 }
 
 /// Where a NAR went and what it looks like compressed.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct NarFile {
-    pub url: String,
+    pub published: cache::Published,
+    /// Deletes a NAR under a name of its own if no narinfo is going to name it.
+    pub unclaimed: cache::Unclaimed,
     pub compression: Compression,
     pub file_hash: Sha256,
     pub file_size: u64,
@@ -332,7 +336,7 @@ async fn upload_nar(
         .nar(PathBuf::from(&path_text), compression, level, listing)
         .await
         .map_err(failed)?;
-    let mut writer = cache.nar_writer();
+    let mut writer = cache.nar_writer(info.nar_size, compression.nar_extension());
     let (digest, listing) = loop {
         match nar.next().await.map_err(failed)? {
             Next::Data(bytes) => writer.write(bytes).await?,
@@ -353,7 +357,8 @@ async fn upload_nar(
         digest.file_hash.to_nix32(),
         compression.nar_extension()
     );
-    writer.commit(&url).await?;
+    let published = writer.commit(&url).await?;
+    let unclaimed = cache.unclaimed(&published);
     if let Some(listing) = listing {
         cache
             .put(
@@ -364,7 +369,8 @@ async fn upload_nar(
             .await?;
     }
     Ok(NarFile {
-        url,
+        published,
+        unclaimed,
         compression,
         file_hash: digest.file_hash,
         file_size: digest.file_size,
@@ -377,7 +383,7 @@ fn narinfo(store_dir: &StoreDir, info: &PathInfo, nar: &NarFile, keys: &[SecretK
     let mut n = NarInfo {
         store_dir: store_dir.clone(),
         path: info.path.clone(),
-        url: nar.url.clone(),
+        url: nar.published.url.clone(),
         compression: Some(nar.compression.to_string()),
         file_hash: Some(nar.file_hash),
         file_size: Some(nar.file_size),
@@ -447,8 +453,10 @@ mod tests {
             .join("cache")
             .join(listing_key(&info.path))
             .exists());
-        assert!(nar.url.starts_with("nar/") && nar.url.ends_with(".nar.zst"));
-        let stored = cache.get(&nar.url).await.unwrap().unwrap();
+        let url = &nar.published.url;
+        assert!(url.starts_with("nar/") && url.ends_with(".nar.zst"));
+        assert!(!nar.published.unique);
+        let stored = cache.get(url).await.unwrap().unwrap();
         assert_eq!(stored.len() as u64, nar.file_size);
         assert_eq!(Sha256(sha2::Sha256::digest(&stored).into()), nar.file_hash);
         let mut dec = async_compression::tokio::bufread::ZstdDecoder::new(&stored[..]);

@@ -533,3 +533,71 @@ fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
         .finalize()
         .into()
 }
+
+/// tests/support/s3_proxy.py in front of a SeaweedFS, on a free port: it acts like
+/// Amazon S3 where SeaweedFS does not (a copy size limit, throttling, as its flags
+/// say) and logs every request, read back with [`S3Proxy::requests`].
+pub struct S3Proxy {
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+    pub endpoint: String,
+}
+
+/// One request as the proxy logged it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Logged {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub copy_source: Option<String>,
+    pub status: u16,
+    /// Request body.
+    pub bytes: u64,
+    /// Seconds since the epoch.
+    pub start: f64,
+    pub end: f64,
+}
+
+impl S3Proxy {
+    pub fn start(upstream: &Seaweed, flags: &[&str]) -> S3Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("requests.jsonl");
+        let port = free_port();
+        let upstream_port = upstream.endpoint.rsplit(':').next().unwrap().to_string();
+        let errors = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
+        let proc = Proc::spawn(
+            Command::new("python3")
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/s3_proxy.py"))
+                .arg(port.to_string())
+                .arg(upstream_port)
+                .arg(&log)
+                .args(flags)
+                .stdin(Stdio::null())
+                .stdout(errors.try_clone().unwrap())
+                .stderr(errors),
+        );
+        wait_ready("the S3 proxy", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        S3Proxy {
+            _proc: proc,
+            _dir: dir,
+            log,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn url(&self, bucket: &str, prefix: &str) -> String {
+        format!("s3://{bucket}/{prefix}?endpoint={}", self.endpoint)
+    }
+
+    /// Every request so far, in the order they were answered.
+    pub fn requests(&self) -> Vec<Logged> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
