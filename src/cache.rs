@@ -47,6 +47,9 @@ use crate::cache_info::CacheInfo;
 use crate::cache_url::{self, CacheUrl};
 use crate::http_auth::AuthFile;
 use crate::parts::{self, PartSizes};
+use crate::pushback::Pushback;
+use crate::rate::RateLimit;
+use crate::stats::Stats;
 use crate::store_path::StorePath;
 use crate::webdav::WebDav;
 
@@ -189,6 +192,10 @@ pub struct Cache {
     local_dir: Option<std::path::PathBuf>,
     /// Where big NARs stream before they are published.
     staging: Staging,
+    /// When the server says to slow down (see [`crate::pushback`]).
+    pushback: Arc<Pushback>,
+    /// The run's cap on bytes written, shared with its other caches.
+    rate: Option<Arc<RateLimit>>,
     cleanups: TaskTracker,
 }
 
@@ -199,7 +206,9 @@ impl std::fmt::Debug for Cache {
 }
 
 /// Transient failures (5xx, throttling, resets, timeouts) are retried with exponential
-/// backoff and jitter by object_store itself.
+/// backoff and jitter by object_store itself; throttling also passes through
+/// [`crate::pushback`], which waits out the server's Retry-After and sends fewer
+/// requests at once.
 fn retry_config() -> RetryConfig {
     RetryConfig {
         backoff: BackoffConfig {
@@ -247,6 +256,7 @@ impl Cache {
     fn open_with(url: &str, retry: RetryConfig, client: ClientOptions) -> Result<Self, Error> {
         let parsed: CacheUrl = url.parse()?;
         let shown = parsed.to_string();
+        let pushback = Pushback::new(&shown);
         let setup = |reason: String| Error::Setup {
             url: shown.clone(),
             reason,
@@ -295,6 +305,7 @@ impl Cache {
                     let store = b
                         .with_retry(retry)
                         .with_client_options(client)
+                        .with_http_connector(pushback.connector())
                         .build()
                         .map_err(|e| setup(e.to_string()))?;
                     (
@@ -323,6 +334,7 @@ impl Cache {
                     let store = b
                         .with_retry(retry)
                         .with_client_options(client)
+                        .with_http_connector(pushback.connector())
                         .build()
                         .map_err(|e| setup(e.to_string()))?;
                     (
@@ -338,8 +350,8 @@ impl Cache {
                         headers.insert(http::header::AUTHORIZATION, value);
                         client = client.with_default_headers(headers);
                     }
-                    let store =
-                        WebDav::new(url, client, retry).map_err(|e| setup(e.to_string()))?;
+                    let store = WebDav::new(url, client, retry, pushback.connector())
+                        .map_err(|e| setup(e.to_string()))?;
                     (
                         OnceLock::from(Arc::new(store) as Arc<dyn ObjectStore>),
                         None,
@@ -375,6 +387,7 @@ impl Cache {
                     let store = b
                         .with_retry(retry)
                         .with_client_options(client)
+                        .with_http_connector(pushback.connector())
                         .build()
                         .map_err(|e| setup(e.to_string()))?;
                     (
@@ -399,8 +412,29 @@ impl Cache {
                 CacheUrl::File { .. } | CacheUrl::Http { .. } => Staging::Rename,
                 _ => Staging::CopyUpTo(COPY_LIMIT),
             },
+            pushback,
+            rate: None,
             cleanups: TaskTracker::new(),
         })
+    }
+
+    /// The same cache, writing under `rate`, a cap it shares with the run's other
+    /// caches (see [`crate::rate`]).
+    pub fn with_rate_limit(mut self, rate: Option<Arc<RateLimit>>) -> Self {
+        self.rate = rate;
+        self
+    }
+
+    /// Counts the requests this cache refuses (429, 503) into `stats`.
+    pub fn count_into(&self, stats: &Arc<Stats>) {
+        self.pushback.count_into(stats.clone());
+    }
+
+    /// Waits until `bytes` may be written (see [`Cache::with_rate_limit`]).
+    async fn rate(&self, bytes: usize) {
+        if let Some(rate) = &self.rate {
+            rate.take(bytes).await;
+        }
     }
 
     /// Checks the cache before any work is accepted: reachable, readable, writable, and
@@ -696,6 +730,7 @@ impl Cache {
         data: Bytes,
         content_type: &'static str,
     ) -> Result<(), Error> {
+        self.rate(data.len()).await;
         self.store()?
             .put_opts(
                 &self.key(rel),
@@ -940,6 +975,7 @@ pub struct NarWriter {
 
 impl NarWriter {
     pub async fn write(&mut self, data: Bytes) -> Result<(), Error> {
+        self.cache.rate(data.len()).await;
         self.written += data.len() as u64;
         if let Some(mp) = &mut self.multipart {
             return mp
@@ -1281,44 +1317,23 @@ mod tests {
         parts: Arc<std::sync::Mutex<Vec<usize>>>,
     }
 
+    #[async_trait::async_trait]
     impl MultipartUpload for Recorder {
         fn put_part(&mut self, data: PutPayload) -> object_store::UploadPart {
             self.parts.lock().unwrap().push(data.content_length());
             Box::pin(async { Ok(()) })
         }
 
-        fn complete<'a, 'b>(
-            &'a mut self,
-        ) -> std::pin::Pin<
-            Box<
-                dyn std::future::Future<Output = object_store::Result<object_store::PutResult>>
-                    + Send
-                    + 'b,
-            >,
-        >
-        where
-            'a: 'b,
-            Self: 'b,
-        {
-            Box::pin(async {
-                Ok(object_store::PutResult {
-                    e_tag: None,
-                    version: None,
-                    extensions: Default::default(),
-                })
+        async fn complete(&mut self) -> object_store::Result<object_store::PutResult> {
+            Ok(object_store::PutResult {
+                e_tag: None,
+                version: None,
+                extensions: Default::default(),
             })
         }
 
-        fn abort<'a, 'b>(
-            &'a mut self,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = object_store::Result<()>> + Send + 'b>,
-        >
-        where
-            'a: 'b,
-            Self: 'b,
-        {
-            Box::pin(async { Ok(()) })
+        async fn abort(&mut self) -> object_store::Result<()> {
+            Ok(())
         }
     }
 

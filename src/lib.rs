@@ -10,8 +10,10 @@
 //! - IO edges, independent of each other: [`resolve`] (input → store path), [`nix`]
 //!   (runs the Nix CLI; [`build_log`] reads its log directory), [`cache`] (the binary
 //!   cache through `object_store`; [`webdav`] adapts its HTTP store to a writable
-//!   cache), [`queue`] (the durable queue on SQLite; it imports an earlier version's
-//!   journal once), [`spool`], [`upstream`] (what upstream already serves)
+//!   cache; its HTTP clients ease off when the server pushes back, [`pushback`];
+//!   [`rate`] caps the bytes written), [`queue`] (the durable queue on SQLite; it
+//!   imports an earlier version's journal once), [`spool`], [`upstream`] (what upstream
+//!   already serves)
 //! - orchestration: [`daemon`] (the whole uploader, one module per stage; one path's life
 //!   in `daemon::path`), [`exec`] (`upload exec`), [`import`], [`verify`]
 //!
@@ -37,7 +39,9 @@ pub mod nix;
 pub mod nixbase32;
 pub mod parts;
 pub mod pipe;
+pub mod pushback;
 pub mod queue;
+pub mod rate;
 pub mod realisation;
 pub mod resolve;
 pub mod signing;

@@ -73,6 +73,12 @@ pub fn render(s: &Stats) -> String {
         c(&s.errors),
     );
     metric(
+        "narpipe_throttled_requests_total",
+        "counter",
+        "Requests a cache refused with HTTP 429 or 503 (slow down), each retried after a wait.",
+        c(&s.throttled),
+    );
+    metric(
         "narpipe_nar_bytes_total",
         "counter",
         "NAR bytes uploaded (uncompressed).",
@@ -150,6 +156,7 @@ mod tests {
     async fn scrapes_show_the_counters() {
         let stats = Arc::new(Stats::default());
         stats.uploaded.fetch_add(3, Relaxed);
+        stats.throttled.fetch_add(2, Relaxed);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(serve(listener, stats.clone()));
@@ -166,6 +173,10 @@ mod tests {
         assert!(page.starts_with("HTTP/1.1 200"), "{page}");
         assert!(
             page.contains("\nnarpipe_paths_uploaded_total 3\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("\nnarpipe_throttled_requests_total 2\n"),
             "{page}"
         );
         stats.uploaded.fetch_add(1, Relaxed);

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
 /// Counters of a running upload, read by progress displays and metrics.
+#[derive(Debug)]
 pub struct Stats {
     pub uploaded: AtomicU64,
     pub skipped: AtomicU64,
@@ -18,6 +19,8 @@ pub struct Stats {
     pub upstream_checks: AtomicU64,
     /// Failed attempts at single paths (each retried).
     pub errors: AtomicU64,
+    /// Requests a cache refused with 429 or 503 (each retried after a wait).
+    pub throttled: AtomicU64,
     pub nar_bytes: AtomicU64,
     pub file_bytes: AtomicU64,
     /// Time spent uploading paths, summed over paths, in microseconds.
@@ -45,6 +48,7 @@ impl Default for Stats {
             upstream: z(),
             upstream_checks: z(),
             errors: z(),
+            throttled: z(),
             nar_bytes: z(),
             file_bytes: z(),
             upload_micros: z(),
@@ -68,6 +72,7 @@ impl Stats {
             excluded: self.excluded.load(Relaxed),
             upstream: self.upstream.load(Relaxed),
             errors: self.errors.load(Relaxed),
+            throttled: self.throttled.load(Relaxed),
             nar_bytes: self.nar_bytes.load(Relaxed),
             file_bytes: self.file_bytes.load(Relaxed),
             unfinished,
@@ -90,6 +95,8 @@ pub struct Summary {
     pub upstream: u64,
     /// Failed attempts at single paths (each retried).
     pub errors: u64,
+    /// Requests a cache refused with 429 or 503 (each retried after a wait).
+    pub throttled: u64,
     pub nar_bytes: u64,
     pub file_bytes: u64,
     /// Paths abandoned by a stop.
@@ -123,6 +130,9 @@ impl std::fmt::Display for Summary {
         }
         if self.errors > 0 {
             write!(f, ", {} errors retried", self.errors)?;
+        }
+        if self.throttled > 0 {
+            write!(f, ", {} requests throttled", self.throttled)?;
         }
         if self.unfinished > 0 {
             write!(f, ", {} unfinished", self.unfinished)?;

@@ -23,7 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestConnector};
+use object_store::client::{HttpClient, HttpConnector, HttpRequestBody};
 use object_store::http::{HttpBuilder, HttpStore};
 use object_store::path::Path;
 use object_store::{
@@ -52,15 +52,22 @@ impl std::fmt::Display for WebDav {
 }
 
 impl WebDav {
-    /// The server at `url` (no credentials in it: they go in `options`' default headers).
-    pub fn new(url: &str, options: ClientOptions, retry: RetryConfig) -> Result<WebDav> {
+    /// The server at `url` (no credentials in it: they go in `options`' default headers),
+    /// its requests made by `connector`'s clients.
+    pub fn new(
+        url: &str,
+        options: ClientOptions,
+        retry: RetryConfig,
+        connector: impl HttpConnector,
+    ) -> Result<WebDav> {
         let base = Url::parse(url).map_err(|e| generic(format!("URL {url:?}: {e}")))?;
+        let client = connector.connect(&options)?;
         let inner = HttpBuilder::new()
             .with_url(url)
             .with_retry(retry)
-            .with_client_options(options.clone())
+            .with_client_options(options)
+            .with_http_connector(connector)
             .build()?;
-        let client = ReqwestConnector::default().connect(&options)?;
         Ok(WebDav {
             inner: Arc::new(inner),
             client,

@@ -796,3 +796,121 @@ fn s3_nar_too_big_to_copy_is_published_under_its_own_name() {
     assert!(again.status.success(), "{log}");
     assert!(log.contains("0 uploaded"), "{log}");
 }
+
+#[test]
+fn s3_throttling_is_waited_out_counted_and_eased_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-throttle");
+    let s3 = Seaweed::start();
+    // From the first NAR write on, every request is refused for 3 s: 429 with
+    // Retry-After: 1.
+    let proxy = S3Proxy::start(&s3, &["--throttle", "3", "--retry-after", "1"]);
+    let root = build_closure(tmp.path(), "throttle", 40, 20_000);
+    let big = big_path(tmp.path(), "throttle-big", 10 << 20);
+    let mut paths = closure_of(&root);
+    paths.push(big.clone());
+    let url = proxy.url("throttled", "c");
+    let out = run_upload(s3.upload_cmd(), &keys.secret, &url, &paths);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(
+        log.matches("uploaded /nix/store/").count(),
+        paths.len(),
+        "{log}"
+    );
+
+    let requests = proxy.requests();
+    let refused: Vec<_> = requests.iter().filter(|r| r.status == 429).collect();
+    assert!(!refused.is_empty(), "nothing was throttled");
+    // Each refusal was counted (and retried: everything is in the cache).
+    assert!(
+        log.contains(&format!(", {} requests throttled", refused.len())),
+        "{} refused; {log}",
+        refused.len()
+    );
+    // Retry-After was honoured: a refused request came again a second later at the
+    // earliest (object_store alone retries after 0.2 s).
+    for r in &refused {
+        let again = requests
+            .iter()
+            .find(|q| {
+                q.start > r.end && q.method == r.method && q.path == r.path && q.query == r.query
+            })
+            .unwrap_or_else(|| panic!("{r:?} was not retried"));
+        assert!(
+            again.start - r.end >= 0.9,
+            "retried {:.3}s after a 429 with Retry-After: 1: {r:?}",
+            again.start - r.end
+        );
+    }
+    // Fewer requests at once while refused (as few as the warning says, or fewer:
+    // the limit may have been halved again), more again once it stopped, then no
+    // limit at all.
+    let limit: usize = log
+        .split("pushes back (HTTP 429): at most ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no pushback warning: {log}"));
+    let last_refusal = refused.iter().map(|r| r.end).fold(0.0, f64::max);
+    let after: Vec<_> = requests.iter().filter(|r| r.start > last_refusal).collect();
+    let at_once = |r: &common::servers::Logged| {
+        after
+            .iter()
+            .filter(|q| q.start < r.end && q.end > r.start)
+            .count()
+    };
+    assert!(
+        at_once(after[0]) <= limit,
+        "{} at once, limit {limit}",
+        at_once(after[0])
+    );
+    assert!(after.iter().any(|r| at_once(r) > limit.max(2)));
+    assert!(log.contains("no longer pushes back"), "{log}");
+
+    let dest = tmp.path().join("mirror");
+    mirror(&*s3.store("throttled"), "c", &dest);
+    assert_eq!(assert_closed(&dest), paths.len());
+    assert_substitutes(&dest, &root, &keys.public, tmp.path());
+    assert_substitutes(&dest, &big, &keys.public, tmp.path());
+}
+
+#[test]
+fn max_rate_caps_the_bytes_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-rate");
+    let s3 = Seaweed::start();
+    let proxy = S3Proxy::start(&s3, &[]);
+    let big = big_path(tmp.path(), "rate", 20 << 20);
+    let url = proxy.url("rated", "c");
+    let began = std::time::SystemTime::now();
+    let mut cmd = s3.upload_cmd();
+    cmd.args(["--max-rate", "5M"]);
+    let out = run_upload(cmd, &keys.secret, &url, std::slice::from_ref(&big));
+    let took = began.elapsed().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    // 20 MiB at 5 MiB/s takes 4 s; without the cap well under one here.
+    assert!(took.as_secs_f64() >= 3.0, "took {took:?}");
+
+    // As the server saw it: from the start of the run to the last NAR byte, no faster
+    // than the cap.
+    let nar_writes: Vec<_> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| (r.method == "PUT" || r.method == "POST") && r.path.contains("/nar/"))
+        .collect();
+    let written: u64 = nar_writes.iter().map(|r| r.bytes).sum();
+    assert!(written >= 20 << 20, "{written} bytes");
+    let started = began
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let last = nar_writes.iter().map(|r| r.end).fold(0.0, f64::max);
+    let rate = written as f64 / (last - started);
+    assert!(
+        rate <= 5.0 * (1 << 20) as f64 * 1.05,
+        "{:.2} MiB/s",
+        rate / (1 << 20) as f64
+    );
+}

@@ -199,6 +199,11 @@ struct RunArgs {
     #[arg(long, env = "NARPIPE_PRIORITY", default_value_t = 40)]
     priority: u32,
 
+    /// Write at most this many bytes per second, to all caches together: bytes, or
+    /// with K, M or G (powers of 1024), e.g. 5M.
+    #[arg(long, env = "NARPIPE_MAX_RATE", value_name = "BYTES_PER_SEC")]
+    max_rate: Option<narpipe::rate::Rate>,
+
     /// Where accepted paths are recorded until they are in the cache (default:
     /// $STATE_DIRECTORY, else /var/lib/narpipe). Always used when reading a FIFO; for
     /// stdin or a file only when given.
@@ -407,7 +412,13 @@ fn config(args: &RunArgs) -> Result<Config> {
         .as_deref()
         .context("no cache URL given (argument CACHE_URL or NARPIPE_CACHE)")?;
     let store_dir = StoreDir::new(&args.store_dir).context("--store-dir")?;
-    let cache = Cache::open(url)?;
+    let stats = Arc::new(Stats::default());
+    // One cap for the whole run, shared by its caches.
+    let rate = args
+        .max_rate
+        .map(|r| Arc::new(narpipe::rate::RateLimit::new(r)));
+    let cache = Cache::open(url)?.with_rate_limit(rate);
+    cache.count_into(&stats);
     let keys = read_keys(&args.secret_key_file)?;
     if let (Some(level), Compression::Zstd) = (args.compression_level, args.compression) {
         anyhow::ensure!(
@@ -441,7 +452,7 @@ fn config(args: &RunArgs) -> Result<Config> {
             include: regexes(&args.include, "--include")?,
             exclude: regexes(&args.exclude, "--exclude")?,
         },
-        stats: Arc::new(Stats::default()),
+        stats,
         include_build_deps: args.include_build_deps,
         upstream: upstream(&args.upstream)?,
         write_nar_listing: args.write_nar_listing,
