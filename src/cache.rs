@@ -495,7 +495,15 @@ impl Cache {
                     .map_err(explain)?;
             }
         }
-        self.remove_leftovers(LEFTOVER_AGE, SystemTime::now()).await;
+        // In the background: listing a folder of 100,000 NARs takes a while, and only
+        // files an hour old are touched, which no work of this run can be.
+        if self.local_dir.is_some() {
+            let this = self.clone();
+            self.cleanups.spawn(async move {
+                this.remove_leftovers(LEFTOVER_AGE, SystemTime::now())
+                    .await
+            });
+        }
         Ok(())
     }
 
