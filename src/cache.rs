@@ -499,10 +499,8 @@ impl Cache {
         // files an hour old are touched, which no work of this run can be.
         if self.local_dir.is_some() {
             let this = self.clone();
-            self.cleanups.spawn(async move {
-                this.remove_leftovers(LEFTOVER_AGE, SystemTime::now())
-                    .await
-            });
+            self.cleanups
+                .spawn(async move { this.remove_leftovers(LEFTOVER_AGE, SystemTime::now()).await });
         }
         Ok(())
     }
