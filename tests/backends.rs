@@ -29,6 +29,24 @@ fn big_path(dir: &Path, tag: &str, bytes: usize) -> String {
     )
 }
 
+/// Every object of a mirrored cache has the Content-Type Nix's own writers give it,
+/// and is a narinfo, a NAR (a staging `nar/tmp-*` one too when `staging_ok`) or
+/// nix-cache-info.
+fn assert_content_types(objects: &[(String, Option<String>)], staging_ok: bool) {
+    for (name, ct) in objects {
+        let want = if name.ends_with(".narinfo") {
+            "text/x-nix-narinfo"
+        } else if name.starts_with("nar/") && (staging_ok || !name.contains("tmp-")) {
+            "application/x-nix-nar"
+        } else if name == "nix-cache-info" {
+            "text/x-nix-cache-info"
+        } else {
+            panic!("unexpected object {name}")
+        };
+        assert_eq!(ct.as_deref(), Some(want), "{name}");
+    }
+}
+
 #[test]
 fn s3_closure_with_a_multipart_nar_is_substitutable() {
     let tmp = tempfile::tempdir().unwrap();
@@ -51,18 +69,7 @@ fn s3_closure_with_a_multipart_nar_is_substitutable() {
 
     let dest = tmp.path().join("mirror");
     let objects = mirror(&*s3.store("nixcache"), "some/prefix", &dest);
-    for (name, ct) in &objects {
-        let want = if name.ends_with(".narinfo") {
-            "text/x-nix-narinfo"
-        } else if name.starts_with("nar/") {
-            "application/x-nix-nar"
-        } else if name == "nix-cache-info" {
-            "text/x-nix-cache-info"
-        } else {
-            panic!("unexpected object {name}")
-        };
-        assert_eq!(ct.as_deref(), Some(want), "{name}");
-    }
+    assert_content_types(&objects, true);
     assert_eq!(assert_closed(&dest), paths.len());
     assert_substitutes(&dest, &root, &keys.public, tmp.path());
     assert_substitutes(&dest, &big, &keys.public, tmp.path());
@@ -640,18 +647,7 @@ fn azure_closure_with_a_multipart_nar_is_substitutable() {
 
     let dest = tmp.path().join("mirror");
     let objects = mirror(&*az.store("nixcache"), "some/prefix", &dest);
-    for (name, ct) in &objects {
-        let want = if name.ends_with(".narinfo") {
-            "text/x-nix-narinfo"
-        } else if name.starts_with("nar/") && !name.contains("tmp-") {
-            "application/x-nix-nar"
-        } else if name == "nix-cache-info" {
-            "text/x-nix-cache-info"
-        } else {
-            panic!("unexpected object {name}")
-        };
-        assert_eq!(ct.as_deref(), Some(want), "{name}");
-    }
+    assert_content_types(&objects, false);
     assert_eq!(assert_closed(&dest), paths.len());
     assert_substitutes(&dest, &root, &keys.public, tmp.path());
     assert_substitutes(&dest, &big, &keys.public, tmp.path());
