@@ -33,10 +33,10 @@ def skipped(port):
         page = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=2).read().decode()
     except OSError:
         return -1
-    for line in page.splitlines():
-        if line.startswith(METRIC + " "):
-            return int(line.split()[1])
-    return -1
+    # One series per cache (a `cache` label) in newer versions, a bare one before.
+    values = [int(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+              if line.startswith(METRIC + " ") or line.startswith(METRIC + "{")]
+    return sum(values) if values else -1
 
 
 def measure(bindir, paths, senders, tmp, port, per_call):

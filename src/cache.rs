@@ -83,6 +83,9 @@ pub enum Error {
         key: String,
         cause: Box<object_store::Error>,
     },
+    /// A write that held up the other caches of the same NAR for this long.
+    #[error("a write stalled for {}s while other caches waited", .0.as_secs())]
+    Stalled(std::time::Duration),
 }
 
 impl Error {

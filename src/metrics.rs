@@ -16,97 +16,113 @@ use tokio::net::TcpListener;
 
 use crate::stats::Stats;
 
-pub fn render(s: &Stats) -> String {
+/// The counters of each cache (by URL) as Prometheus text: every series has a
+/// `cache` label, but input lines rejected, which belong to no cache.
+pub fn render(caches: &[(String, Arc<Stats>)]) -> String {
     let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
+    let mut metric = |name: &str, kind: &str, help: &str, value: &dyn Fn(&Stats) -> String| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (url, s) in caches {
+            out.push_str(&format!(
+                "{name}{{cache=\"{}\"}} {}\n",
+                label(url),
+                value(s)
+            ));
+        }
     };
-    let c = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed).to_string();
+    fn c(a: &std::sync::atomic::AtomicU64) -> String {
+        a.load(Relaxed).to_string()
+    }
     metric(
         "narpipe_paths_uploaded_total",
         "counter",
         "Store paths uploaded.",
-        c(&s.uploaded),
+        &|s| c(&s.uploaded),
     );
     metric(
         "narpipe_paths_skipped_total",
         "counter",
         "Store paths already in the cache.",
-        c(&s.skipped),
+        &|s| c(&s.skipped),
     );
     metric(
         "narpipe_paths_failed_total",
         "counter",
         "Paths given up on after every attempt, or not valid in the store.",
-        c(&s.failed),
+        &|s| c(&s.failed),
     );
     metric(
         "narpipe_paths_excluded_total",
         "counter",
         "Paths kept out by --include/--exclude.",
-        c(&s.excluded),
+        &|s| c(&s.excluded),
     );
     metric(
         "narpipe_paths_upstream_total",
         "counter",
         "Paths not pushed because upstream serves them.",
-        c(&s.upstream),
+        &|s| c(&s.upstream),
     );
     metric(
         "narpipe_upstream_checks_total",
         "counter",
         "Requests asking an upstream cache whether it has a path.",
-        c(&s.upstream_checks),
-    );
-    metric(
-        "narpipe_inputs_rejected_total",
-        "counter",
-        "Input lines that were not store paths.",
-        c(&s.rejected),
+        &|s| c(&s.upstream_checks),
     );
     metric(
         "narpipe_retries_total",
         "counter",
         "Failed attempts at single paths, each retried.",
-        c(&s.errors),
+        &|s| c(&s.errors),
     );
     metric(
         "narpipe_throttled_requests_total",
         "counter",
         "Requests a cache refused with HTTP 429 or 503 (slow down), each retried after a wait.",
-        c(&s.throttled),
+        &|s| c(&s.throttled),
     );
     metric(
         "narpipe_nar_bytes_total",
         "counter",
         "NAR bytes uploaded (uncompressed).",
-        c(&s.nar_bytes),
+        &|s| c(&s.nar_bytes),
     );
     metric(
         "narpipe_compressed_bytes_total",
         "counter",
         "Bytes written to the cache for NARs.",
-        c(&s.file_bytes),
+        &|s| c(&s.file_bytes),
     );
     metric(
         "narpipe_queue_depth",
         "gauge",
         "Accepted root paths not finished yet.",
-        c(&s.queue),
+        &|s| c(&s.queue),
     );
     metric(
         "narpipe_upload_seconds_total",
         "counter",
         "Time spent uploading paths, summed over paths.",
-        format!("{:.6}", s.upload_micros.load(Relaxed) as f64 / 1e6),
+        &|s| format!("{:.6}", s.upload_micros.load(Relaxed) as f64 / 1e6),
     );
+    let rejected: u64 = caches.iter().map(|(_, s)| s.rejected.load(Relaxed)).sum();
+    out.push_str(&format!(
+        "# HELP narpipe_inputs_rejected_total Input lines that were not store paths.\n\
+         # TYPE narpipe_inputs_rejected_total counter\n\
+         narpipe_inputs_rejected_total {rejected}\n"
+    ));
     out
 }
 
+/// A label value as the text format wants it.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, stats: Arc<Stats>) {
+pub async fn serve(listener: TcpListener, stats: Vec<(String, Arc<Stats>)>) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -159,7 +175,16 @@ mod tests {
         stats.throttled.fetch_add(2, Relaxed);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, stats.clone()));
+        let other = Arc::new(Stats::default());
+        other.uploaded.fetch_add(5, Relaxed);
+        other.rejected.fetch_add(1, Relaxed);
+        let server = tokio::spawn(serve(
+            listener,
+            vec![
+                ("file:///a".into(), stats.clone()),
+                ("s3://b?x=\"y\"".into(), other),
+            ],
+        ));
         let get = |path: &'static str| async move {
             let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
             c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
@@ -172,17 +197,25 @@ mod tests {
         let page = get("/metrics").await;
         assert!(page.starts_with("HTTP/1.1 200"), "{page}");
         assert!(
-            page.contains("\nnarpipe_paths_uploaded_total 3\n"),
+            page.contains("\nnarpipe_paths_uploaded_total{cache=\"file:///a\"} 3\n"),
             "{page}"
         );
         assert!(
-            page.contains("\nnarpipe_throttled_requests_total 2\n"),
+            page.contains("\nnarpipe_throttled_requests_total{cache=\"file:///a\"} 2\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("\nnarpipe_paths_uploaded_total{cache=\"s3://b?x=\\\"y\\\"\"} 5\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("\nnarpipe_inputs_rejected_total 1\n"),
             "{page}"
         );
         stats.uploaded.fetch_add(1, Relaxed);
         assert!(get("/metrics")
             .await
-            .contains("\nnarpipe_paths_uploaded_total 4\n"));
+            .contains("\nnarpipe_paths_uploaded_total{cache=\"file:///a\"} 4\n"));
         assert!(get("/other").await.starts_with("HTTP/1.1 404"));
         server.abort();
     }

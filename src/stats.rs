@@ -63,6 +63,42 @@ impl Default for Stats {
 }
 
 impl Stats {
+    /// The counters of several caches added up, as of now.
+    pub fn sum(all: &[std::sync::Arc<Stats>]) -> Stats {
+        let total = Stats {
+            started: all.first().map_or_else(Instant::now, |s| s.started),
+            ..Stats::default()
+        };
+        for s in all {
+            for (t, v) in total.counters().into_iter().zip(s.counters()) {
+                t.fetch_add(v.load(Relaxed), Relaxed);
+            }
+        }
+        total
+    }
+
+    fn counters(&self) -> [&AtomicU64; 17] {
+        [
+            &self.uploaded,
+            &self.skipped,
+            &self.failed,
+            &self.rejected,
+            &self.excluded,
+            &self.upstream,
+            &self.upstream_checks,
+            &self.errors,
+            &self.throttled,
+            &self.nar_bytes,
+            &self.file_bytes,
+            &self.upload_micros,
+            &self.queue,
+            &self.planned,
+            &self.planned_bytes,
+            &self.finished,
+            &self.finished_bytes,
+        ]
+    }
+
     pub fn summary(&self, unfinished: u64) -> Summary {
         Summary {
             uploaded: self.uploaded.load(Relaxed),
@@ -105,6 +141,22 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Adds another cache's counts to these (the run took as long as the longest).
+    pub fn add(&mut self, o: &Summary) {
+        self.uploaded += o.uploaded;
+        self.skipped += o.skipped;
+        self.failed += o.failed;
+        self.rejected += o.rejected;
+        self.excluded += o.excluded;
+        self.upstream += o.upstream;
+        self.errors += o.errors;
+        self.throttled += o.throttled;
+        self.nar_bytes += o.nar_bytes;
+        self.file_bytes += o.file_bytes;
+        self.unfinished += o.unfinished;
+        self.seconds = self.seconds.max(o.seconds);
+    }
+
     pub fn all_ok(&self) -> bool {
         self.failed == 0 && self.rejected == 0 && self.unfinished == 0
     }

@@ -24,13 +24,15 @@ fn scrape(port: u16) -> String {
     s
 }
 
+/// A metric's value, added up over its series (one per cache).
 fn metric(page: &str, name: &str) -> u64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("{name} not in {page}"))
-        .trim()
-        .parse::<f64>()
-        .unwrap() as u64
+    let values: Vec<f64> = page
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .collect();
+    assert!(!values.is_empty(), "{name} not in {page}");
+    values.iter().sum::<f64>() as u64
 }
 
 #[test]

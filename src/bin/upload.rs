@@ -165,9 +165,11 @@ fn upstream(args: &UpstreamArgs) -> Result<narpipe::upstream::Upstream> {
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// The cache: file:///dir (or /dir), s3://bucket[/prefix][?…], gs://bucket[/prefix][?…],
-    /// azure://container[/prefix][?…], http(s)://host[:port]/prefix (WebDAV PUT).
-    #[arg(env = "NARPIPE_CACHE")]
-    cache_url: Option<String>,
+    /// azure://container[/prefix][?…], http(s)://host[:port]/prefix (WebDAV PUT). Name
+    /// several to push to all of them (each NAR is made once); in the environment,
+    /// separated by spaces.
+    #[arg(env = "NARPIPE_CACHE", value_delimiter = ' ')]
+    cache_urls: Vec<String>,
 
     /// Where store paths come from, one per line: "-" for stdin, a file, or a FIFO.
     /// Under systemd socket activation (ListenFIFO=) the passed FIFO is used.
@@ -407,18 +409,30 @@ fn read_keys(files: &[PathBuf]) -> Result<Vec<SecretKey>> {
 }
 
 fn config(args: &RunArgs) -> Result<Config> {
-    let url = args
-        .cache_url
-        .as_deref()
-        .context("no cache URL given (argument CACHE_URL or NARPIPE_CACHE)")?;
+    let urls: Vec<&String> = args.cache_urls.iter().filter(|u| !u.is_empty()).collect();
+    anyhow::ensure!(
+        !urls.is_empty(),
+        "no cache URL given (argument CACHE_URL or NARPIPE_CACHE)"
+    );
     let store_dir = StoreDir::new(&args.store_dir).context("--store-dir")?;
-    let stats = Arc::new(Stats::default());
     // One cap for the whole run, shared by its caches.
     let rate = args
         .max_rate
         .map(|r| Arc::new(narpipe::rate::RateLimit::new(r)));
-    let cache = Cache::open(url)?.with_rate_limit(rate);
-    cache.count_into(&stats);
+    let mut caches: Vec<Cache> = Vec::new();
+    let mut stats = Vec::new();
+    for url in urls {
+        let cache = Cache::open(url)?.with_rate_limit(rate.clone());
+        anyhow::ensure!(
+            !caches.iter().any(|c| c.url() == cache.url()),
+            "cache {} is named twice",
+            cache.url()
+        );
+        let counts = Arc::new(Stats::default());
+        cache.count_into(&counts);
+        caches.push(cache);
+        stats.push(counts);
+    }
     let keys = read_keys(&args.secret_key_file)?;
     if let (Some(level), Compression::Zstd) = (args.compression_level, args.compression) {
         anyhow::ensure!(
@@ -437,7 +451,7 @@ fn config(args: &RunArgs) -> Result<Config> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     anyhow::ensure!(jobs > 0, "--jobs must be at least 1");
     Ok(Config {
-        cache,
+        caches,
         store_dir,
         keys,
         compression: args.compression,
@@ -536,7 +550,7 @@ fn progress_line(s: &Stats) -> String {
 
 /// A progress bar on a terminal (one-shot runs); elsewhere a summary line every few
 /// seconds (one-shot) or every minute when something changed (daemon).
-fn show_progress(stats: Arc<Stats>, daemon_mode: bool) {
+fn show_progress(caches: Vec<Arc<Stats>>, daemon_mode: bool) {
     if std::io::stderr().is_terminal() && !daemon_mode {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -548,6 +562,7 @@ fn show_progress(stats: Arc<Stats>, daemon_mode: bool) {
         let _ = BAR.set(bar.clone());
         tokio::spawn(async move {
             loop {
+                let stats = Stats::sum(&caches);
                 bar.set_length(stats.planned.load(Relaxed));
                 bar.set_position(stats.finished.load(Relaxed));
                 let secs = stats.started.elapsed().as_secs_f64().max(0.001);
@@ -566,7 +581,7 @@ fn show_progress(stats: Arc<Stats>, daemon_mode: bool) {
             let mut last = String::new();
             loop {
                 tokio::time::sleep(Duration::from_secs(every)).await;
-                let line = progress_line(&stats);
+                let line = progress_line(&Stats::sum(&caches));
                 if line != last {
                     log::info!("{line}");
                     last = line;
@@ -604,8 +619,13 @@ async fn upload(args: RunArgs) -> ExitCode {
     };
     if args.check {
         log::info!(
-            "configuration ok: {} is readable and writable; {} signing keys{}",
-            cfg.cache.url(),
+            "configuration ok: {} {} readable and writable; {} signing keys{}",
+            cfg.caches
+                .iter()
+                .map(|c| c.url())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if cfg.caches.len() == 1 { "is" } else { "are" },
             cfg.keys.len(),
             if cfg.keys.is_empty() {
                 String::new()
@@ -631,7 +651,13 @@ async fn upload(args: RunArgs) -> ExitCode {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
                 log::info!("metrics at http://{addr}/metrics");
-                tokio::spawn(narpipe::metrics::serve(l, cfg.stats.clone()));
+                let per_cache = cfg
+                    .caches
+                    .iter()
+                    .map(|c| c.url().to_string())
+                    .zip(cfg.stats.iter().cloned())
+                    .collect();
+                tokio::spawn(narpipe::metrics::serve(l, per_cache));
             }
             Err(e) => {
                 log::error!("--metrics-listen {addr}: {e}");

@@ -80,17 +80,38 @@ impl Shared {
         self.journal_op(move |j| j.accept(&paths)).await
     }
 
+    /// Retires the root for this pipeline's cache: out of the queue once every cache
+    /// has it.
     pub(super) async fn journal_retire(&self, path: String) {
-        self.journal_op(move |j| j.retire(&path)).await;
+        let cache = self.cache_key().to_string();
+        let caches: Vec<String> = self
+            .cfg
+            .caches
+            .iter()
+            .map(|c| c.url().to_string())
+            .collect();
+        self.journal_op(move |j| j.retire_in(&path, &cache, &caches))
+            .await;
     }
 
     /// Counts a failed attempt (the root stays pending and is tried again).
     pub(super) async fn journal_attempt(&self, path: String, reason: String) {
+        let reason = self.for_cache(reason);
         self.journal_op(move |j| j.attempt_failed(&path, &reason))
             .await;
     }
 
     pub(super) async fn journal_fail(&self, path: String, reason: String) {
+        let reason = self.for_cache(reason);
         self.journal_op(move |j| j.fail(&path, &reason)).await;
+    }
+
+    /// A reason as the queue keeps it: with several caches, naming the cache.
+    fn for_cache(&self, reason: String) -> String {
+        if self.cfg.caches.len() > 1 {
+            format!("{}: {reason}", self.cache.url())
+        } else {
+            reason
+        }
     }
 }

@@ -26,6 +26,7 @@ mod plan;
 mod presence;
 mod realise;
 mod retry;
+mod share;
 mod tasks;
 
 use std::collections::{HashMap, HashSet};
@@ -74,7 +75,9 @@ pub enum Error {
 }
 
 pub struct Config {
-    pub cache: Cache,
+    /// Where paths go: each NAR is made once and written to every cache that lacks
+    /// it; each cache has its own presence, retries and counts.
+    pub caches: Vec<Cache>,
     pub store_dir: StoreDir,
     pub keys: Vec<SecretKey>,
     pub compression: Compression,
@@ -102,8 +105,9 @@ pub struct Config {
     pub upload_logs: Option<PathBuf>,
     /// Write the realisations of content-addressed outputs after their narinfos.
     pub write_realisations: bool,
-    /// Counters, shared with whoever displays them.
-    pub stats: Arc<Stats>,
+    /// Counters, one per cache (in the order of `caches`), shared with whoever
+    /// displays them. Input lines rejected are counted in the first.
+    pub stats: Vec<Arc<Stats>>,
 }
 
 #[derive(Clone, Default)]
@@ -115,9 +119,9 @@ pub struct Shutdown {
 /// Checks the cache before any work is accepted (see [`Cache::prepare`]), and that the
 /// upstream caches answer.
 pub async fn prepare(cfg: &Config) -> Result<(), Error> {
-    cfg.cache
-        .prepare(cfg.store_dir.as_str(), cfg.priority)
-        .await?;
+    for cache in &cfg.caches {
+        cache.prepare(cfg.store_dir.as_str(), cfg.priority).await?;
+    }
     for url in cfg.upstream.check().await? {
         log::warn!("upstream {url} has no nix-cache-info: is it a binary cache?");
     }
@@ -147,23 +151,31 @@ impl State {
     }
 }
 
+/// One cache's pipeline (see [`run`]); what is not about its cache is shared with the
+/// others.
 struct Shared {
-    cfg: Config,
+    cfg: Arc<Config>,
+    /// This pipeline's cache, `cfg.caches[which]`.
+    cache: Cache,
+    which: usize,
+    /// NARs made once for several caches; None with one cache.
+    share: Option<Arc<share::NarShare>>,
     /// A recent listing of the cache, if one was made (see [`Shared::consider_listing`]).
     listing: Mutex<Option<Listing>>,
     /// When a listing was last tried, made or not.
     listing_tried: Mutex<Option<Instant>>,
     nix: Nix,
-    engine: Engine,
-    jobs: Semaphore,
+    engine: Arc<Engine>,
+    jobs: Arc<Semaphore>,
     checks: Semaphore,
     state: Mutex<State>,
     /// Derivations whose build log was uploaded (their other outputs need not again).
     logs_sent: Mutex<BoundedSet>,
     /// Where realisations are asked for, if they are written.
-    realisations: Option<realise::Realisations>,
+    realisations: Option<Arc<realise::Realisations>>,
     stats: Arc<Stats>,
-    /// Which rejected input lines are shown (see [`input::RejectLog`]).
+    /// Which rejected input lines are shown (see [`input::RejectLog`]); the first
+    /// pipeline reads the input.
     rejects: Mutex<input::RejectLog>,
     stop: CancellationToken,
 }
@@ -172,42 +184,70 @@ impl Shared {
     fn show(&self, p: &StorePath) -> String {
         self.cfg.store_dir.display(p)
     }
+
+    /// How the durable queue names this pipeline's cache.
+    fn cache_key(&self) -> &str {
+        self.cache.url()
+    }
 }
 
 /// Runs until the input ends (or `send --finish`, or `shutdown.drain`) and every
-/// accepted path is in the cache or given up; `shutdown.stop` abandons work (it stays
-/// in the queue).
+/// accepted path is in every cache or given up; `shutdown.stop` abandons work (it
+/// stays in the queue). Returns the run's summary, all caches together (with several,
+/// each cache's own is logged).
+///
+/// Each cache has a pipeline of its own (batching, planning, tasks, retries), fed the
+/// same roots: a cache that is down only holds up its own pipeline. They share the
+/// NAR threads, the upload slots and Nix, and a NAR that several pipelines need at
+/// once is made once and written to each (see [`share`]).
 pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
     let pending = std::mem::take(&mut cfg.pending);
     let spool_dir = cfg.spool_dir.clone();
+    let cfg = Arc::new(cfg);
     // Without threads nothing can be uploaded; failing to start them is out of resources.
-    let engine = Engine::new(cfg.jobs).expect("cannot start the NAR threads");
-    let shared = Arc::new(Shared {
-        nix: Nix::new(cfg.store_dir.clone()),
-        engine,
-        listing: Mutex::new(None),
-        listing_tried: Mutex::new(None),
-        jobs: Semaphore::new(2 * cfg.jobs.max(1)),
-        checks: Semaphore::new(CHECKS_IN_FLIGHT),
-        state: Mutex::new(State {
-            present: BoundedSet::default(),
-            upstream: BoundedSet::default(),
-            inflight: HashMap::new(),
-        }),
-        logs_sent: Mutex::new(BoundedSet::default()),
-        realisations: cfg
-            .write_realisations
-            .then(|| realise::Realisations::start(Nix::new(cfg.store_dir.clone()))),
-        stats: cfg.stats.clone(),
-        rejects: Mutex::new(input::RejectLog::default()),
-        stop: shutdown.stop.clone(),
-        cfg,
+    let engine = Arc::new(Engine::new(cfg.jobs).expect("cannot start the NAR threads"));
+    let jobs = Arc::new(Semaphore::new(2 * cfg.jobs.max(1)));
+    let realisations = cfg.write_realisations.then(|| {
+        Arc::new(realise::Realisations::start(Nix::new(
+            cfg.store_dir.clone(),
+        )))
     });
+    let share = (cfg.caches.len() > 1).then(|| Arc::new(share::NarShare::new(cfg.caches.len())));
+    let pipelines: Vec<Arc<Shared>> = cfg
+        .caches
+        .iter()
+        .enumerate()
+        .map(|(which, cache)| {
+            Arc::new(Shared {
+                cfg: cfg.clone(),
+                cache: cache.clone(),
+                which,
+                share: share.clone(),
+                nix: Nix::new(cfg.store_dir.clone()),
+                engine: engine.clone(),
+                listing: Mutex::new(None),
+                listing_tried: Mutex::new(None),
+                jobs: jobs.clone(),
+                checks: Semaphore::new(CHECKS_IN_FLIGHT),
+                state: Mutex::new(State {
+                    present: BoundedSet::default(),
+                    upstream: BoundedSet::default(),
+                    inflight: HashMap::new(),
+                }),
+                logs_sent: Mutex::new(BoundedSet::default()),
+                realisations: realisations.clone(),
+                stats: cfg.stats[which].clone(),
+                rejects: Mutex::new(input::RejectLog::default()),
+                stop: shutdown.stop.clone(),
+            })
+        })
+        .collect();
+    let first = pipelines[0].clone();
     let (tx, mut rx) = mpsc::channel::<Vec<StorePath>>(1024);
     let input_done = CancellationToken::new();
     let reader = tokio::spawn(input::read(
         input,
-        shared.clone(),
+        first.clone(),
         tx.clone(),
         shutdown.drain.clone(),
         input_done.clone(),
@@ -215,18 +255,66 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
     let spooler = spool_dir.map(|dir| {
         tokio::spawn(input::watch_spool(
             dir,
-            shared.clone(),
+            first.clone(),
             tx.clone(),
             input_done.clone(),
         ))
     });
     drop(tx);
+    // Every pipeline gets every root that was accepted.
+    let (feeds, outlets): (Vec<_>, Vec<_>) = pipelines
+        .iter()
+        .map(|_| mpsc::channel::<Vec<StorePath>>(1024))
+        .unzip();
+    let fan_out = tokio::spawn(async move {
+        while let Some(roots) = rx.recv().await {
+            for feed in &feeds {
+                let _ = feed.send(roots.clone()).await;
+            }
+        }
+    });
+    let runs = pipelines.iter().zip(outlets).map(|(shared, rx)| {
+        let mine: Vec<Pending> = pending
+            .iter()
+            .filter(|p| !p.done.iter().any(|c| c == shared.cache_key()))
+            .cloned()
+            .collect();
+        pipeline(shared.clone(), rx, mine, shutdown.stop.clone())
+    });
+    let summaries = futures::future::join_all(runs).await;
+    reader.abort();
+    fan_out.abort();
+    if let Some(s) = spooler {
+        s.abort();
+    }
+    first.summarise_rejects(true);
+    let mut total: Option<Summary> = None;
+    for (shared, unfinished) in pipelines.iter().zip(summaries) {
+        let summary = shared.stats.summary(unfinished);
+        if pipelines.len() > 1 {
+            log::info!("summary for {}: {summary}", shared.cache.url());
+        }
+        match &mut total {
+            None => total = Some(summary),
+            Some(t) => t.add(&summary),
+        }
+    }
+    total.expect("at least one cache")
+}
 
+/// One cache's pipeline: batches the roots from `rx` (and the `pending` ones of an
+/// earlier run first), plans them, and settles them. Returns how many roots it left
+/// unfinished.
+async fn pipeline(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<Vec<StorePath>>,
+    pending: Vec<Pending>,
+    stop: CancellationToken,
+) -> u64 {
     let (done_tx, mut done_rx) = mpsc::channel::<retry::Settled>(1024);
     let mut roots = Roots::default();
     let mut batch = Batch::default();
     let mut input_open = true;
-    let stop = shutdown.stop.clone();
 
     // What an earlier run accepted and did not finish comes first.
     batch.add(shared.replay(pending).await, &roots);
@@ -283,16 +371,14 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
             roots.track(r);
         }
         let asked: HashSet<StorePath> = planned.iter().cloned().collect();
+        let planning = shared.share.as_ref().map(|s| s.planning(shared.which));
         let outcomes = tokio::select! {
             o = plan::batch(&shared, planned, &mut tasks) => o,
             _ = stop.cancelled() => break,
         };
+        drop(planning);
         roots.outcomes(&shared, &asked, outcomes, &done_tx).await;
         while tasks.running.try_join_next().is_some() {}
-    }
-    reader.abort();
-    if let Some(s) = spooler {
-        s.abort();
     }
     let unfinished = roots.len() as u64;
     if stop.is_cancelled() {
@@ -305,13 +391,8 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
             }
         }
     }
-    shared
-        .cfg
-        .cache
-        .finish_cleanups(Duration::from_secs(5))
-        .await;
-    shared.summarise_rejects(true);
-    shared.stats.summary(unfinished)
+    shared.cache.finish_cleanups(Duration::from_secs(5)).await;
+    unfinished
 }
 
 /// Roots gathered for the next plan: planned together when the window closes, when

@@ -23,12 +23,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use log::{debug, info, warn};
 
 use super::realise;
+use super::share::Claim;
 use super::tasks::{Dep, Settle, Status, Watch};
 use super::Shared;
 use crate::build_log;
@@ -145,25 +146,12 @@ pub(super) async fn task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, se
 /// concurrent writer's copy would be the same bytes).
 async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<Outcome, Error> {
     let cfg = &shared.cfg;
-    let mut nar = {
-        let _permit = shared.jobs.acquire().await.expect("never closed");
-        // Boxed: its state is allocated only once the upload starts, so the many
-        // tasks still waiting for a permit stay small.
-        let nar = Box::pin(upload_nar(
-            &shared.engine,
-            &cfg.cache,
-            &cfg.store_dir,
-            info,
-            cfg.compression,
-            cfg.level,
-            cfg.write_nar_listing,
-        ))
-        .await?;
-        if let (Some(log_dir), Some(drv)) = (&cfg.upload_logs, &info.deriver) {
-            Box::pin(upload_log(shared, log_dir, drv)).await?;
-        }
-        nar
-    };
+    // Boxed: its state is allocated only once the upload starts, so the many tasks
+    // still waiting for a permit stay small.
+    let mut nar = Box::pin(make_nar(shared, info)).await?;
+    if let (Some(log_dir), Some(drv)) = (&cfg.upload_logs, &info.deriver) {
+        Box::pin(upload_log(shared, log_dir, drv)).await?;
+    }
     // Progress follows the NARs; the narinfo may still wait for its references.
     shared.progress(info.nar_size);
     for dep in deps {
@@ -186,7 +174,8 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
     // From here on a narinfo may name the NAR (even if its put seems to fail).
     nar.unclaimed.claim();
     let narinfo = narinfo(&cfg.store_dir, info, &nar, &cfg.keys);
-    cfg.cache
+    shared
+        .cache
         .put(
             &cache::narinfo_key(&info.path),
             Bytes::from(narinfo.to_string()),
@@ -201,6 +190,43 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
         file: nar.file_size,
         compression: nar.compression,
     })
+}
+
+/// This pipeline's NAR of `info`: made here (for the other caches that want it too,
+/// see [`super::share`]), or taken from the pipeline that made it.
+async fn make_nar(shared: &Shared, info: &PathInfo) -> Result<NarFile, Error> {
+    let claim = match &shared.share {
+        Some(share) => share.claim(&info.path, shared.which).await,
+        None => Claim::Alone,
+    };
+    let for_others = match claim {
+        Claim::Wait(copy) => match copy.await {
+            Ok(Some(nar)) => return Ok(nar),
+            // Not written here: make it alone.
+            _ => Vec::new(),
+        },
+        Claim::Make(others) => others,
+        Claim::Alone => Vec::new(),
+    };
+    let cfg = &shared.cfg;
+    let _permit = shared.jobs.acquire().await.expect("never closed");
+    let targets: Vec<&Cache> = std::iter::once(&shared.cache)
+        .chain(for_others.iter().map(|(w, _)| &cfg.caches[*w]))
+        .collect();
+    let mut written = upload_nar(
+        &shared.engine,
+        &targets,
+        &cfg.store_dir,
+        info,
+        cfg.compression,
+        cfg.level,
+        cfg.write_nar_listing,
+    )
+    .await?;
+    for ((_, tx), copy) in for_others.into_iter().zip(written.drain(1..)) {
+        let _ = tx.send(copy.ok());
+    }
+    written.pop().expect("one result per cache")
 }
 
 impl Shared {
@@ -234,7 +260,7 @@ pub enum Error {
 
 /// Where a NAR went and what it looks like compressed.
 #[derive(Debug)]
-struct NarFile {
+pub(super) struct NarFile {
     pub published: cache::Published,
     /// Deletes a NAR under a name of its own if no narinfo is going to name it.
     pub unclaimed: cache::Unclaimed,
@@ -261,7 +287,6 @@ async fn upload_log(shared: &Shared, log_dir: &Path, drv: &StorePath) -> Result<
     match found {
         Ok(Some(text)) => {
             shared
-                .cfg
                 .cache
                 .put(
                     &build_log::cache_key(drv),
@@ -299,7 +324,6 @@ async fn write_realisations(
         }
         r.sign(&shared.cfg.keys);
         shared
-            .cfg
             .cache
             .put(
                 &r.cache_key(),
@@ -316,17 +340,24 @@ fn listing_key(p: &StorePath) -> String {
     format!("{}.ls", p.hash_part())
 }
 
-/// Streams the NAR of `info.path` into the cache (and, if `listing`, then its listing)
-/// and returns where it went.
+/// How long a cache may hold up the others' copies of a NAR (one write): past it,
+/// it is left out, and its pipeline makes the NAR again for it alone.
+const STALL: Duration = Duration::from_secs(15);
+
+/// Streams the NAR of `info.path` into each of `targets` (and, if `listing`, then its
+/// listing) and returns where it went in each, in their order. The first is the
+/// caller's own cache and is waited for; another that fails or stalls for [`STALL`]
+/// is dropped, so that it does not hold up the rest. An error of the NAR itself (it
+/// cannot be read, or differs from the store's database) fails all of them.
 async fn upload_nar(
     engine: &Engine,
-    cache: &Cache,
+    targets: &[&Cache],
     store_dir: &StoreDir,
     info: &PathInfo,
     compression: Compression,
     level: Option<i32>,
     listing: bool,
-) -> Result<NarFile, Error> {
+) -> Result<Vec<Result<NarFile, Error>>, Error> {
     let path_text = store_dir.display(&info.path);
     let failed = |cause| Error::Engine {
         path: path_text.clone(),
@@ -336,10 +367,32 @@ async fn upload_nar(
         .nar(PathBuf::from(&path_text), compression, level, listing)
         .await
         .map_err(failed)?;
-    let mut writer = cache.nar_writer(info.nar_size, compression.nar_extension());
+    let mut writers: Vec<Result<cache::NarWriter, Error>> = targets
+        .iter()
+        .map(|c| Ok(c.nar_writer(info.nar_size, compression.nar_extension())))
+        .collect();
     let (digest, listing) = loop {
         match nar.next().await.map_err(failed)? {
-            Next::Data(bytes) => writer.write(bytes).await?,
+            Next::Data(bytes) => {
+                for (i, w) in writers.iter_mut().enumerate() {
+                    let Ok(writer) = w else { continue };
+                    let wrote = if i == 0 {
+                        writer.write(bytes.clone()).await.map_err(Error::from)
+                    } else {
+                        tokio::time::timeout(STALL, writer.write(bytes.clone()))
+                            .await
+                            .unwrap_or(Err(cache::Error::Stalled(STALL)))
+                            .map_err(Error::from)
+                    };
+                    if let Err(e) = wrote {
+                        *w = Err(e);
+                    }
+                }
+                if writers.iter().all(|w| w.is_err()) {
+                    let first = writers.into_iter().find_map(|w| w.err());
+                    return Err(first.expect("all failed"));
+                }
+            }
             Next::End(digest, listing) => break (digest, listing),
         }
     };
@@ -357,24 +410,31 @@ async fn upload_nar(
         digest.file_hash.to_nix32(),
         compression.nar_extension()
     );
-    let published = writer.commit(&url).await?;
-    let unclaimed = cache.unclaimed(&published);
-    if let Some(listing) = listing {
-        cache
-            .put(
-                &listing_key(&info.path),
-                Bytes::from(listing),
-                "application/json",
-            )
-            .await?;
-    }
-    Ok(NarFile {
-        published,
-        unclaimed,
-        compression,
-        file_hash: digest.file_hash,
-        file_size: digest.file_size,
-    })
+    let listing = listing.map(Bytes::from);
+    let commits = writers.into_iter().zip(targets).map(|(w, cache)| {
+        let (url, listing) = (&url, &listing);
+        async move {
+            let published = w?.commit(url).await?;
+            let unclaimed = cache.unclaimed(&published);
+            if let Some(listing) = listing {
+                cache
+                    .put(
+                        &listing_key(&info.path),
+                        listing.clone(),
+                        "application/json",
+                    )
+                    .await?;
+            }
+            Ok(NarFile {
+                published,
+                unclaimed,
+                compression,
+                file_hash: digest.file_hash,
+                file_size: digest.file_size,
+            })
+        }
+    });
+    Ok(futures::future::join_all(commits).await)
 }
 
 /// The narinfo for `info` whose NAR is `nar`, signed with `keys` (a store signature by
@@ -439,7 +499,7 @@ mod tests {
 
         let nar = upload_nar(
             &Engine::new(2).unwrap(),
-            &cache,
+            &[&cache],
             &sd,
             &info,
             Compression::Zstd,
@@ -447,6 +507,9 @@ mod tests {
             false,
         )
         .await
+        .unwrap()
+        .pop()
+        .unwrap()
         .unwrap();
         assert!(!dir
             .path()
@@ -492,7 +555,7 @@ mod tests {
         let cache = Cache::open(cache_dir.to_str().unwrap()).unwrap();
         let err = upload_nar(
             &Engine::new(2).unwrap(),
-            &cache,
+            &[&cache],
             &sd,
             &info,
             Compression::None,
@@ -525,7 +588,7 @@ mod tests {
         let cache = Cache::open(dir.path().join("cache").to_str().unwrap()).unwrap();
         upload_nar(
             &Engine::new(1).unwrap(),
-            &cache,
+            &[&cache],
             &sd,
             &info,
             Compression::Xz,
@@ -533,6 +596,9 @@ mod tests {
             true,
         )
         .await
+        .unwrap()
+        .pop()
+        .unwrap()
         .unwrap();
         let ls = cache.get(&listing_key(&info.path)).await.unwrap().unwrap();
         let want = nar::dump_with_listing(&store.join(name), &mut std::io::sink()).unwrap();

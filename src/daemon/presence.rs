@@ -105,7 +105,7 @@ impl Shared {
             return Ok(found);
         }
         let _permit = self.checks.acquire().await.expect("never closed");
-        let found = self.cfg.cache.exists(&cache::narinfo_key(p)).await?;
+        let found = self.cache.exists(&cache::narinfo_key(p)).await?;
         if found {
             self.state.lock().unwrap().present.insert(p.clone());
         }
@@ -145,7 +145,7 @@ impl Shared {
         }
         let limit = (to_check * LIST_PER_PATH).min(LIST_MAX);
         let at = Instant::now();
-        match self.cfg.cache.narinfo_hashes(limit).await {
+        match self.cache.narinfo_hashes(limit).await {
             Ok(Some(hashes)) => {
                 info!(
                     "listed the cache: {} narinfos in {:.2}s",
@@ -173,7 +173,7 @@ pub(super) async fn presence(
         .filter(|(_, k)| k.is_none())
         .map(|(p, _)| cache::narinfo_key(p))
         .collect();
-    if let Some(Ok(found)) = shared.cfg.cache.exist_local(ask).await {
+    if let Some(Ok(found)) = shared.cache.exist_local(ask).await {
         let mut found = found.into_iter();
         let mut state = shared.state.lock().unwrap();
         return paths

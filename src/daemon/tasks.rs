@@ -157,6 +157,9 @@ pub(super) fn spawn_closure(
             watches.insert(info.path.clone(), rx.clone());
             continue;
         }
+        if let Some(share) = &shared.share {
+            share.want(&info.path, shared.which);
+        }
         let rx = Watch::new();
         let tx = Settle(rx.clone());
         state.inflight.insert(info.path.clone(), rx.clone());

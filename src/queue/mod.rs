@@ -23,6 +23,7 @@
 
 mod legacy;
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -34,7 +35,7 @@ use std::io::Write;
 
 const FILE: &str = "queue.sqlite";
 /// The format of the tables, in `PRAGMA user_version`.
-const SCHEMA: i64 = 1;
+const SCHEMA: i64 = 2;
 
 /// Errors name the database or directory; the cause's text is part of the message
 /// (callers log `{e}`), not a `source`.
@@ -67,6 +68,8 @@ pub struct Pending {
     pub path: String,
     /// Given up on (reported failed) with this reason; retried at the next start.
     pub failed: Option<String>,
+    /// The caches it is already in (see [`Queue::retire_in`]).
+    pub done: Vec<String>,
 }
 
 /// One row, for `upload status`.
@@ -238,6 +241,8 @@ impl Queue {
         conn.pragma_update(None, "synchronous", "FULL")?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version < SCHEMA {
+            // Format 2 adds `done`: the caches a root is already in, when it goes to
+            // several (it is retired once it is in all of them).
             conn.execute_batch(
                 "BEGIN;
                  CREATE TABLE IF NOT EXISTS paths (
@@ -247,7 +252,12 @@ impl Queue {
                      last_error TEXT,
                      failed INTEGER NOT NULL DEFAULT 0
                  );
-                 PRAGMA user_version = 1;
+                 CREATE TABLE IF NOT EXISTS done (
+                     path TEXT NOT NULL,
+                     cache TEXT NOT NULL,
+                     PRIMARY KEY (path, cache)
+                 );
+                 PRAGMA user_version = 2;
                  COMMIT;",
             )?;
         }
@@ -381,7 +391,7 @@ impl Queue {
             .conn
             .prepare("SELECT path, failed, last_error FROM paths ORDER BY accepted_at, path")
             .map_err(|e| self.err(e))?;
-        let rows = stmt
+        let mut rows = stmt
             .query_map([], |r| {
                 let failed: bool = r.get(1)?;
                 let reason: Option<String> = r.get(2)?;
@@ -392,10 +402,26 @@ impl Queue {
                     } else {
                         None
                     },
+                    done: Vec::new(),
                 })
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(|e| self.err(e))?;
+        let mut done: HashMap<String, Vec<String>> = HashMap::new();
+        self.conn
+            .prepare("SELECT path, cache FROM done ORDER BY cache")
+            .and_then(|mut stmt| {
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?
+                    .try_for_each(|row| {
+                        let (path, cache) = row?;
+                        done.entry(path).or_default().push(cache);
+                        Ok(())
+                    })
+            })
+            .map_err(|e| self.err(e))?;
+        for p in &mut rows {
+            p.done = done.remove(&p.path).unwrap_or_default();
+        }
         Ok(rows)
     }
 
@@ -446,7 +472,37 @@ impl Queue {
     /// Retires `path`: its closure is in the cache, or it can never be uploaded.
     pub fn retire(&mut self, path: &str) -> Result<(), Error> {
         self.write(false, |tx| {
-            tx.execute("DELETE FROM paths WHERE path = ?1", [path])
+            tx.execute("DELETE FROM paths WHERE path = ?1", [path])?;
+            tx.execute("DELETE FROM done WHERE path = ?1", [path])
+                .map(drop)
+        })
+    }
+
+    /// Records that `path` is done for `cache`, one of the run's `caches`, and retires
+    /// it once it is done for all of them. With one cache this is [`Queue::retire`].
+    pub fn retire_in<S: AsRef<str>>(
+        &mut self,
+        path: &str,
+        cache: &str,
+        caches: &[S],
+    ) -> Result<(), Error> {
+        if caches.len() <= 1 {
+            return self.retire(path);
+        }
+        self.write(false, |tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO done (path, cache) VALUES (?1, ?2)",
+                params![path, cache],
+            )?;
+            let mut is_done =
+                tx.prepare_cached("SELECT 1 FROM done WHERE path = ?1 AND cache = ?2")?;
+            for c in caches {
+                if !is_done.exists(params![path, c.as_ref()])? {
+                    return Ok(());
+                }
+            }
+            tx.execute("DELETE FROM paths WHERE path = ?1", [path])?;
+            tx.execute("DELETE FROM done WHERE path = ?1", [path])
                 .map(drop)
         })
     }
@@ -613,6 +669,35 @@ mod tests {
         assert!(q.is_pending("/nix/store/c"));
         let c = &entries(dir.path()).unwrap()[1];
         assert_eq!((c.attempts, c.failed), (2, false));
+    }
+
+    #[test]
+    fn a_root_for_several_caches_is_retired_once_it_is_in_all_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let caches = ["file:///a", "s3://b"];
+        let (mut q, _) = Queue::open(dir.path()).unwrap();
+        q.accept(&["/nix/store/x", "/nix/store/y"]).unwrap();
+        q.retire_in("/nix/store/x", "s3://b", &caches).unwrap();
+        q.retire_in("/nix/store/y", "s3://b", &caches).unwrap();
+        q.retire_in("/nix/store/y", "file:///a", &caches).unwrap();
+        drop(q);
+        // Across a restart: x is still owed to file:///a only.
+        let (mut q, opened) = Queue::open(dir.path()).unwrap();
+        assert_eq!(paths(&opened.pending), ["/nix/store/x"]);
+        assert_eq!(opened.pending[0].done, ["s3://b"]);
+        // A cache added since is owed it too; one cache alone retires at once.
+        q.retire_in(
+            "/nix/store/x",
+            "file:///a",
+            &["file:///a", "s3://b", "gs://c"],
+        )
+        .unwrap();
+        assert!(q.is_pending("/nix/store/x"));
+        q.retire_in("/nix/store/x", "gs://c", &["gs://c"]).unwrap();
+        assert!(!q.is_pending("/nix/store/x"));
+        drop(q);
+        let (_, opened) = Queue::open(dir.path()).unwrap();
+        assert!(opened.pending.is_empty());
     }
 
     #[test]
