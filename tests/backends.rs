@@ -910,3 +910,109 @@ fn max_rate_caps_the_bytes_written() {
         rate / (1 << 20) as f64
     );
 }
+
+/// Narinfos in a folder cache (0 while it does not exist).
+fn narinfos_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| {
+        d.filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "narinfo"))
+        })
+        .count()
+    })
+}
+
+#[test]
+fn several_caches_one_down_holds_up_none_and_catches_up_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-several");
+    let mut s3 = Seaweed::start();
+    let web = Nginx::start(&[]);
+    let folder = tmp.path().join("folder");
+    let s3_url = s3.url("several", "c");
+    let prefix = format!("nix/{}", unique("several"));
+    let http_url = web.url(&prefix);
+    let http_dir = web.root().join(&prefix);
+    let root = build_closure(tmp.path(), "several", 5, 300_000);
+    let big = big_path(tmp.path(), "several-big", 12 << 20);
+    let all = closure_of(&root).len() + 1;
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    let state = tmp.path().join("state");
+    let start = |s3: &Seaweed, log: &Path| {
+        let mut cmd = s3.upload_cmd();
+        cmd.env_remove("NARPIPE_HTTP_AUTH")
+            .env_remove("NARPIPE_HTTP_AUTH_FILE")
+            .args(["--jobs", "2", "--max-attempts", "20"])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--input")
+            .arg(&fifo)
+            .arg("--secret-key-file")
+            .arg(&keys.secret)
+            .arg(&folder)
+            .arg(&s3_url)
+            .arg(&http_url)
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap());
+        Proc::spawn(&mut cmd)
+    };
+    let log1 = tmp.path().join("upload-1.log");
+    let mut daemon = start(&s3, &log1);
+    // Up at start (each cache is checked in turn, the HTTP one last), then S3 goes away.
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "start-up checks",
+        || {
+            if let Some(st) = daemon.0.try_wait().unwrap() {
+                let text = std::fs::read_to_string(&log1).unwrap();
+                panic!("upload exited at start ({st}): {text}");
+            }
+            http_dir.join("nix-cache-info").exists()
+        },
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    s3.stop();
+    assert!(send(&fifo, &[&big, &root]).status.success());
+    // The folder and the HTTP server get everything while S3 is down.
+    wait_until(
+        std::time::Duration::from_secs(120),
+        "the folder and HTTP caches",
+        || narinfos_in(&folder) == all && narinfos_in(&http_dir) == all,
+    );
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    daemon.wait_exit(std::time::Duration::from_secs(30));
+    let text = std::fs::read_to_string(&log1).unwrap();
+    assert_eq!(assert_closed(&folder), all, "{text}");
+    assert_eq!(assert_closed(&http_dir), all, "{text}");
+
+    // The queue remembers that only S3 still needs them.
+    s3.resume();
+    let log2 = tmp.path().join("upload-2.log");
+    let mut daemon = start(&s3, &log2);
+    assert!(send(&fifo, &["--finish"]).status.success());
+    let status = daemon.wait_exit(std::time::Duration::from_secs(300));
+    let text = std::fs::read_to_string(&log2).unwrap();
+    assert!(status.success(), "{text}");
+    assert_eq!(text.matches(" to s3://several/c ").count(), all, "{text}");
+    assert!(!text.contains(" to file://"), "{text}");
+    assert!(!text.contains(&format!(" to {http_url} (")), "{text}");
+    let dest = tmp.path().join("mirror");
+    mirror(&*s3.store("several"), "c", &dest);
+    assert_eq!(assert_closed(&dest), all, "{text}");
+    let status = upload_cmd()
+        .arg("status")
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&status.stdout);
+    assert!(!listed.contains("/nix/store/"), "still owed: {listed}");
+
+    // Nix substitutes the closure from each of the three.
+    assert_substitutes(&folder, &root, &keys.public, tmp.path());
+    assert_substitutes(&dest, &big, &keys.public, tmp.path());
+    assert_substitutes(&dest, &root, &keys.public, tmp.path());
+    assert_substitutes_from(&http_url, &root, &keys.public, tmp.path());
+    assert_substitutes_from(&http_url, &big, &keys.public, tmp.path());
+}

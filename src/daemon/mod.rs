@@ -185,6 +185,15 @@ impl Shared {
         self.cfg.store_dir.display(p)
     }
 
+    /// " to URL" with several caches, for messages about a path; nothing with one.
+    fn to_cache(&self) -> String {
+        if self.cfg.caches.len() > 1 {
+            format!(" to {}", self.cache.url())
+        } else {
+            String::new()
+        }
+    }
+
     /// How the durable queue names this pipeline's cache.
     fn cache_key(&self) -> &str {
         self.cache.url()

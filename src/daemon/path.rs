@@ -110,7 +110,8 @@ pub(super) async fn task(shared: Arc<Shared>, info: PathInfo, deps: Vec<Dep>, se
             shared.stats.nar_bytes.fetch_add(*nar, Relaxed);
             shared.stats.file_bytes.fetch_add(*file, Relaxed);
             info!(
-                "uploaded {shown} ({} NAR, {} {compression}, {:.2}s)",
+                "uploaded {shown}{} ({} NAR, {} {compression}, {:.2}s)",
+                shared.to_cache(),
                 human(*nar),
                 human(*file),
                 start.elapsed().as_secs_f64()

@@ -125,7 +125,8 @@ impl Roots {
             Next::Retry(delay, attempt) => {
                 log!(
                     retry_level(attempt),
-                    "retrying {shown} in {:.1}s (attempt {attempt} of {max} failed: {reason})",
+                    "retrying {shown}{} in {:.1}s (attempt {attempt} of {max} failed: {reason})",
+                    shared.to_cache(),
                     delay.as_secs_f64(),
                 );
                 self.retries.push((Instant::now() + delay, root));
@@ -138,7 +139,10 @@ impl Roots {
                 } else {
                     ""
                 };
-                error!("failed {shown} after {max} attempts: {reason}{kept}");
+                error!(
+                    "failed {shown}{} after {max} attempts: {reason}{kept}",
+                    shared.to_cache()
+                );
                 shared.journal_fail(shown, reason).await;
             }
         }

@@ -81,7 +81,7 @@ impl NarShare {
 
     /// Like [`NarShare::claim_now`], but a path that only `who` wants so far waits
     /// (up to [`PLANNING_GRACE`]) for the other pipelines to finish planning: they
-    /// may want it too.
+    /// may want it too, and one of their tasks may start making it first.
     pub(super) async fn claim(&self, path: &StorePath, who: usize) -> Claim {
         let alone = |s: &Self| match s.slots.lock().unwrap().get(path) {
             Some(Slot::Wanted(w)) => w.iter().all(|&w| w == who),
@@ -100,7 +100,7 @@ impl NarShare {
                     let planned = self.planned.notified();
                     tokio::pin!(planned);
                     planned.as_mut().enable();
-                    if !others_planning() {
+                    if !others_planning() || !alone(self) {
                         break;
                     }
                     planned.await;
@@ -144,6 +144,8 @@ impl NarShare {
                     return Claim::Alone;
                 }
                 slots.insert(path.clone(), Slot::Making(waiting));
+                // Those waiting for planning to end may wait for this instead.
+                self.planned.notify_waiters();
                 Claim::Make(makers)
             }
             Some(Slot::Making(mut waiting)) => {
