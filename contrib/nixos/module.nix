@@ -50,7 +50,7 @@ let
     ++ map (re: "--include=${re}") cfg.include
     ++ cfg.extraArgs
     # The FIFO comes from the socket unit (fd 3), so there is no --input.
-    ++ [ "--" cfg.cacheUrl ];
+    ++ [ "--" ] ++ lib.toList cfg.cacheUrl;
 
   # Started through a script because systemd's ExecStart= has quoting rules of its own
   # and expands `$` and `%` (which regular expressions and URLs may contain); the shell
@@ -96,11 +96,13 @@ in
     };
 
     cacheUrl = lib.mkOption {
-      type = lib.types.str;
+      type = lib.types.either lib.types.str (lib.types.listOf lib.types.str);
       description = ''
         The binary cache: `file:///dir`,
-        `s3://bucket[/prefix]?region=&endpoint=&profile=&scheme=` or
-        `gs://bucket[/prefix]?service-account=&endpoint=`.
+        `s3://bucket[/prefix]?region=&endpoint=&profile=&scheme=`,
+        `gs://bucket[/prefix]?service-account=&endpoint=`,
+        `azure://container[/prefix]?account=&endpoint=` or `http(s)://host/prefix`;
+        or a list of them, to push every build to each (each NAR is made once).
       '';
       example = "s3://my-nix-cache?region=eu-central-1";
     };
