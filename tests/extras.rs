@@ -262,6 +262,9 @@ fn realisations_let_nix_substitute_content_addressed_outputs() {
     std::fs::create_dir(&shared).unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
     let builds = shared.join("builds");
+    // Each derivation may be built by another nixbld user: all of them append.
+    std::fs::write(&builds, "").unwrap();
+    std::fs::set_permissions(&builds, std::fs::Permissions::from_mode(0o666)).unwrap();
     let expr = tmp.path().join("ca.nix");
     // b refers to a; both are floating content-addressed. Each build leaves a line in
     // `builds`, so a build where a substitution was expected shows.
