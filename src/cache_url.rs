@@ -277,10 +277,13 @@ impl fmt::Display for CacheUrl {
             CacheUrl::Azure {
                 container,
                 prefix,
+                account,
                 endpoint,
-                ..
             } => {
                 loc(f, "azure", container, prefix)?;
+                if let Some(a) = account {
+                    write!(f, " in account {a}")?;
+                }
                 if let Some(e) = endpoint {
                     write!(f, " at {e}")?;
                 }
@@ -434,7 +437,7 @@ mod tests {
         );
         assert_eq!(
             parse("azure://nix/p?account=a&endpoint=http://127.0.0.1:1/a").to_string(),
-            "azure://nix/p at http://127.0.0.1:1/a"
+            "azure://nix/p in account a at http://127.0.0.1:1/a"
         );
         assert!(reason("azure://c?access_key=x").contains("\"access_key\""));
         assert!(reason("azure://c?region=x").contains("known: account, endpoint"));

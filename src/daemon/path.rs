@@ -27,9 +27,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use log::{debug, info, warn};
+use tokio::sync::oneshot;
 
 use super::realise;
-use super::share::Claim;
+use super::share::{Claim, Copy};
 use super::tasks::{Dep, Settle, Status, Watch};
 use super::Shared;
 use crate::build_log;
@@ -151,6 +152,8 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
     // still waiting for a permit stay small.
     let mut nar = Box::pin(make_nar(shared, info)).await?;
     if let (Some(log_dir), Some(drv)) = (&cfg.upload_logs, &info.deriver) {
+        // A log is read whole: as many at once as NARs are.
+        let _permit = shared.jobs.acquire().await.expect("never closed");
         Box::pin(upload_log(shared, log_dir, drv)).await?;
     }
     // Progress follows the NARs; the narinfo may still wait for its references.
@@ -211,23 +214,21 @@ async fn make_nar(shared: &Shared, info: &PathInfo) -> Result<NarFile, Error> {
     };
     let cfg = &shared.cfg;
     let _permit = shared.jobs.acquire().await.expect("never closed");
-    let targets: Vec<&Cache> = std::iter::once(&shared.cache)
-        .chain(for_others.iter().map(|(w, _)| &cfg.caches[*w]))
+    let others = for_others
+        .into_iter()
+        .map(|(w, tx)| (cfg.caches[w].clone(), tx))
         .collect();
-    let mut written = upload_nar(
+    upload_nar(
         &shared.engine,
-        &targets,
+        &shared.cache,
+        others,
         &cfg.store_dir,
         info,
         cfg.compression,
         cfg.level,
         cfg.write_nar_listing,
     )
-    .await?;
-    for ((_, tx), copy) in for_others.into_iter().zip(written.drain(1..)) {
-        let _ = tx.send(copy.ok());
-    }
-    written.pop().expect("one result per cache")
+    .await
 }
 
 impl Shared {
@@ -341,24 +342,28 @@ fn listing_key(p: &StorePath) -> String {
     format!("{}.ls", p.hash_part())
 }
 
-/// How long a cache may hold up the others' copies of a NAR (one write): past it,
-/// it is left out, and its pipeline makes the NAR again for it alone.
-const STALL: Duration = Duration::from_secs(15);
+/// How long one cache may hold up a NAR that is written to several (one write, or its
+/// commit): past it, that cache is left out and makes the NAR again on its own.
+const STALL: Duration = Duration::from_secs(30);
 
-/// Streams the NAR of `info.path` into each of `targets` (and, if `listing`, then its
-/// listing) and returns where it went in each, in their order. The first is the
-/// caller's own cache and is waited for; another that fails or stalls for [`STALL`]
-/// is dropped, so that it does not hold up the rest. An error of the NAR itself (it
-/// cannot be read, or differs from the store's database) fails all of them.
+/// Streams the NAR of `info.path` into `own` (and, if `listing`, then its listing)
+/// and returns where it went; with `others`, into their caches too, each getting its
+/// copy through its sender as soon as its own commit is done (None: its write failed).
+/// Written to several caches, the writes of each piece run side by side and a cache
+/// that fails or stalls for [`STALL`] is left out, so that it does not hold up the
+/// rest. An error of the NAR itself (it cannot be read, or differs from the store's
+/// database) fails all of them.
+#[allow(clippy::too_many_arguments)]
 async fn upload_nar(
     engine: &Engine,
-    targets: &[&Cache],
+    own: &Cache,
+    others: Vec<(Cache, oneshot::Sender<Copy>)>,
     store_dir: &StoreDir,
     info: &PathInfo,
     compression: Compression,
     level: Option<i32>,
     listing: bool,
-) -> Result<Vec<Result<NarFile, Error>>, Error> {
+) -> Result<NarFile, Error> {
     let path_text = store_dir.display(&info.path);
     let failed = |cause| Error::Engine {
         path: path_text.clone(),
@@ -368,27 +373,32 @@ async fn upload_nar(
         .nar(PathBuf::from(&path_text), compression, level, listing)
         .await
         .map_err(failed)?;
-    let mut writers: Vec<Result<cache::NarWriter, Error>> = targets
+    let shared = !others.is_empty();
+    let caches: Vec<&Cache> = std::iter::once(own)
+        .chain(others.iter().map(|(c, _)| c))
+        .collect();
+    let mut writers: Vec<Result<cache::NarWriter, Error>> = caches
         .iter()
         .map(|c| Ok(c.nar_writer(info.nar_size, compression.nar_extension())))
         .collect();
     let (digest, listing) = loop {
         match nar.next().await.map_err(failed)? {
             Next::Data(bytes) => {
-                for (i, w) in writers.iter_mut().enumerate() {
-                    let Ok(writer) = w else { continue };
-                    let wrote = if i == 0 {
-                        writer.write(bytes.clone()).await.map_err(Error::from)
-                    } else {
-                        tokio::time::timeout(STALL, writer.write(bytes.clone()))
-                            .await
-                            .unwrap_or(Err(cache::Error::Stalled(STALL)))
-                            .map_err(Error::from)
-                    };
-                    if let Err(e) = wrote {
-                        *w = Err(e);
+                let writes = writers.iter_mut().map(|w| {
+                    let bytes = bytes.clone();
+                    async move {
+                        let Ok(writer) = w else { return };
+                        let wrote = if shared {
+                            within_stall(writer.write(bytes)).await
+                        } else {
+                            writer.write(bytes).await
+                        };
+                        if let Err(e) = wrote {
+                            *w = Err(e.into());
+                        }
                     }
-                }
+                });
+                futures::future::join_all(writes).await;
                 if writers.iter().all(|w| w.is_err()) {
                     let first = writers.into_iter().find_map(|w| w.err());
                     return Err(first.expect("all failed"));
@@ -406,36 +416,80 @@ async fn upload_nar(
             want_size: info.nar_size,
         });
     }
-    let url = format!(
-        "nar/{}{}",
-        digest.file_hash.to_nix32(),
-        compression.nar_extension()
-    );
-    let listing = listing.map(Bytes::from);
-    let commits = writers.into_iter().zip(targets).map(|(w, cache)| {
-        let (url, listing) = (&url, &listing);
-        async move {
-            let published = w?.commit(url).await?;
-            let unclaimed = cache.unclaimed(&published);
-            if let Some(listing) = listing {
-                cache
-                    .put(
-                        &listing_key(&info.path),
-                        listing.clone(),
-                        "application/json",
-                    )
-                    .await?;
+    let done = Done {
+        url: format!(
+            "nar/{}{}",
+            digest.file_hash.to_nix32(),
+            compression.nar_extension()
+        ),
+        listing: listing.map(|l| (listing_key(&info.path), Bytes::from(l))),
+        compression,
+        file_hash: digest.file_hash,
+        file_size: digest.file_size,
+        stall: shared,
+    };
+    let mut writers = writers.into_iter();
+    let own_writer = writers.next().expect("own cache first");
+    for (writer, (cache, copy)) in writers.zip(others) {
+        let (done, shown) = (done.clone(), path_text.clone());
+        tokio::spawn(async move {
+            let nar = match writer {
+                Ok(w) => done.commit(w, &cache).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = &nar {
+                warn!(
+                    "{shown} left out of {} for now (it makes its own copy): {e}",
+                    cache.url()
+                );
             }
-            Ok(NarFile {
-                published,
-                unclaimed,
-                compression,
-                file_hash: digest.file_hash,
-                file_size: digest.file_size,
-            })
+            let _ = copy.send(nar.ok());
+        });
+    }
+    done.commit(own_writer?, own).await
+}
+
+/// A write to one of several caches, given up after [`STALL`].
+async fn within_stall<T>(
+    op: impl std::future::Future<Output = Result<T, cache::Error>>,
+) -> Result<T, cache::Error> {
+    tokio::time::timeout(STALL, op)
+        .await
+        .unwrap_or(Err(cache::Error::Stalled(STALL)))
+}
+
+/// What every cache's copy of a finished NAR is committed with.
+#[derive(Clone)]
+struct Done {
+    url: String,
+    /// The listing's key and text, if one is written.
+    listing: Option<(String, Bytes)>,
+    compression: Compression,
+    file_hash: Sha256,
+    file_size: u64,
+    /// Whether other caches wait on this commit (see [`STALL`]).
+    stall: bool,
+}
+
+impl Done {
+    async fn commit(&self, writer: cache::NarWriter, cache: &Cache) -> Result<NarFile, Error> {
+        let published = if self.stall {
+            within_stall(writer.commit(&self.url)).await?
+        } else {
+            writer.commit(&self.url).await?
+        };
+        let unclaimed = cache.unclaimed(&published);
+        if let Some((key, text)) = &self.listing {
+            cache.put(key, text.clone(), "application/json").await?;
         }
-    });
-    Ok(futures::future::join_all(commits).await)
+        Ok(NarFile {
+            published,
+            unclaimed,
+            compression: self.compression,
+            file_hash: self.file_hash,
+            file_size: self.file_size,
+        })
+    }
 }
 
 /// The narinfo for `info` whose NAR is `nar`, signed with `keys` (a store signature by
@@ -500,7 +554,8 @@ mod tests {
 
         let nar = upload_nar(
             &Engine::new(2).unwrap(),
-            &[&cache],
+            &cache,
+            Vec::new(),
             &sd,
             &info,
             Compression::Zstd,
@@ -508,9 +563,6 @@ mod tests {
             false,
         )
         .await
-        .unwrap()
-        .pop()
-        .unwrap()
         .unwrap();
         assert!(!dir
             .path()
@@ -556,7 +608,8 @@ mod tests {
         let cache = Cache::open(cache_dir.to_str().unwrap()).unwrap();
         let err = upload_nar(
             &Engine::new(2).unwrap(),
-            &[&cache],
+            &cache,
+            Vec::new(),
             &sd,
             &info,
             Compression::None,
@@ -589,7 +642,8 @@ mod tests {
         let cache = Cache::open(dir.path().join("cache").to_str().unwrap()).unwrap();
         upload_nar(
             &Engine::new(1).unwrap(),
-            &[&cache],
+            &cache,
+            Vec::new(),
             &sd,
             &info,
             Compression::Xz,
@@ -597,9 +651,6 @@ mod tests {
             true,
         )
         .await
-        .unwrap()
-        .pop()
-        .unwrap()
         .unwrap();
         let ls = cache.get(&listing_key(&info.path)).await.unwrap().unwrap();
         let want = nar::dump_with_listing(&store.join(name), &mut std::io::sink()).unwrap();
