@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 
@@ -494,6 +495,88 @@ fn a_derivation_root_gets_the_realisations_nix_copy_writes_with_those_they_depen
     // a fresh store substitutes b through b's own, and a's it depends on.
     std::fs::remove_file(cache.join("realisations").join(extra[0])).unwrap();
     substitute_fresh(&pair, &cache, &keys.public, &tmp.path().join("fresh"));
+}
+
+#[test]
+fn a_realisation_that_cannot_be_written_is_retried_until_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = build_ca_pair(tmp.path(), "caretry", None);
+    let keys = keygen(tmp.path(), "narpipe-realisation-retry");
+    // A file where the folder of realisations goes: every realisation write fails
+    // (root as we are, a read-only folder would not stop us), narinfos do not.
+    let broken_cache = |name: &str| {
+        let cache = tmp.path().join(name);
+        std::fs::create_dir(&cache).unwrap();
+        std::fs::write(cache.join("realisations"), "in the way").unwrap();
+        cache
+    };
+    let upload = |cache: &Path, state: Option<&Path>, attempts: &str| {
+        let mut c = upload_cmd();
+        c.args(["--write-realisations", "--max-attempts", attempts])
+            .arg("--secret-key-file")
+            .arg(&keys.secret)
+            .arg(format!("file://{}", cache.display()));
+        if let Some(s) = state {
+            c.arg("--state-dir").arg(s);
+        }
+        c
+    };
+
+    // Given up after its attempts: reported, kept in the queue.
+    let cache = broken_cache("cache");
+    let state = tmp.path().join("state");
+    let out = feed(
+        &mut upload(&cache, Some(&state), "2"),
+        std::slice::from_ref(&pair.b),
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("is queued to write them"), "{text}");
+    assert!(text.contains("after 2 attempts"), "{text}");
+    // The outputs are in the cache all the same.
+    assert_eq!(assert_closed(&cache), 2);
+    let pending = narpipe::queue::entries(&state).unwrap();
+    // The derivations that built a and b, each failed with its reason.
+    assert_eq!(pending.len(), 2, "{pending:?}");
+    for p in &pending {
+        assert!(p.path.ends_with(".drv") && p.failed, "{pending:?}");
+        assert!(
+            p.last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("realisations"),
+            "{pending:?}"
+        );
+    }
+
+    // The next start, once the cache is fixed, writes them and retires the roots.
+    std::fs::remove_file(cache.join("realisations")).unwrap();
+    let out = feed(&mut upload(&cache, Some(&state), "2"), &[]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(realisation_docs(&cache).len(), 2, "{text}");
+    assert!(narpipe::queue::entries(&state).unwrap().is_empty());
+
+    // Within one run: retried with backoff until the cache takes them.
+    let cache = broken_cache("cache2");
+    let log = tmp.path().join("upload2.log");
+    let list = tmp.path().join("paths");
+    std::fs::write(&list, format!("{}\n", pair.b)).unwrap();
+    let mut daemon = Proc::spawn(
+        upload(&cache, None, "20")
+            .stdin(std::fs::File::open(&list).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    wait_until(Duration::from_secs(60), "a failed attempt", || {
+        std::fs::read_to_string(&log).unwrap().contains("retrying")
+    });
+    assert!(cache.join("realisations").is_file(), "still in the way");
+    std::fs::remove_file(cache.join("realisations")).unwrap();
+    let status = daemon.wait_exit(Duration::from_secs(120));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    assert_eq!(realisation_docs(&cache).len(), 2, "{text}");
+    assert_eq!(assert_closed(&cache), 2);
 }
 
 /// A `.doi` with its signatures emptied.

@@ -162,6 +162,8 @@ struct Shared {
     logs_sent: Mutex<BoundedSet>,
     /// Where realisations are asked for, if they are written.
     realisations: Option<realise::Realisations>,
+    /// Derivations whose realisations a path task could not write: roots to plan.
+    owed: mpsc::Sender<StorePath>,
     stats: Arc<Stats>,
     /// Which rejected input lines are shown (see [`input::RejectLog`]).
     rejects: Mutex<input::RejectLog>,
@@ -171,6 +173,14 @@ struct Shared {
 impl Shared {
     fn show(&self, p: &StorePath) -> String {
         self.cfg.store_dir.display(p)
+    }
+
+    /// Makes `drv` a root, recorded like an accepted one: planned, its outputs are
+    /// found in the cache and its realisations written, and it is retried until they
+    /// are (kept in the queue, also across restarts, until then or until reported).
+    async fn owe_realisations(&self, drv: &StorePath) {
+        self.journal_accept(std::slice::from_ref(drv)).await;
+        let _ = self.owed.send(drv.clone()).await;
     }
 }
 
@@ -182,6 +192,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
     let spool_dir = cfg.spool_dir.clone();
     // Without threads nothing can be uploaded; failing to start them is out of resources.
     let engine = Engine::new(cfg.jobs).expect("cannot start the NAR threads");
+    let (owed_tx, mut owed_rx) = mpsc::channel::<StorePath>(1024);
     let shared = Arc::new(Shared {
         nix: Nix::new(cfg.store_dir.clone()),
         engine,
@@ -198,6 +209,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
         realisations: cfg
             .write_realisations
             .then(|| realise::Realisations::start(Nix::new(cfg.store_dir.clone()))),
+        owed: owed_tx,
         stats: cfg.stats.clone(),
         rejects: Mutex::new(input::RejectLog::default()),
         stop: shutdown.stop.clone(),
@@ -247,6 +259,9 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
+            // Before the roots that waited on the task that sent it settle: a one-shot
+            // run must not end first.
+            Some(drv) = owed_rx.recv() => batch.add(vec![drv], &roots),
             Some((root, result)) = done_rx.recv() => roots.settle(&shared, root, result).await,
             got = rx.recv(), if input_open => match got {
                 Some(new) => batch.add(new, &roots),
@@ -291,6 +306,9 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
         while tasks.running.try_join_next().is_some() {}
     }
     reader.abort();
+    // Realisations owed from now on are not planned in this run (the queue has them):
+    // a task must not wait on a channel nobody reads.
+    drop(owed_rx);
     if let Some(s) = spooler {
         s.abort();
     }
