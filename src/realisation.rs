@@ -97,6 +97,11 @@ impl Realisation {
         })
     }
 
+    /// The output's name (`out`, `dev`…), the part of the id after `!`.
+    pub fn output(&self) -> &str {
+        self.id.rsplit_once('!').map_or("", |(_, o)| o)
+    }
+
     /// The object name in a binary cache.
     pub fn cache_key(&self) -> String {
         format!("realisations/{}.doi", self.id)
@@ -165,6 +170,7 @@ mod tests {
             assert_eq!(r.to_string(), text);
         }
         let r: Realisation = LEAF.parse().unwrap();
+        assert_eq!(r.output(), "out");
         assert_eq!(
             r.cache_key(),
             "realisations/sha256:7a7aec33ea551ced8fd7732995fcd65d206df02a1f9682f13e49c49768af4c34!out.doi"

@@ -109,7 +109,10 @@ fn s3_start_up_errors_say_which_and_exit_2() {
 
     let out = s3
         .upload_cmd()
-        .arg("s3://nixcache?endpoint=http://127.0.0.1:8333&s3ForcePathStyle=true")
+        .arg(format!(
+            "s3://nixcache?endpoint={}&s3ForcePathStyle=true",
+            s3.endpoint
+        ))
         .stdin(Stdio::null())
         .output()
         .unwrap();

@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 
@@ -251,23 +252,32 @@ fn nix_ca(program: &str) -> std::process::Command {
     c
 }
 
-#[test]
-fn realisations_let_nix_substitute_content_addressed_outputs() {
-    let tmp = tempfile::tempdir().unwrap();
-    let word = unique("ca");
+/// Two floating content-addressed derivations, b referring to a (so that Nix resolves b
+/// against a's output before building it), built in the store.
+struct CaPair {
+    expr: std::path::PathBuf,
+    /// Each build adds a line: a build where a substitution was expected shows.
+    builds: std::path::PathBuf,
+    a_drv: String,
+    b_drv: String,
+    b: String,
+}
+
+/// Builds a [`CaPair`] in `dir`; with `signing_key`, Nix signs the realisations it
+/// records (its `secret-key-files`).
+fn build_ca_pair(dir: &Path, tag: &str, signing_key: Option<&Path>) -> CaPair {
+    let word = unique(tag);
     // Builders run as nixbld users: they need a way to the log of builds.
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let shared = tmp.path().join("shared");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let shared = dir.join(format!("{tag}-shared"));
     std::fs::create_dir(&shared).unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
     let builds = shared.join("builds");
     // Each derivation may be built by another nixbld user: all of them append.
     std::fs::write(&builds, "").unwrap();
     std::fs::set_permissions(&builds, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let expr = tmp.path().join("ca.nix");
-    // b refers to a; both are floating content-addressed. Each build leaves a line in
-    // `builds`, so a build where a substitution was expected shows.
+    let expr = dir.join(format!("{tag}.nix"));
     std::fs::write(
         &expr,
         format!(
@@ -275,19 +285,89 @@ fn realisations_let_nix_substitute_content_addressed_outputs() {
   inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
   __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";
   args = [ "-c" "echo ${{name}} >> {builds} || exit 1; echo ${{name}} > $out; for d in $deps; do echo $d >> $out; done" ];
-}}; a = mk "{word}-a" []; in mk "{word}-b" [ a ]"#,
+}}; a = mk "{word}-a" []; in {{ inherit a; b = mk "{word}-b" [ a ]; }}"#,
             builds = builds.display()
         ),
     )
     .unwrap();
+    let config = match signing_key {
+        Some(k) => format!("{CA_CONFIG}\nsecret-key-files = {}", k.display()),
+        None => CA_CONFIG.to_string(),
+    };
+    let instantiate = |attr: &str| {
+        run_ok(
+            std::process::Command::new("nix-instantiate")
+                .env("NIX_CONFIG", &config)
+                .arg(&expr)
+                .args(["-A", attr]),
+        )
+        .trim()
+        .to_string()
+    };
+    let (a_drv, b_drv) = (instantiate("a"), instantiate("b"));
     let b = run_ok(
-        nix_ca("nix-build")
+        std::process::Command::new("nix-build")
+            .env("NIX_CONFIG", &config)
             .arg(&expr)
-            .args(["--no-out-link", "--quiet"]),
+            .args(["-A", "b", "--no-out-link", "--quiet"]),
     )
     .trim()
     .to_string();
     assert_eq!(std::fs::read_to_string(&builds).unwrap().lines().count(), 2);
+    CaPair {
+        expr,
+        builds,
+        a_drv,
+        b_drv,
+        b,
+    }
+}
+
+/// The `.doi` files of a folder cache, parsed, by file name.
+fn realisation_docs(cache: &Path) -> std::collections::BTreeMap<String, serde_json::Value> {
+    std::fs::read_dir(cache.join("realisations"))
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let text = std::fs::read_to_string(&p).unwrap();
+            let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            (p.file_name().unwrap().to_string_lossy().into_owned(), v)
+        })
+        .collect()
+}
+
+/// Builds `attr` of `expr` in a fresh store substituting only from `cache`; fails the
+/// test if anything is built instead.
+fn substitute_fresh(pair: &CaPair, cache: &Path, public_key: &str, fresh: &Path) {
+    let _ = std::fs::remove_file(&pair.builds);
+    run_ok(
+        nix_ca("nix")
+            .arg("build")
+            .arg("--store")
+            .arg(fresh)
+            .arg("--no-link")
+            .arg("--file")
+            .arg(&pair.expr)
+            .arg("b")
+            .arg("--option")
+            .arg("substituters")
+            .arg(format!("file://{}", cache.display()))
+            .arg("--option")
+            .arg("trusted-public-keys")
+            .arg(public_key),
+    );
+    assert!(
+        !pair.builds.exists(),
+        "something was built instead of substituted"
+    );
+    assert!(fresh.join(pair.b.trim_start_matches('/')).exists());
+}
+
+#[test]
+fn realisations_let_nix_substitute_content_addressed_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = build_ca_pair(tmp.path(), "ca", None);
+    let b = &pair.b;
     let keys = keygen(tmp.path(), "narpipe-realisations");
     let cache = tmp.path().join("cache");
     let out = feed(
@@ -296,7 +376,7 @@ fn realisations_let_nix_substitute_content_addressed_outputs() {
             .arg("--secret-key-file")
             .arg(&keys.secret)
             .arg(format!("file://{}", cache.display())),
-        std::slice::from_ref(&b),
+        std::slice::from_ref(b),
     );
     assert!(
         out.status.success(),
@@ -330,7 +410,8 @@ fn realisations_let_nix_substitute_content_addressed_outputs() {
             .arg("--to")
             .arg(format!("file://{}", theirs.display()))
             .arg("--file")
-            .arg(&expr),
+            .arg(&pair.expr)
+            .arg("b"),
     );
     let a_id = std::fs::read_dir(theirs.join("realisations"))
         .unwrap()
@@ -346,29 +427,159 @@ fn realisations_let_nix_substitute_content_addressed_outputs() {
     let unsigned = without_signatures(&ours);
     assert_eq!(unsigned, std::fs::read_to_string(&a_id).unwrap());
 
-    // A fresh store builds the expression from the cache without building anything.
-    std::fs::remove_file(&builds).unwrap();
-    let fresh = tmp.path().join("fresh");
+    // A fresh store builds the expression from the cache without building anything
+    // (Nix resolves b against a, then finds the resolved derivation's realisation).
+    substitute_fresh(&pair, &cache, &keys.public, &tmp.path().join("fresh"));
+}
+
+#[test]
+fn a_derivation_root_gets_the_realisations_nix_copy_writes_with_those_they_depend_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-drv-realisations");
+    // Nix signs its realisations with our key, so that nix copy's carry the signature
+    // upload makes: the two caches can be compared whole.
+    let pair = build_ca_pair(tmp.path(), "cadrv", Some(&keys.secret));
+    let upload = |cache: &Path, extra: &[&str], drv: &str| {
+        let out = feed(
+            upload_cmd()
+                .args(extra)
+                .arg("--secret-key-file")
+                .arg(&keys.secret)
+                .arg(format!("file://{}", cache.display())),
+            &[drv.to_string()],
+        );
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{text}");
+        text
+    };
+
+    // a.drv, as the post-build hook of Nix 2.8 sends it: its output has no path in
+    // the derivation, only in the realisation Nix recorded.
+    let only_a = tmp.path().join("only-a");
+    upload(&only_a, &[], &pair.a_drv);
+    assert_eq!(assert_closed(&only_a), 1);
+    assert!(!only_a.join("realisations").exists());
+
+    let cache = tmp.path().join("cache");
+    upload(&cache, &["--write-realisations"], &pair.b_drv);
+    assert_eq!(assert_closed(&cache), 2);
+    let theirs = tmp.path().join("theirs");
     run_ok(
         nix_ca("nix")
-            .arg("build")
-            .arg("--store")
-            .arg(&fresh)
-            .arg("--no-link")
-            .arg("--file")
-            .arg(&expr)
-            .arg("--option")
-            .arg("substituters")
-            .arg(format!("file://{}", cache.display()))
-            .arg("--option")
-            .arg("trusted-public-keys")
-            .arg(&keys.public),
+            .arg("copy")
+            .arg("--to")
+            .arg(format!("file://{}", theirs.display()))
+            .arg(&pair.b_drv),
     );
+    let ours = realisation_docs(&cache);
+    let theirs = realisation_docs(&theirs);
+    // b's (which depends on a's) and a's.
+    assert_eq!(theirs.len(), 2, "{theirs:#?}");
     assert!(
-        !builds.exists(),
-        "something was built instead of substituted"
+        theirs
+            .values()
+            .any(|v| v["dependentRealisations"].as_object().unwrap().len() == 1),
+        "{theirs:#?}"
     );
-    assert!(fresh.join(b.trim_start_matches('/')).exists());
+    for (name, v) in &theirs {
+        assert_eq!(ours.get(name), Some(v), "{name}");
+    }
+    // And one more: the realisation of the resolved derivation, b's output's deriver.
+    let extra: Vec<_> = ours.keys().filter(|k| !theirs.contains_key(*k)).collect();
+    assert_eq!(extra.len(), 1, "{ours:#?}");
+    let resolved = &ours[extra[0]];
+    assert_eq!(resolved["dependentRealisations"], serde_json::json!({}));
+    assert_eq!(
+        format!("/nix/store/{}", resolved["outPath"].as_str().unwrap()),
+        pair.b
+    );
+
+    // What nix copy writes is enough: without the resolved derivation's realisation
+    // a fresh store substitutes b through b's own, and a's it depends on.
+    std::fs::remove_file(cache.join("realisations").join(extra[0])).unwrap();
+    substitute_fresh(&pair, &cache, &keys.public, &tmp.path().join("fresh"));
+}
+
+#[test]
+fn a_realisation_that_cannot_be_written_is_retried_until_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = build_ca_pair(tmp.path(), "caretry", None);
+    let keys = keygen(tmp.path(), "narpipe-realisation-retry");
+    // A file where the folder of realisations goes: every realisation write fails
+    // (root as we are, a read-only folder would not stop us), narinfos do not.
+    let broken_cache = |name: &str| {
+        let cache = tmp.path().join(name);
+        std::fs::create_dir(&cache).unwrap();
+        std::fs::write(cache.join("realisations"), "in the way").unwrap();
+        cache
+    };
+    let upload = |cache: &Path, state: Option<&Path>, attempts: &str| {
+        let mut c = upload_cmd();
+        c.args(["--write-realisations", "--max-attempts", attempts])
+            .arg("--secret-key-file")
+            .arg(&keys.secret)
+            .arg(format!("file://{}", cache.display()));
+        if let Some(s) = state {
+            c.arg("--state-dir").arg(s);
+        }
+        c
+    };
+
+    // Given up after its attempts: reported, kept in the queue.
+    let cache = broken_cache("cache");
+    let state = tmp.path().join("state");
+    let out = feed(
+        &mut upload(&cache, Some(&state), "2"),
+        std::slice::from_ref(&pair.b),
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("is queued to write them"), "{text}");
+    assert!(text.contains("after 2 attempts"), "{text}");
+    // The outputs are in the cache all the same.
+    assert_eq!(assert_closed(&cache), 2);
+    let pending = narpipe::queue::entries(&state).unwrap();
+    // The derivations that built a and b, each failed with its reason.
+    assert_eq!(pending.len(), 2, "{pending:?}");
+    for p in &pending {
+        assert!(p.path.ends_with(".drv") && p.failed, "{pending:?}");
+        assert!(
+            p.last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("realisations"),
+            "{pending:?}"
+        );
+    }
+
+    // The next start, once the cache is fixed, writes them and retires the roots.
+    std::fs::remove_file(cache.join("realisations")).unwrap();
+    let out = feed(&mut upload(&cache, Some(&state), "2"), &[]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(realisation_docs(&cache).len(), 2, "{text}");
+    assert!(narpipe::queue::entries(&state).unwrap().is_empty());
+
+    // Within one run: retried with backoff until the cache takes them.
+    let cache = broken_cache("cache2");
+    let log = tmp.path().join("upload2.log");
+    let list = tmp.path().join("paths");
+    std::fs::write(&list, format!("{}\n", pair.b)).unwrap();
+    let mut daemon = Proc::spawn(
+        upload(&cache, None, "20")
+            .stdin(std::fs::File::open(&list).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    wait_until(Duration::from_secs(60), "a failed attempt", || {
+        std::fs::read_to_string(&log).unwrap().contains("retrying")
+    });
+    assert!(cache.join("realisations").is_file(), "still in the way");
+    std::fs::remove_file(cache.join("realisations")).unwrap();
+    let status = daemon.wait_exit(Duration::from_secs(120));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    assert_eq!(realisation_docs(&cache).len(), 2, "{text}");
+    assert_eq!(assert_closed(&cache), 2);
 }
 
 /// A `.doi` with its signatures emptied.

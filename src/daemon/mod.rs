@@ -173,6 +173,8 @@ struct Shared {
     logs_sent: Mutex<BoundedSet>,
     /// Where realisations are asked for, if they are written.
     realisations: Option<Arc<realise::Realisations>>,
+    /// Derivations whose realisations a path task could not write: roots to plan.
+    owed: mpsc::Sender<StorePath>,
     stats: Arc<Stats>,
     /// Which rejected input lines are shown (see [`input::RejectLog`]); the first
     /// pipeline reads the input.
@@ -198,6 +200,14 @@ impl Shared {
     fn cache_key(&self) -> &str {
         self.cache.url()
     }
+
+    /// Makes `drv` a root, recorded like an accepted one: planned, its outputs are
+    /// found in the cache and its realisations written, and it is retried until they
+    /// are (kept in the queue, also across restarts, until then or until reported).
+    async fn owe_realisations(&self, drv: &StorePath) {
+        self.journal_accept(std::slice::from_ref(drv)).await;
+        let _ = self.owed.send(drv.clone()).await;
+    }
 }
 
 /// Runs until the input ends (or `send --finish`, or `shutdown.drain`) and every
@@ -222,11 +232,14 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
         )))
     });
     let share = (cfg.caches.len() > 1).then(|| Arc::new(share::NarShare::new(cfg.caches.len())));
+    let mut owed_rxs = Vec::new();
     let pipelines: Vec<Arc<Shared>> = cfg
         .caches
         .iter()
         .enumerate()
         .map(|(which, cache)| {
+            let (owed, owed_rx) = mpsc::channel::<StorePath>(1024);
+            owed_rxs.push(owed_rx);
             Arc::new(Shared {
                 cfg: cfg.clone(),
                 cache: cache.clone(),
@@ -245,6 +258,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
                 }),
                 logs_sent: Mutex::new(BoundedSet::default()),
                 realisations: realisations.clone(),
+                owed,
                 stats: cfg.stats[which].clone(),
                 rejects: Mutex::new(input::RejectLog::default()),
                 stop: shutdown.stop.clone(),
@@ -282,14 +296,18 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
             }
         }
     });
-    let runs = pipelines.iter().zip(outlets).map(|(shared, rx)| {
-        let mine: Vec<Pending> = pending
-            .iter()
-            .filter(|p| !p.done.iter().any(|c| c == shared.cache_key()))
-            .cloned()
-            .collect();
-        pipeline(shared.clone(), rx, mine, shutdown.stop.clone())
-    });
+    let runs = pipelines
+        .iter()
+        .zip(outlets)
+        .zip(owed_rxs)
+        .map(|((shared, rx), owed_rx)| {
+            let mine: Vec<Pending> = pending
+                .iter()
+                .filter(|p| !p.done.iter().any(|c| c == shared.cache_key()))
+                .cloned()
+                .collect();
+            pipeline(shared.clone(), rx, owed_rx, mine, shutdown.stop.clone())
+        });
     let summaries = futures::future::join_all(runs).await;
     reader.abort();
     fan_out.abort();
@@ -317,6 +335,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
 async fn pipeline(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<Vec<StorePath>>,
+    mut owed_rx: mpsc::Receiver<StorePath>,
     pending: Vec<Pending>,
     stop: CancellationToken,
 ) -> u64 {
@@ -344,6 +363,9 @@ async fn pipeline(
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
+            // Before the roots that waited on the task that sent it settle: a one-shot
+            // run must not end first.
+            Some(drv) = owed_rx.recv() => batch.add(vec![drv], &roots),
             Some((root, result)) = done_rx.recv() => roots.settle(&shared, root, result).await,
             got = rx.recv(), if input_open => match got {
                 Some(new) => batch.add(new, &roots),
@@ -389,6 +411,9 @@ async fn pipeline(
         roots.outcomes(&shared, &asked, outcomes, &done_tx).await;
         while tasks.running.try_join_next().is_some() {}
     }
+    // Realisations owed from now on are not planned in this run (the queue has them):
+    // a task must not wait on a channel nobody reads.
+    drop(owed_rx);
     let unfinished = roots.len() as u64;
     if stop.is_cancelled() {
         tasks.running.shutdown().await;

@@ -16,7 +16,7 @@
 //! and left out, the path is uploaded all the same. With `write_realisations`, the
 //! realisations of a content-addressed output (see [`crate::realisation`]) follow its
 //! narinfo, as they do in `nix copy`: a realisation points at a path that must be
-//! there.
+//! there. Those it cannot write become its deriver's job, as a `.drv` root.
 //! The NAR is never whole in memory. A NAR whose hash or size differs from the store's
 //! database is dropped: nothing is published.
 
@@ -187,7 +187,7 @@ async fn upload_one(shared: &Shared, info: &PathInfo, deps: Vec<Dep>) -> Result<
         )
         .await?;
     if let (Some(lookups), Some(_), Some(drv)) = (&shared.realisations, &info.ca, &info.deriver) {
-        write_realisations(shared, lookups, drv, info).await?;
+        write_realisations(shared, lookups, drv, info).await;
     }
     Ok(Outcome::Uploaded {
         nar: info.nar_size,
@@ -304,37 +304,34 @@ async fn upload_log(shared: &Shared, log_dir: &Path, drv: &StorePath) -> Result<
     Ok(())
 }
 
-/// Writes the realisations Nix has for `info.path`, an output of `drv`, signed. One
-/// that depends on other realisations (an unresolved derivation's) is left out: its
-/// dependencies might not be in the cache, and Nix could not use it then. The
-/// realisations of the resolved derivation that built the path, the one Nix records
-/// as its deriver, have none.
+/// Writes the realisations Nix has for `info.path`, an output of `drv`, signed. The
+/// narinfo is committed by now, so a retry of this path would find it present and never
+/// come back to them: realisations that cannot be written, or that depend on others
+/// (which must be written first, found through the derivation's inputs), are left to
+/// `drv` as a root of its own (see [`Shared::owe_realisations`]). The path is done
+/// either way: it is a good cache entry without them.
 async fn write_realisations(
     shared: &Shared,
     lookups: &realise::Realisations,
     drv: &StorePath,
     info: &PathInfo,
-) -> Result<(), Error> {
-    for mut r in lookups.of(drv, &info.path).await {
-        if !r.dependent.is_empty() {
-            info!(
-                "realisation {} of {} left out: it depends on other realisations",
-                r.id,
-                shared.show(&info.path)
-            );
-            continue;
-        }
-        r.sign(&shared.cfg.keys);
-        shared
-            .cache
-            .put(
-                &r.cache_key(),
-                Bytes::from(r.to_string()),
-                "application/json",
-            )
-            .await?;
+) {
+    let found = lookups.of(drv, &info.path).await;
+    if found.iter().any(|r| !r.dependent.is_empty()) {
+        debug!(
+            "realisations of {} depend on others: left to {}",
+            shared.show(&info.path),
+            shared.show(drv)
+        );
+        shared.owe_realisations(drv).await;
+    } else if let Err(e) = realise::write(shared, &found).await {
+        warn!(
+            "cannot write the realisations of {} ({e}): {} is queued to write them",
+            shared.show(&info.path),
+            shared.show(drv)
+        );
+        shared.owe_realisations(drv).await;
     }
-    Ok(())
 }
 
 /// The object name of a path's NAR listing.

@@ -8,6 +8,10 @@
 //!          (skip: closure   (gone)                       level by level) ─▶ filter ─▶ tasks
 //!           is there too)
 //! ```
+//! A `.drv` root's outputs are those its derivation names and, for floating
+//! content-addressed ones, those its realisations name; with `write_realisations` the
+//! root also carries its realisations (see [`super::realise`]), written once its
+//! outputs are in the cache (see [`super::retry`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
@@ -16,10 +20,12 @@ use std::sync::Arc;
 use log::{info, warn};
 
 use super::presence::{presence, skip_upstream};
+use super::realise;
 use super::retry::RootOutcome;
 use super::tasks::{spawn_closure, Tasks};
 use super::{Error, Shared};
 use crate::nix::PathInfo;
+use crate::realisation::Realisation;
 use crate::store_path::StorePath;
 
 /// Resolves a batch of roots to the paths the cache lacks, starts their tasks, and says
@@ -114,8 +120,8 @@ pub(super) async fn batch(
     let valid_drvs: Vec<StorePath> = drvs.into_iter().filter(|p| !invalid.contains(p)).collect();
     // The path roots, each waiting for itself (also when it is a .drv root's output).
     let path_roots = missing.clone();
-    // For each .drv root, the outputs it waits for.
-    let mut drv_targets: Vec<(StorePath, Vec<StorePath>)> = Vec::new();
+    // For each .drv root, the outputs it waits for and the realisations it writes then.
+    let mut drv_targets: Vec<(StorePath, Vec<StorePath>, Vec<Realisation>)> = Vec::new();
     match drv_outputs(shared, &valid_drvs).await {
         Err(e) => {
             let reason = e.to_string();
@@ -126,14 +132,19 @@ pub(super) async fn batch(
             );
         }
         Ok(built) => {
-            let all: Vec<StorePath> = built.iter().flat_map(|(_, o)| o.clone()).collect();
+            let all: Vec<StorePath> = built.iter().flat_map(|b| b.outputs.clone()).collect();
             let present: HashMap<StorePath, Result<bool, String>> = presence(shared, all)
                 .await
                 .into_iter()
                 .map(|(p, r)| (p, r.map_err(|e| e.to_string())))
                 .collect();
-            for (drv, outs) in built {
-                if outs.is_empty() {
+            for Built {
+                drv,
+                outputs,
+                realisations,
+            } in built
+            {
+                if outputs.is_empty() {
                     outcomes.push((
                         drv,
                         RootOutcome::Gone("none of its outputs is built".into()),
@@ -142,7 +153,7 @@ pub(super) async fn batch(
                 }
                 let mut absent = Vec::new();
                 let mut failure = None;
-                for o in outs {
+                for o in outputs {
                     match &present[&o] {
                         Ok(true) => {}
                         Ok(false) => absent.push(o),
@@ -152,15 +163,20 @@ pub(super) async fn batch(
                 if let Some(reason) = failure {
                     outcomes.push((drv, RootOutcome::Failed(reason)));
                 } else if absent.is_empty() {
-                    shared.stats.skipped.fetch_add(1, Relaxed);
-                    info!(
-                        "skipped {} (its outputs are in the cache)",
-                        shared.show(&drv)
-                    );
-                    outcomes.push((drv, RootOutcome::Done));
+                    if realisations.is_empty() {
+                        shared.stats.skipped.fetch_add(1, Relaxed);
+                        info!(
+                            "skipped {} (its outputs are in the cache)",
+                            shared.show(&drv)
+                        );
+                        outcomes.push((drv, RootOutcome::Done));
+                    } else {
+                        // Counted skipped once they are written (see retry).
+                        outcomes.push((drv, RootOutcome::Wait(Vec::new(), realisations)));
+                    }
                 } else {
                     missing.extend(absent.iter().cloned());
-                    drv_targets.push((drv, absent));
+                    drv_targets.push((drv, absent, realisations));
                 }
             }
         }
@@ -172,7 +188,7 @@ pub(super) async fn batch(
     let asked: HashSet<&StorePath> = ask.iter().collect();
     let mut more: Vec<StorePath> = drv_targets
         .iter()
-        .flat_map(|(_, outs)| outs.iter())
+        .flat_map(|(_, outs, _)| outs.iter())
         .filter(|o| !asked.contains(o))
         .cloned()
         .collect();
@@ -190,7 +206,7 @@ pub(super) async fn batch(
             outcomes.extend(
                 drv_targets
                     .iter()
-                    .map(|(d, _)| (d.clone(), RootOutcome::Failed(reason.clone()))),
+                    .map(|(d, _, _)| (d.clone(), RootOutcome::Failed(reason.clone()))),
             );
             return outcomes;
         }
@@ -236,14 +252,27 @@ pub(super) async fn batch(
         if waits.is_empty() {
             RootOutcome::Done
         } else {
-            RootOutcome::Wait(waits)
+            RootOutcome::Wait(waits, Vec::new())
         }
     };
     for p in &path_roots {
         outcomes.push((p.clone(), wait_for(std::slice::from_ref(p))));
     }
-    for (drv, outs) in &drv_targets {
-        outcomes.push((drv.clone(), wait_for(outs)));
+    for (drv, outs, realisations) in drv_targets {
+        // A realisation names a path that must be in the cache: none of an excluded one
+        // (nor of its referrers, which stay out with it).
+        let realisations: Vec<Realisation> = realisations
+            .into_iter()
+            .filter(|r| !blocked.contains_key(&r.out_path))
+            .collect();
+        let outcome = match wait_for(&outs) {
+            RootOutcome::Done if !realisations.is_empty() => {
+                RootOutcome::Wait(Vec::new(), realisations)
+            }
+            RootOutcome::Wait(waits, _) => RootOutcome::Wait(waits, realisations),
+            other => other,
+        };
+        outcomes.push((drv, outcome));
     }
     outcomes
 }
@@ -279,34 +308,98 @@ async fn build_deps(
     Ok(shared.nix.build_closure_outputs(&known).await?)
 }
 
-/// The built outputs of each valid derivation (two Nix calls for all of them);
-/// unbuilt ones are reported.
-async fn drv_outputs(
-    shared: &Shared,
-    drvs: &[StorePath],
-) -> Result<Vec<(StorePath, Vec<StorePath>)>, Error> {
+/// A valid `.drv` root: its built outputs, and (with `write_realisations`) the
+/// realisations to write once they are in the cache.
+struct Built {
+    drv: StorePath,
+    outputs: Vec<StorePath>,
+    realisations: Vec<Realisation>,
+}
+
+/// The built outputs of each valid derivation; unbuilt ones are reported. The outputs
+/// a derivation fixes come from `nix show-derivation`; floating content-addressed ones
+/// from the realisations Nix recorded when it built them, which are also what is
+/// written with `write_realisations` (with those they depend on). A few Nix calls for
+/// the whole batch.
+async fn drv_outputs(shared: &Shared, drvs: &[StorePath]) -> Result<Vec<Built>, Error> {
     if drvs.is_empty() {
         return Ok(Vec::new());
     }
+    let write = shared.cfg.write_realisations;
     let mut outputs = shared.nix.outputs(drvs).await?;
-    let all: Vec<StorePath> = outputs.values().flatten().cloned().collect();
-    let invalid = shared.nix.invalid(&all).await?;
-    Ok(drvs
+    let known: Vec<StorePath> = outputs.values().flat_map(|o| o.known.clone()).collect();
+    let mut unbuilt = shared.nix.invalid(&known).await?;
+    // Nix refuses to look up realisations of a derivation with an output not built.
+    let ask: Vec<StorePath> = drvs
+        .iter()
+        .filter(|d| {
+            outputs.get(*d).is_some_and(|o| {
+                !o.floating.is_empty() || (write && o.known.iter().all(|p| !unbuilt.contains(p)))
+            })
+        })
+        .cloned()
+        .collect();
+    let found = if ask.is_empty() {
+        Vec::new()
+    } else {
+        realise::lookup(&shared.nix, ask).await
+    };
+    let mut realised = Vec::new();
+    let mut built: Vec<Built> = drvs
         .iter()
         .map(|drv| {
             let outs = outputs.remove(drv).unwrap_or_default();
-            let (unbuilt, built): (Vec<_>, Vec<_>) =
-                outs.into_iter().partition(|o| invalid.contains(o));
-            for o in unbuilt {
-                warn!(
-                    "output {} of {} is not built; not uploading it",
-                    shared.show(&o),
-                    shared.show(drv)
-                );
+            let realisations: Vec<Realisation> = found
+                .iter()
+                .filter(|r| realise::belongs(drv, &outs, r))
+                .cloned()
+                .collect();
+            let mut paths = outs.known;
+            for r in &realisations {
+                if outs.floating.iter().any(|o| o == r.output()) {
+                    paths.push(r.out_path.clone());
+                    realised.push(r.out_path.clone());
+                }
             }
-            (drv.clone(), built)
+            paths.sort();
+            paths.dedup();
+            Built {
+                drv: drv.clone(),
+                outputs: paths,
+                realisations,
+            }
         })
-        .collect())
+        .collect();
+    // A realised output may have been collected since it was built.
+    if !realised.is_empty() {
+        unbuilt.extend(shared.nix.invalid(&realised).await?);
+    }
+    for b in &mut built {
+        for o in b.outputs.iter().filter(|o| unbuilt.contains(*o)) {
+            warn!(
+                "output {} of {} is not built; not uploading it",
+                shared.show(o),
+                shared.show(&b.drv)
+            );
+        }
+        b.outputs.retain(|o| !unbuilt.contains(o));
+        if write {
+            b.realisations.retain(|r| !unbuilt.contains(&r.out_path));
+        } else {
+            b.realisations.clear();
+        }
+    }
+    if write {
+        let wanted = built
+            .iter_mut()
+            .map(|b| (b.drv.clone(), std::mem::take(&mut b.realisations)))
+            .collect();
+        let with_deps = realise::with_dependencies(&shared.nix, wanted).await;
+        for (b, (_, rs)) in built.iter_mut().zip(with_deps) {
+            b.realisations = rs;
+        }
+    }
+    Ok(built)
 }
 
 /// Path info for every path that `roots` (valid, not in the cache) need uploaded: the

@@ -13,14 +13,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 
-use log::{error, log, Level};
+use log::{error, info, log, Level};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::realise;
 use super::tasks::{Status, Watch};
 use super::Shared;
+use crate::realisation::Realisation;
 use crate::store_path::StorePath;
 
 /// What became of a root in one attempt.
@@ -33,8 +36,9 @@ pub(super) enum RootOutcome {
     Failed(String),
     /// Kept out by --include/--exclude: retire it, not a failure.
     Excluded,
-    /// Uploads are under way; these paths must all end Done.
-    Wait(Vec<(StorePath, Watch)>),
+    /// Uploads are under way; these paths must all end Done. Then these realisations
+    /// (of a `.drv` root's outputs, each after those it depends on) are written.
+    Wait(Vec<(StorePath, Watch)>, Vec<Realisation>),
 }
 
 /// How a root's attempt ended, sent back by the task that waited for it.
@@ -151,10 +155,11 @@ impl Roots {
     /// Takes the outcomes of one planned batch. Roots not `asked` for are build-time
     /// dependencies (--include-build-deps) that planning added: they are recorded and
     /// tracked like accepted ones, unless already under way. A root whose uploads are
-    /// under way is settled through `done` when they end.
+    /// under way is settled through `done` when they end and its realisations are
+    /// written: it stays in the queue until they are.
     pub(super) async fn outcomes(
         &mut self,
-        shared: &Shared,
+        shared: &Arc<Shared>,
         asked: &HashSet<StorePath>,
         outcomes: Vec<(StorePath, RootOutcome)>,
         done: &mpsc::Sender<Settled>,
@@ -187,14 +192,28 @@ impl Roots {
                     self.attempts.remove(&root);
                     shared.journal_retire(shared.show(&root)).await;
                 }
-                RootOutcome::Wait(targets) => {
+                RootOutcome::Wait(targets, realisations) => {
                     let done = done.clone();
+                    let shared = shared.clone();
                     tokio::spawn(async move {
+                        let present = targets.is_empty();
                         let mut result = Ok(());
                         for (path, watch) in targets {
                             if let Status::Failed(reason) = watch.settled().await {
                                 result = Err(format!("{path}: {reason}"));
                                 break;
+                            }
+                        }
+                        if result.is_ok() && !realisations.is_empty() {
+                            result = realise::write(&shared, &realisations)
+                                .await
+                                .map_err(|e| format!("its realisations: {e}"));
+                            if result.is_ok() && present {
+                                shared.stats.skipped.fetch_add(1, Relaxed);
+                                info!(
+                                    "skipped {} (its outputs are in the cache), wrote its realisations",
+                                    shared.show(&root)
+                                );
                             }
                         }
                         let _ = done.send((root, result)).await;

@@ -7,7 +7,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use object_store::aws::AmazonS3Builder;
@@ -58,28 +57,151 @@ fn wait_ready(what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
-/// SeaweedFS uses fixed ports (S3 on 8333): one at a time per test binary.
-static SEAWEED: Mutex<()> = Mutex::new(());
+/// The ports of one SeaweedFS (`weed mini`), every one set explicitly: its defaults are
+/// fixed (S3 8333, filer 8888, master 9333, volume 9340, admin 23646, each gRPC port
+/// the HTTP port + 10000), so two servers on one machine — tests of several binaries,
+/// or of several checkouts, or a benchmark — would take each other's.
+///
+/// They are drawn from 11000–32000, below the kernel's ephemeral range (32768 up): no
+/// `bind(0)` of another test server, and no outgoing connection, is handed one of them
+/// while the server is stopped for an outage and started again on the same ports.
+#[derive(Debug, Clone, Copy)]
+struct WeedPorts {
+    s3: u16,
+    s3_grpc: u16,
+    filer: u16,
+    filer_grpc: u16,
+    master: u16,
+    master_grpc: u16,
+    volume: u16,
+    volume_grpc: u16,
+    admin: u16,
+    /// Always `admin` + 10000: mini's maintenance worker dials that, whatever
+    /// `-admin.port.grpc` says (it would dial another server's admin otherwise).
+    admin_grpc: u16,
+}
 
+/// SeaweedFS's default ports and their gRPC twins, which checkouts older than this
+/// file still use: never drawn.
+const WEED_DEFAULT_PORTS: [u16; 14] = [
+    6060, 7333, 8181, 8333, 8888, 9101, 9333, 9340, 17333, 18333, 18888, 19333, 19340, 23646,
+];
+
+impl WeedPorts {
+    /// Ten ports free right now, distinct, none of SeaweedFS's defaults.
+    fn pick() -> WeedPorts {
+        use std::hash::BuildHasher;
+        let random = std::collections::hash_map::RandomState::new();
+        // Bound until all are drawn, so that none is drawn twice.
+        let mut held: Vec<std::net::TcpListener> = Vec::new();
+        let mut draw = |twin: Option<u16>| -> u16 {
+            for attempt in 0u64..10_000 {
+                let port = 11000 + (random.hash_one((held.len(), attempt)) % 11000) as u16;
+                let wanted: Vec<u16> = std::iter::once(port)
+                    .chain(twin.map(|offset| port + offset))
+                    .collect();
+                if wanted.iter().any(|p| WEED_DEFAULT_PORTS.contains(p)) {
+                    continue;
+                }
+                let bound: Vec<_> = wanted
+                    .iter()
+                    .map_while(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).ok())
+                    .collect();
+                if bound.len() == wanted.len() {
+                    held.extend(bound);
+                    return port;
+                }
+            }
+            panic!("no free ports for SeaweedFS in 11000-32000");
+        };
+        let [s3, s3_grpc, filer, filer_grpc, master, master_grpc, volume, volume_grpc] =
+            [(); 8].map(|()| draw(None));
+        let admin = draw(Some(10000));
+        WeedPorts {
+            s3,
+            s3_grpc,
+            filer,
+            filer_grpc,
+            master,
+            master_grpc,
+            volume,
+            volume_grpc,
+            admin,
+            admin_grpc: admin + 10000,
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        [
+            ("s3.port", self.s3),
+            ("s3.port.grpc", self.s3_grpc),
+            ("filer.port", self.filer),
+            ("filer.port.grpc", self.filer_grpc),
+            ("master.port", self.master),
+            ("master.port.grpc", self.master_grpc),
+            ("volume.port", self.volume),
+            ("volume.port.grpc", self.volume_grpc),
+            ("admin.port", self.admin),
+            ("admin.port.grpc", self.admin_grpc),
+            // Iceberg and Lance catalogs (8181, 9101 by default): off.
+            ("s3.port.iceberg", 0),
+            ("s3.port.lance", 0),
+        ]
+        .iter()
+        .map(|(flag, port)| format!("-{flag}={port}"))
+        .collect()
+    }
+
+    /// The sockets SeaweedFS makes in /tmp, named by gRPC port, whatever TMPDIR says
+    /// (a killed server leaves them behind).
+    fn tmp_sockets(&self) -> Vec<(u16, PathBuf)> {
+        [
+            ("s3", self.s3_grpc),
+            ("filer", self.filer_grpc),
+            ("master", self.master_grpc),
+            ("volume", self.volume_grpc),
+            ("admin", self.admin_grpc),
+        ]
+        .iter()
+        .map(|(what, port)| {
+            (
+                *port,
+                PathBuf::from(format!("/tmp/seaweedfs-{what}-grpc-{port}.sock")),
+            )
+        })
+        .collect()
+    }
+}
+
+/// A SeaweedFS of its own (`weed mini`) on ports of its own (see [`WeedPorts`]): any
+/// number run at once, in this test binary and others.
 pub struct Seaweed {
     proc: Option<Proc>,
-    _lock: MutexGuard<'static, ()>,
     dir: tempfile::TempDir,
+    ports: WeedPorts,
     pub endpoint: String,
 }
 
 impl Seaweed {
     pub fn start() -> Seaweed {
-        let lock = SEAWEED.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let mut s = Seaweed {
             proc: None,
-            _lock: lock,
             dir,
-            endpoint: "http://127.0.0.1:8333".into(),
+            ports: WeedPorts::pick(),
+            endpoint: String::new(),
         };
-        s.resume();
-        s
+        // A port drawn free can be taken before weed binds it (by another test's
+        // server drawing the same one): draw again.
+        for _ in 0..5 {
+            s.endpoint = format!("http://127.0.0.1:{}", s.ports.s3);
+            match s.launch() {
+                Ok(()) => return s,
+                Err(_) => s.ports = WeedPorts::pick(),
+            }
+        }
+        let log = std::fs::read_to_string(s.dir.path().join("weed.log")).unwrap_or_default();
+        panic!("SeaweedFS did not start on free ports five times; last log:\n{log}");
     }
 
     /// Stops the server (data kept), as an outage would.
@@ -87,12 +209,24 @@ impl Seaweed {
         self.proc = None;
     }
 
-    /// Starts it again on the same data.
+    /// Starts it again on the same data and the same ports.
     pub fn resume(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("weed.log")).unwrap();
+        if let Err(log) = self.launch() {
+            panic!("SeaweedFS did not start again on {:?}:\n{log}", self.ports);
+        }
+    }
+
+    /// Starts weed on `self.ports` and waits until S3 takes a write; on an early exit
+    /// (a port taken meanwhile) returns its log.
+    fn launch(&mut self) -> Result<(), String> {
+        let log_file = self.dir.path().join("weed.log");
+        let log = std::fs::File::create(&log_file).unwrap();
         let data = self.dir.path().join("data");
+        // glog writes its files to TMPDIR (else /tmp).
+        let tmp = self.dir.path().join("tmp");
         std::fs::create_dir_all(&data).unwrap();
-        self.proc = Some(Proc::spawn(
+        std::fs::create_dir_all(&tmp).unwrap();
+        let mut proc = Proc::spawn(
             Command::new(venv().join("bin/weed"))
                 .arg("mini")
                 .arg(format!("-dir={}", data.display()))
@@ -103,17 +237,42 @@ impl Seaweed {
                     "-admin.ui=false",
                     "-master.telemetry=false",
                 ])
+                .args(self.ports.args())
+                // By default /tmp/seaweedfs-{filer,s3}-<port>.sock.
+                .arg(format!(
+                    "-filer.localSocket={}",
+                    self.dir.path().join("filer.sock").display()
+                ))
+                .arg(format!(
+                    "-s3.localSocket={}",
+                    self.dir.path().join("s3.sock").display()
+                ))
+                .env("TMPDIR", &tmp)
                 .env("AWS_ACCESS_KEY_ID", S3_KEY)
                 .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log),
-        ));
+        );
         let probe = self.store("narpipe-probe");
         let rt = runtime();
-        wait_ready("SeaweedFS", || {
-            rt.block_on(probe.put(&"ready".into(), "1".into())).is_ok()
-        });
+        let start = Instant::now();
+        loop {
+            if rt.block_on(probe.put(&"ready".into(), "1".into())).is_ok() {
+                self.proc = Some(proc);
+                return Ok(());
+            }
+            let text = std::fs::read_to_string(&log_file).unwrap_or_default();
+            if proc.0.try_wait().unwrap().is_some() || text.contains("address already in use") {
+                return Err(text);
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "SeaweedFS did not come up on {:?}:\n{text}",
+                self.ports
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// A client of our own to read back what upload wrote.
@@ -143,6 +302,19 @@ impl Seaweed {
             .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
             .env_remove("AWS_PROFILE");
         c
+    }
+}
+
+impl Drop for Seaweed {
+    /// Kills the server, then removes the sockets it left in /tmp — each only while
+    /// holding its port, so that no other server is using it.
+    fn drop(&mut self) {
+        self.proc = None;
+        for (port, socket) in self.ports.tmp_sockets() {
+            if let Ok(_held) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                let _ = std::fs::remove_file(socket);
+            }
+        }
     }
 }
 
