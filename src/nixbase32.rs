@@ -6,6 +6,18 @@
 
 const ALPHABET: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
+/// Each byte's digit, or 0xff for a byte not in [`ALPHABET`]: decoding 100,000 store
+/// paths' hashes searched the alphabet 3.2 million times.
+const DIGITS: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 32 {
+        t[ALPHABET[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
     #[error("invalid nix base-32 character {0:?}")]
@@ -39,7 +51,7 @@ pub fn encode(bytes: &[u8]) -> String {
 
 /// Whether `c` may appear in a nix base-32 string (and so in a store path hash).
 pub fn is_valid_char(c: u8) -> bool {
-    ALPHABET.contains(&c)
+    DIGITS[c as usize] != 0xff
 }
 
 /// Decodes into exactly `n` bytes.
@@ -49,10 +61,10 @@ pub fn decode(s: &str, n: usize) -> Result<Vec<u8>, Error> {
     }
     let mut out = vec![0u8; n];
     for (k, c) in s.bytes().rev().enumerate() {
-        let digit = ALPHABET
-            .iter()
-            .position(|&a| a == c)
-            .ok_or(Error::BadChar(c as char))? as u16;
+        let digit = match DIGITS[c as usize] {
+            0xff => return Err(Error::BadChar(c as char)),
+            d => d as u16,
+        };
         let b = k * 5;
         let i = b / 8;
         let j = b % 8;

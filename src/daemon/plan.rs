@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use super::presence::{presence, skip_upstream};
 use super::realise;
@@ -66,7 +66,9 @@ pub(super) async fn batch(
                     info!("skipped {} (served upstream)", shared.show(&p));
                 } else {
                     shared.stats.skipped.fetch_add(1, Relaxed);
-                    info!("skipped {} (already in the cache)", shared.show(&p));
+                    // Counted in the summary: a re-run of a large closure would
+                    // otherwise print a line per path.
+                    debug!("skipped {} (already in the cache)", shared.show(&p));
                 }
                 outcomes.push((p, RootOutcome::Done));
             }
