@@ -89,6 +89,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the cache could not be reached at all (not: it answered no).
+    pub fn unreachable(&self) -> bool {
+        matches!(
+            self,
+            Error::Unusable {
+                diagnosis: UNREACHABLE,
+                ..
+            }
+        )
+    }
+
     /// What a failed request most likely means, for start-up messages.
     pub fn diagnosis(&self) -> Option<&'static str> {
         let Error::Backend { cause, .. } = self else {
@@ -116,12 +127,14 @@ impl Error {
                 "the server refuses uploads there (WebDAV PUT and DELETE not enabled?)"
             }
             _ if text.contains("onnect") || text.contains("dns") || text.contains("imed out") => {
-                "the endpoint cannot be reached"
+                UNREACHABLE
             }
             _ => return None,
         })
     }
 }
+
+const UNREACHABLE: &str = "the endpoint cannot be reached";
 
 /// Written and deleted at start when nix-cache-info already exists, to check write
 /// access.
@@ -200,6 +213,8 @@ pub struct Cache {
     /// The run's cap on bytes written, shared with its other caches.
     rate: Option<Arc<RateLimit>>,
     cleanups: TaskTracker,
+    /// Set once [`Cache::prepare`] has succeeded.
+    prepared: Arc<OnceLock<()>>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -418,6 +433,7 @@ impl Cache {
             pushback,
             rate: None,
             cleanups: TaskTracker::new(),
+            prepared: Arc::default(),
         })
     }
 
@@ -505,7 +521,13 @@ impl Cache {
             self.cleanups
                 .spawn(async move { this.remove_leftovers(LEFTOVER_AGE, SystemTime::now()).await });
         }
+        let _ = self.prepared.set(());
         Ok(())
+    }
+
+    /// Whether [`Cache::prepare`] has succeeded (in this run).
+    pub fn is_prepared(&self) -> bool {
+        self.prepared.get().is_some()
     }
 
     /// Removes from a local folder what uploads killed mid-write (kill -9, a second

@@ -926,7 +926,7 @@ fn narinfos_in(dir: &Path) -> usize {
 }
 
 #[test]
-fn several_caches_one_down_holds_up_none_and_catches_up_after_a_restart() {
+fn several_caches_one_down_holds_up_none_and_catches_up_when_back() {
     let tmp = tempfile::tempdir().unwrap();
     let keys = keygen(tmp.path(), "narpipe-several");
     let mut s3 = Seaweed::start();
@@ -989,20 +989,40 @@ fn several_caches_one_down_holds_up_none_and_catches_up_after_a_restart() {
     assert_eq!(assert_closed(&folder), all, "{text}");
     assert_eq!(assert_closed(&http_dir), all, "{text}");
 
-    // The queue remembers that only S3 still needs them.
-    s3.resume();
+    // Started again while S3 is still down: the others are not held up, and the
+    // queue remembers that only S3 still needs the first closure.
     let log2 = tmp.path().join("upload-2.log");
     let mut daemon = start(&s3, &log2);
+    let root2 = build_closure(tmp.path(), "several-2", 3, 1000);
+    let all2 = closure_of(&root2).len();
+    assert!(send(&fifo, &[&root2]).status.success());
+    wait_until(
+        std::time::Duration::from_secs(120),
+        "the second closure in the folder and HTTP caches",
+        || narinfos_in(&folder) == all + all2 && narinfos_in(&http_dir) == all + all2,
+    );
+    // S3 comes back during the run: it catches up with both closures.
+    s3.resume();
     assert!(send(&fifo, &["--finish"]).status.success());
     let status = daemon.wait_exit(std::time::Duration::from_secs(300));
     let text = std::fs::read_to_string(&log2).unwrap();
     assert!(status.success(), "{text}");
-    assert_eq!(text.matches(" to s3://several/c ").count(), all, "{text}");
-    assert!(!text.contains(" to file://"), "{text}");
-    assert!(!text.contains(&format!(" to {http_url} (")), "{text}");
+    assert!(text.contains("cannot be reached"), "{text}");
+    let uploaded_to = |cache: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("uploaded ") && l.contains(&format!(" to {cache} ")))
+            .count()
+    };
+    assert_eq!(uploaded_to("s3://several/c"), all + all2, "{text}");
+    assert_eq!(
+        uploaded_to(&format!("file://{}", folder.display())),
+        all2,
+        "{text}"
+    );
+    assert_eq!(uploaded_to(&http_url), all2, "{text}");
     let dest = tmp.path().join("mirror");
     mirror(&*s3.store("several"), "c", &dest);
-    assert_eq!(assert_closed(&dest), all, "{text}");
+    assert_eq!(assert_closed(&dest), all + all2, "{text}");
     let status = upload_cmd()
         .arg("status")
         .arg("--state-dir")
@@ -1018,4 +1038,5 @@ fn several_caches_one_down_holds_up_none_and_catches_up_after_a_restart() {
     assert_substitutes(&dest, &root, &keys.public, tmp.path());
     assert_substitutes_from(&http_url, &root, &keys.public, tmp.path());
     assert_substitutes_from(&http_url, &big, &keys.public, tmp.path());
+    assert_substitutes(&dest, &root2, &keys.public, tmp.path());
 }

@@ -618,6 +618,10 @@ async fn upload(args: RunArgs) -> ExitCode {
         }
     };
     if args.check {
+        if let Some(down) = cfg.caches.iter().find(|c| !c.is_prepared()) {
+            log::error!("{} cannot be reached", down.url());
+            return ExitCode::from(2);
+        }
         log::info!(
             "configuration ok: {} {} readable and writable; {} signing keys{}",
             cfg.caches

@@ -118,9 +118,20 @@ pub struct Shutdown {
 
 /// Checks the cache before any work is accepted (see [`Cache::prepare`]), and that the
 /// upstream caches answer.
+///
+/// With several caches, one that cannot be reached now is not fatal (the others are
+/// not held up): it is reported, and prepared again before its pipeline plans paths
+/// for it; they wait, recorded, until it answers.
 pub async fn prepare(cfg: &Config) -> Result<(), Error> {
     for cache in &cfg.caches {
-        cache.prepare(cfg.store_dir.as_str(), cfg.priority).await?;
+        match cache.prepare(cfg.store_dir.as_str(), cfg.priority).await {
+            Ok(()) => {}
+            Err(e) if cfg.caches.len() > 1 && e.unreachable() => log::warn!(
+                "{e}: uploads to {} wait until it answers; the other caches go on",
+                cache.url()
+            ),
+            Err(e) => return Err(e.into()),
+        }
     }
     for url in cfg.upstream.check().await? {
         log::warn!("upstream {url} has no nix-cache-info: is it a binary cache?");

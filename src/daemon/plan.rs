@@ -35,6 +35,21 @@ pub(super) async fn batch(
     roots: Vec<StorePath>,
     tasks: &mut Tasks,
 ) -> Vec<(StorePath, RootOutcome)> {
+    if !shared.cache.is_prepared() {
+        // It could not be reached at start (see super::prepare).
+        let cfg = &shared.cfg;
+        if let Err(e) = shared
+            .cache
+            .prepare(cfg.store_dir.as_str(), cfg.priority)
+            .await
+        {
+            let reason = e.to_string();
+            return roots
+                .into_iter()
+                .map(|p| (p, RootOutcome::Failed(reason.clone())))
+                .collect();
+        }
+    }
     let mut outcomes = Vec::new();
     let (drvs, mut paths): (Vec<_>, Vec<_>) = roots.into_iter().partition(|p| p.is_derivation());
     if shared.cfg.include_build_deps {
