@@ -621,6 +621,53 @@ impl Cache {
         ))
     }
 
+    /// An object's metadata and, unless `head`, its bytes (those of `range` when one is
+    /// given: the caller checks it against the size first), None if it is missing. One
+    /// request; for `serve`.
+    pub async fn read(
+        &self,
+        rel: &str,
+        range: Option<std::ops::Range<u64>>,
+        head: bool,
+    ) -> Result<Option<Object>, Error> {
+        use futures::StreamExt;
+        let options = object_store::GetOptions {
+            range: range.map(object_store::GetRange::Bounded),
+            head,
+            ..Default::default()
+        };
+        let res = match self.store()?.get_opts(&self.key(rel), options).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.err(if head { "head" } else { "get" }, rel, e)),
+        };
+        let meta = Object {
+            size: res.meta.size,
+            last_modified: res.meta.last_modified.into(),
+            e_tag: res.meta.e_tag.clone(),
+            body: None,
+        };
+        if head {
+            return Ok(Some(meta));
+        }
+        let (url, key) = (self.url.clone(), rel.to_string());
+        let body = res
+            .into_stream()
+            .map(move |r| {
+                r.map_err(|e| Error::Backend {
+                    url: url.clone(),
+                    op: "read",
+                    key: key.clone(),
+                    cause: Box::new(e),
+                })
+            })
+            .boxed();
+        Ok(Some(Object {
+            body: Some(body),
+            ..meta
+        }))
+    }
+
     /// The size of an object, None if it is missing.
     pub async fn size(&self, rel: &str) -> Result<Option<u64>, Error> {
         match self.store()?.head(&self.key(rel)).await {
@@ -823,6 +870,16 @@ impl Cache {
             );
         }
     }
+}
+
+/// What [`Cache::read`] found.
+pub struct Object {
+    /// Of the whole object.
+    pub size: u64,
+    pub last_modified: SystemTime,
+    pub e_tag: Option<String>,
+    /// The bytes asked for; None for a head.
+    pub body: Option<futures::stream::BoxStream<'static, Result<Bytes, Error>>>,
 }
 
 /// Where a multipart NAR streams before it is published (its FileHash, hence its
