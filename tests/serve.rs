@@ -1,0 +1,457 @@
+//! `serve` judged by real Nix: `nix copy --from http://127.0.0.1:PORT` and `nix-build`
+//! with the server as the only substituter, for a folder, S3 (SeaweedFS), GCS
+//! (fake-gcs-server) and the local store; plus the HTTP details (HEAD, Range, ETag,
+//! 404 for anything outside the layout) over a plain socket.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::servers::{FakeGcs, Seaweed, S3_KEY, S3_SECRET};
+use common::*;
+
+const SERVE: &str = env!("CARGO_BIN_EXE_serve");
+
+/// A `serve` process on a port of its choosing, killed on drop.
+struct Served {
+    _proc: Proc,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Served {
+    fn start(dir: &Path, cmd: &mut Command) -> Served {
+        let log = dir.join(format!("{}.log", unique("serve")));
+        let proc = Proc::spawn(
+            cmd.arg("--listen")
+                .arg("127.0.0.1:0")
+                .env("NIX_CONFIG", NIX_CONFIG)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap()),
+        );
+        let mut port = 0;
+        wait_until(Duration::from_secs(30), "serve to listen", || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(at) = text.find(" on http://127.0.0.1:") {
+                let rest = &text[at + " on http://127.0.0.1:".len()..];
+                port = rest
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                return true;
+            }
+            assert!(!text.contains("error:"), "serve failed to start: {text}");
+            false
+        });
+        Served {
+            _proc: proc,
+            port,
+            log,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        request(self.port, "GET", path, &[])
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn serve_cmd(source: &str) -> Command {
+    let mut c = Command::new(SERVE);
+    c.arg(source);
+    c
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request on its own connection, the answer read to its end.
+fn request(port: u16, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    conn.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).unwrap();
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8(raw[..end].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: raw[end + 4..].to_vec(),
+    }
+}
+
+/// `nix copy` from the server with another key trusted fails for want of a signature.
+fn assert_rejected_without_key(url: &str, root: &str, scratch: &Path) {
+    let other = keygen(scratch, "someone-else");
+    let out = nix_copy_from_url(url, root, &scratch.join(unique("fresh")), &other.public);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nix copy without the key succeeded");
+    assert!(err.contains("lacks a valid signature"), "{err}");
+}
+
+fn upload_to(cmd: &mut Command, key: &Path, url: &str, paths: &[String]) {
+    let out = feed(cmd.arg("--secret-key-file").arg(key).arg(url), paths);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn hash_of(path: &str) -> &str {
+    &Path::new(path).file_name().unwrap().to_str().unwrap()[..32]
+}
+
+#[test]
+fn a_folder_cache_is_served_to_nix_and_only_its_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "serve-folder");
+    let root = build_closure(tmp.path(), "serve-folder", 2, 3000);
+    let cache = tmp.path().join("cache");
+    upload_to(
+        &mut upload_cmd(),
+        &keys.secret,
+        cache.to_str().unwrap(),
+        &closure_of(&root),
+    );
+    // Things in the folder that are no part of the layout.
+    std::fs::write(cache.join("secret.txt"), "no").unwrap();
+    std::fs::write(tmp.path().join("outside"), "no").unwrap();
+    let s = Served::start(tmp.path(), &mut serve_cmd(cache.to_str().unwrap()));
+
+    assert_substitutes_from(&s.url(), &root, &keys.public, tmp.path());
+    assert_rejected_without_key(&s.url(), &root, tmp.path());
+
+    let info = s.get("/nix-cache-info");
+    assert_eq!(info.status, 200);
+    assert_eq!(info.header("content-type"), Some("text/x-nix-cache-info"));
+    assert!(String::from_utf8_lossy(&info.body).contains("StoreDir: /nix/store"));
+
+    let narinfo_path = format!("/{}.narinfo", hash_of(&root));
+    let on_disk = std::fs::read(narinfo_path_of(&cache, &root)).unwrap();
+    let got = s.get(&narinfo_path);
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, on_disk);
+    assert_eq!(got.header("content-type"), Some("text/x-nix-narinfo"));
+    assert_eq!(
+        got.header("content-length"),
+        Some(on_disk.len().to_string().as_str())
+    );
+    assert!(got.header("last-modified").is_some());
+    let etag = got.header("etag").expect("an ETag").to_string();
+    let head = request(s.port, "HEAD", &narinfo_path, &[]);
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), got.header("content-length"));
+    assert_eq!(head.header("etag"), Some(etag.as_str()));
+    let again = request(s.port, "GET", &narinfo_path, &[("If-None-Match", &etag)]);
+    assert_eq!(again.status, 304);
+    assert!(again.body.is_empty());
+
+    // Byte ranges of a NAR.
+    let parsed: narpipe::narinfo::NarInfo = String::from_utf8(on_disk).unwrap().parse().unwrap();
+    let nar = std::fs::read(cache.join(&parsed.url)).unwrap();
+    let nar_path = format!("/{}", parsed.url);
+    let whole = s.get(&nar_path);
+    assert_eq!(whole.status, 200);
+    assert_eq!(whole.body, nar);
+    assert_eq!(whole.header("accept-ranges"), Some("bytes"));
+    assert_eq!(whole.header("content-type"), Some("application/x-nix-nar"));
+    let first = request(s.port, "GET", &nar_path, &[("Range", "bytes=0-9")]);
+    assert_eq!(first.status, 206);
+    assert_eq!(first.body, nar[..10]);
+    assert_eq!(
+        first.header("content-range"),
+        Some(format!("bytes 0-9/{}", nar.len()).as_str())
+    );
+    let last = request(s.port, "GET", &nar_path, &[("Range", "bytes=-7")]);
+    assert_eq!(last.status, 206);
+    assert_eq!(last.body, nar[nar.len() - 7..]);
+    let past = format!("bytes={}-", nar.len());
+    let none = request(s.port, "GET", &nar_path, &[("Range", &past)]);
+    assert_eq!(none.status, 416);
+    assert_eq!(
+        none.header("content-range"),
+        Some(format!("bytes */{}", nar.len()).as_str())
+    );
+
+    // Nothing but the layout, nothing outside the folder, nothing written.
+    for path in [
+        "/",
+        "/secret.txt",
+        "/../outside",
+        "/nar/../../outside",
+        "/nar/..%2F..%2Foutside",
+        "/%2e%2e/outside",
+        "/nar/00000000000000000000000000000000000000000000000000000.nar.zst",
+        "/00000000000000000000000000000000.narinfo",
+        "/.narpipe-write-check",
+    ] {
+        assert_eq!(s.get(path).status, 404, "{path}");
+    }
+    for method in ["PUT", "DELETE", "POST", "MOVE"] {
+        let r = request(s.port, method, &narinfo_path, &[]);
+        assert_eq!(r.status, 405, "{method}");
+        assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    }
+    assert_eq!(s.get(&narinfo_path).body, got.body);
+}
+
+fn narinfo_path_of(cache: &Path, path: &str) -> PathBuf {
+    narinfo_path(cache, path)
+}
+
+#[test]
+fn an_s3_bucket_is_served_to_nix_with_the_servers_credentials() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "serve-s3");
+    let s3 = Seaweed::start();
+    let root = build_closure(tmp.path(), "serve-s3", 2, 3000);
+    let url = s3.url("servecache", "pre");
+    upload_to(&mut s3.upload_cmd(), &keys.secret, &url, &closure_of(&root));
+    let s = Served::start(
+        tmp.path(),
+        serve_cmd(&url)
+            .env("AWS_ACCESS_KEY_ID", S3_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+            .env_remove("AWS_PROFILE"),
+    );
+    assert_substitutes_from(&s.url(), &root, &keys.public, tmp.path());
+    assert_rejected_without_key(&s.url(), &root, tmp.path());
+    assert_eq!(s.get("/nix-cache-info").status, 200);
+    let narinfo = s.get(&format!("/{}.narinfo", hash_of(&root)));
+    assert!(narinfo.header("etag").is_some());
+    assert_eq!(s.get("/secret.txt").status, 404);
+
+    // Wrong credentials: said at start, exit 2, nothing served.
+    let out = serve_cmd(&url)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("AWS_ACCESS_KEY_ID", S3_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("credentials were rejected"), "{err}");
+}
+
+#[test]
+fn a_gcs_bucket_is_served_to_nix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "serve-gcs");
+    let gcs = FakeGcs::start("servecache");
+    let root = build_closure(tmp.path(), "serve-gcs", 2, 3000);
+    let url = gcs.url("servecache", "pre");
+    upload_to(&mut upload_cmd(), &keys.secret, &url, &closure_of(&root));
+    let s = Served::start(tmp.path(), &mut serve_cmd(&url));
+    assert_substitutes_from(&s.url(), &root, &keys.public, tmp.path());
+    assert_rejected_without_key(&s.url(), &root, tmp.path());
+}
+
+#[test]
+fn the_local_store_is_served_signed_with_nars_made_on_the_fly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "serve-local");
+    let root = build_closure(tmp.path(), "serve-local", 2, 70_000);
+    let s = Served::start(
+        tmp.path(),
+        serve_cmd("local")
+            .arg("--secret-key-file")
+            .arg(&keys.secret),
+    );
+    assert_substitutes_from(&s.url(), &root, &keys.public, tmp.path());
+    assert_rejected_without_key(&s.url(), &root, tmp.path());
+
+    let info = s.get(&format!("/{}.narinfo", hash_of(&root)));
+    assert_eq!(info.status, 200, "{}", s.log());
+    let parsed: narpipe::narinfo::NarInfo = String::from_utf8(info.body.clone())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(parsed.store_path(), root);
+    assert_eq!(parsed.compression.as_deref(), Some("none"));
+    // The NAR is byte for byte what Nix dumps; ranges of it too.
+    let dump = Command::new("nix-store")
+        .args(["--dump", &root])
+        .output()
+        .unwrap()
+        .stdout;
+    let nar_path = format!("/{}", parsed.url);
+    let nar = s.get(&nar_path);
+    assert_eq!(nar.status, 200);
+    assert_eq!(
+        nar.header("content-length"),
+        Some(dump.len().to_string().as_str())
+    );
+    assert!(nar.body == dump, "the NAR differs from nix-store --dump");
+    let mid = request(s.port, "GET", &nar_path, &[("Range", "bytes=1000-66999")]);
+    assert_eq!(mid.status, 206);
+    assert!(mid.body == dump[1000..67000]);
+    let head = request(s.port, "HEAD", &nar_path, &[]);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), nar.header("content-length"));
+    // A NAR name whose NarHash is not the path's (an old narinfo's): not found.
+    let stale = format!("/nar/{}-{}.nar", hash_of(&root), "0".repeat(52));
+    assert_eq!(s.get(&stale).status, 404);
+
+    // Its listing, made on the same kind of walk.
+    let ls = s.get(&format!("/{}.ls", hash_of(&root)));
+    assert_eq!(ls.status, 200);
+    let listing: serde_json::Value = serde_json::from_slice(&ls.body).unwrap();
+    assert_eq!(listing["root"]["type"], "directory");
+    assert_eq!(
+        listing["root"]["entries"]["bin"]["entries"]["hi"]["executable"],
+        true
+    );
+
+    // Not in the store, a derivation, no path at all: 404.
+    let drv = run_ok(nix("nix-store").args(["--query", "--deriver", &root]));
+    for path in [
+        "/00000000000000000000000000000000.narinfo".to_string(),
+        format!("/{}.narinfo", hash_of(drv.trim())),
+        "/nix/store".to_string(),
+        "/etc/passwd".to_string(),
+    ] {
+        assert_eq!(s.get(&path).status, 404, "{path}");
+    }
+    let ci = String::from_utf8(s.get("/nix-cache-info").body).unwrap();
+    assert!(ci.contains("StoreDir: /nix/store\n"), "{ci}");
+}
+
+#[test]
+fn nix_build_substitutes_from_the_local_store_instead_of_building() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "serve-build");
+    let expr = closure_expr("serve-build", 2, 100);
+    let file = tmp.path().join("build.nix");
+    std::fs::write(&file, &expr).unwrap();
+    let root = run_ok(
+        nix("nix-build")
+            .arg(&file)
+            .args(["--no-out-link", "--quiet"]),
+    );
+    let root = root.trim();
+    let s = Served::start(
+        tmp.path(),
+        serve_cmd("local")
+            .arg("--secret-key-file")
+            .arg(&keys.secret),
+    );
+    // A fresh store that may not build anything (--max-jobs 0): only substitution
+    // gives it the outputs.
+    let build = |trusted: &str, store: &Path| {
+        nix("nix-build")
+            .arg(&file)
+            .arg("--no-out-link")
+            .arg("--store")
+            .arg(store)
+            .args(["--max-jobs", "0"])
+            .args(["--option", "substituters", &s.url()])
+            .args(["--option", "trusted-public-keys", trusted])
+            .output()
+            .unwrap()
+    };
+    let fresh = tmp.path().join("fresh");
+    let out = build(&keys.public, &fresh);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), root);
+    assert!(
+        err.contains(&format!("copying path '{root}' from '{}'", s.url())),
+        "{err}"
+    );
+    for p in closure_of(root) {
+        assert!(fresh.join(p.trim_start_matches('/')).exists(), "{p}");
+    }
+    // Without the key, Nix would have to build, which --max-jobs 0 forbids.
+    let other = keygen(tmp.path(), "someone-else");
+    let out = build(&other.public, &tmp.path().join("fresh2"));
+    assert!(!out.status.success());
+}
+
+#[test]
+fn bad_configurations_stop_serve_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "serve-bad");
+    let cache = tmp.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(SERVE)
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let secret = keys.secret.to_str().unwrap();
+    let missing = tmp.path().join("missing");
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[cache.to_str().unwrap(), "--secret-key-file", secret],
+            "local store",
+        ),
+        (&["/nix/store"], "serve local"),
+        (&[missing.to_str().unwrap()], "does not exist"),
+        (&["ftp://x"], "unsupported scheme"),
+        (
+            &["local", "--secret-key-file", "/nonexistent/key"],
+            "/nonexistent/key",
+        ),
+    ];
+    for (args, want) in cases {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
