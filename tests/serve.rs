@@ -455,3 +455,38 @@ fn bad_configurations_stop_serve_at_start() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn the_serve_unit_is_valid() {
+    let top = Path::new(env!("CARGO_MANIFEST_DIR"));
+    run_ok(
+        nix("nix-instantiate")
+            .arg("--parse")
+            .arg(top.join("contrib/nixos/module.nix")),
+    );
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return; // no systemd here; the module parsed
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let unit = "narpipe-serve.service";
+    let text = std::fs::read_to_string(top.join("contrib/systemd").join(unit)).unwrap();
+    assert!(text.contains("ExecStart=/usr/local/bin/serve\n"));
+    std::fs::write(
+        tmp.path().join(unit),
+        text.replace("/usr/local/bin/serve", SERVE),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(tmp.path().join(unit))
+        .env("SYSTEMD_LOG_LEVEL", "warning")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let real: Vec<&str> = err.lines().filter(|l| l.contains("narpipe")).collect();
+    assert!(out.status.success() && real.is_empty(), "{err}");
+}
