@@ -107,12 +107,18 @@ pub fn render(s: &Stats) -> String {
 
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, stats: Arc<Stats>) {
+    serve_text(listener, Arc::new(move || render(&stats))).await
+}
+
+/// Serves what `render` gives at each scrape (`serve`'s counters use it too), until the
+/// task is dropped.
+pub async fn serve_text(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let stats = stats.clone();
+        let render = render.clone();
         tokio::spawn(async move {
             let mut req = Vec::with_capacity(512);
             let mut buf = [0u8; 1024];
@@ -134,7 +140,7 @@ pub async fn serve(listener: TcpListener, stats: Arc<Stats>) {
             let mut parts = line.split(|&b| b == b' ');
             let (method, path) = (parts.next(), parts.next());
             let (status, body) = match (method, path) {
-                (Some(b"GET"), Some(b"/metrics" | b"/")) => ("200 OK", render(&stats)),
+                (Some(b"GET"), Some(b"/metrics" | b"/")) => ("200 OK", render()),
                 _ => ("404 Not Found", "not found: try /metrics\n".to_string()),
             };
             let head = format!(

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::servers::{FakeGcs, Seaweed, S3_KEY, S3_SECRET};
+use common::servers::{FakeGcs, S3Proxy, Seaweed, S3_KEY, S3_SECRET};
 use common::*;
 
 const SERVE: &str = env!("CARGO_BIN_EXE_serve");
@@ -66,6 +66,27 @@ impl Served {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The value of a metric at `--metrics-listen`, which the log names.
+    fn metric(&self, name: &str) -> u64 {
+        let log = self.log();
+        let at = log
+            .find("metrics at http://127.0.0.1:")
+            .expect("a metrics address");
+        let rest = &log[at + "metrics at http://127.0.0.1:".len()..];
+        let port: u16 = rest
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let page = String::from_utf8(request(port, "GET", "/metrics", &[]).body).unwrap();
+        page.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {page}"))
+            .parse()
+            .unwrap()
     }
 }
 
@@ -489,4 +510,93 @@ fn the_serve_unit_is_valid() {
     let err = String::from_utf8_lossy(&out.stderr);
     let real: Vec<&str> = err.lines().filter(|l| l.contains("narpipe")).collect();
     assert!(out.status.success() && real.is_empty(), "{err}");
+}
+
+#[test]
+fn a_second_client_is_served_from_the_cache_dir_without_asking_the_bucket() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "serve-proxy");
+    let s3 = Seaweed::start();
+    let counting = S3Proxy::start(&s3, &[]);
+    let root = build_closure(tmp.path(), "serve-proxy", 2, 300_000);
+    upload_to(
+        &mut s3.upload_cmd(),
+        &keys.secret,
+        &s3.url("proxied", "pre"),
+        &closure_of(&root),
+    );
+    let url = counting.url("proxied", "pre");
+    let cache_dir = tmp.path().join("cache-dir");
+    let start = || {
+        Served::start(
+            tmp.path(),
+            serve_cmd(&url)
+                .arg("--cache-dir")
+                .arg(&cache_dir)
+                .args(["--metrics-listen", "127.0.0.1:0"])
+                .env("AWS_ACCESS_KEY_ID", S3_KEY)
+                .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+                .env_remove("AWS_PROFILE"),
+        )
+    };
+    let s = start();
+    // What clients asked the bucket for (serve's own start-up check aside).
+    let asked = || {
+        counting
+            .requests()
+            .into_iter()
+            .filter(|r| !r.path.ends_with("/nix-cache-info"))
+            .count()
+    };
+    assert_substitutes_from(&s.url(), &root, &keys.public, tmp.path());
+    let first = asked();
+    let nars = counting
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.contains("/nar/"))
+        .count();
+    assert_eq!(nars, closure_of(&root).len(), "{:?}", counting.requests());
+    assert_substitutes_from(&s.url(), &root, &keys.public, tmp.path());
+    assert_eq!(
+        asked(),
+        first,
+        "the second client's requests reached the bucket"
+    );
+
+    // A 404 is remembered too.
+    let missing = "/00000000000000000000000000000000.narinfo";
+    assert_eq!(s.get(missing).status, 404);
+    assert_eq!(s.get(missing).status, 404);
+    let asked_missing = counting
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with(&missing[1..]))
+        .count();
+    assert_eq!(asked_missing, 1);
+
+    let backend = s.metric("narpipe_serve_backend_bytes_total");
+    let nar_bytes: u64 = closure_of(&root)
+        .iter()
+        .map(|p| {
+            let info = s.get(&format!("/{}.narinfo", hash_of(p)));
+            let n: narpipe::narinfo::NarInfo =
+                String::from_utf8(info.body).unwrap().parse().unwrap();
+            n.file_size.unwrap()
+        })
+        .sum();
+    assert!(backend >= nar_bytes, "{backend} < {nar_bytes}");
+    assert!(s.metric("narpipe_serve_served_bytes_total") >= 2 * nar_bytes);
+    assert!(s.metric("narpipe_serve_cache_hits_total") > 0);
+    assert!(s.metric("narpipe_serve_cache_misses_total") > 0);
+    assert!(s.metric("narpipe_serve_cache_bytes") >= nar_bytes);
+
+    // Kept across a restart.
+    drop(s);
+    let s = start();
+    assert_substitutes_from(&s.url(), &root, &keys.public, tmp.path());
+    assert_eq!(
+        asked(),
+        first + 1,
+        "only the remembered 404 was asked again"
+    );
 }

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use narpipe::cache::Cache;
 use narpipe::cache_info::CacheInfo;
-use narpipe::serve::{self, bucket::Bucket, http::Server, local, Source};
+use narpipe::serve::{self, bucket::Bucket, http::Server, local, proxy, Counters, Source};
 use narpipe::store_path::StoreDir;
 use tokio_util::sync::CancellationToken;
 
@@ -71,6 +71,47 @@ struct Cli {
     /// For `local`: threads making NARs (default: number of CPUs).
     #[arg(short, long, env = "NARPIPE_SERVE_JOBS")]
     jobs: Option<usize>,
+
+    /// For a cache: keep what it answers in this directory (created if missing), so that
+    /// what one client fetched is served to the next without asking the backend.
+    #[arg(long, env = "NARPIPE_SERVE_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+
+    /// The most the cache dir holds: bytes, or with K, M, G, T (powers of 1024); the
+    /// least recently used objects go first.
+    #[arg(long, env = "NARPIPE_SERVE_CACHE_SIZE", default_value = "10G", value_parser = size)]
+    cache_size: u64,
+
+    /// Seconds a narinfo (and every object but NARs, which never change) is reused from
+    /// the cache dir before the backend is asked again.
+    #[arg(long, env = "NARPIPE_SERVE_CACHE_TTL", default_value_t = 3600)]
+    cache_ttl: u64,
+
+    /// Seconds a 404 from the backend is remembered (with --cache-dir).
+    #[arg(long, env = "NARPIPE_SERVE_NEGATIVE_TTL", default_value_t = 60)]
+    negative_ttl: u64,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "NARPIPE_SERVE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+/// `10G`, `512M`, `1048576`.
+fn size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (number, scale) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        Some('T') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a size: give bytes, or e.g. 512M or 10G"))
 }
 
 /// Prints `warning: …`/`error: …` lines on stderr, info plainly.
@@ -104,8 +145,11 @@ fn listen_addr(s: &str) -> Result<SocketAddr> {
 }
 
 /// What the arguments name, checked; contacts the cache (few retries).
-async fn source(cli: &Cli, store_dir: &StoreDir) -> Result<Source> {
+async fn source(cli: &Cli, store_dir: &StoreDir, counters: &Arc<Counters>) -> Result<Source> {
     if cli.source == "local" {
+        if cli.cache_dir.is_some() {
+            bail!("--cache-dir keeps a cache's answers; the local store needs none");
+        }
         let keys = narpipe::key_file::read(&cli.secret_key_file)?;
         if keys.is_empty() {
             log::warn!(
@@ -163,7 +207,20 @@ async fn source(cli: &Cli, store_dir: &StoreDir) -> Result<Source> {
             None => return Err(e.into()),
         },
     }
-    Ok(Source::Bucket(Bucket::new(cache)))
+    let bucket = Bucket::new(cache);
+    Ok(match &cli.cache_dir {
+        None => Source::Bucket(bucket),
+        Some(dir) => Source::Cached(proxy::Proxy::open(
+            bucket,
+            proxy::Config {
+                dir: dir.clone(),
+                max_bytes: cli.cache_size,
+                ttl: Duration::from_secs(cli.cache_ttl),
+                negative_ttl: Duration::from_secs(cli.negative_ttl),
+            },
+            counters.clone(),
+        )?),
+    })
 }
 
 fn notify(state: sd_notify::NotifyState) {
@@ -175,7 +232,22 @@ fn notify(state: sd_notify::NotifyState) {
 async fn try_main(cli: Cli) -> Result<ExitCode> {
     let store_dir = StoreDir::new(&cli.store_dir).context("--store-dir")?;
     let addr = listen_addr(&cli.listen)?;
-    let source = source(&cli, &store_dir).await?;
+    let counters = Arc::new(Counters::default());
+    let source = source(&cli, &store_dir, &counters).await?;
+    if let Some(addr) = cli.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--metrics-listen {addr}"))?;
+        log::info!(
+            "metrics at http://{}/metrics",
+            l.local_addr().unwrap_or(addr)
+        );
+        let c = counters.clone();
+        tokio::spawn(narpipe::metrics::serve_text(
+            l,
+            Arc::new(move || c.render()),
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -197,7 +269,7 @@ async fn try_main(cli: Cli) -> Result<ExitCode> {
         });
     }
     notify(sd_notify::NotifyState::Ready);
-    serve::http::run(listener, Arc::new(Server { source }), shutdown).await;
+    serve::http::run(listener, Arc::new(Server { source, counters }), shutdown).await;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -15,6 +15,7 @@
 //! answers under way may finish for [`DRAIN`].
 
 use std::convert::Infallible;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::route::Route;
-use super::{range, Found, Part, Source, Want};
+use super::{range, Counters, Found, Part, Source, Want};
 
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -44,6 +45,7 @@ type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 /// What answers requests.
 pub struct Server {
     pub source: Source,
+    pub counters: Arc<Counters>,
 }
 
 /// Serves `listener` until `shutdown`, then drains (see [`DRAIN`]).
@@ -124,6 +126,17 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 
 /// One request's answer.
 pub async fn handle(server: &Server, req: Request<Incoming>) -> Response<Body> {
+    server.counters.requests.fetch_add(1, Relaxed);
+    let r = answer(server, req).await;
+    match r.status() {
+        StatusCode::NOT_FOUND => server.counters.not_found.fetch_add(1, Relaxed),
+        StatusCode::BAD_GATEWAY => server.counters.errors.fetch_add(1, Relaxed),
+        _ => 0,
+    };
+    r
+}
+
+async fn answer(server: &Server, req: Request<Incoming>) -> Response<Body> {
     let head = match *req.method() {
         Method::GET => false,
         Method::HEAD => true,
@@ -160,10 +173,16 @@ pub async fn handle(server: &Server, req: Request<Incoming>) -> Response<Body> {
             return text(StatusCode::BAD_GATEWAY, "the cache could not be read\n");
         }
     };
-    respond(&route, found, headers, head)
+    respond(&route, found, headers, head, &server.counters)
 }
 
-fn respond(route: &Route, found: Found, req: &http::HeaderMap, head: bool) -> Response<Body> {
+fn respond(
+    route: &Route,
+    found: Found,
+    req: &http::HeaderMap,
+    head: bool,
+    counters: &Arc<Counters>,
+) -> Response<Body> {
     let mut r = Response::new(empty());
     let h = r.headers_mut();
     if let Some(tag) = found
@@ -214,7 +233,11 @@ fn respond(route: &Route, found: Found, req: &http::HeaderMap, head: bool) -> Re
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     *r.status_mut() = status;
     if let (Some(b), false) = (body, head) {
-        *r.body_mut() = StreamBody::new(b.map_ok(Frame::data)).boxed_unsync();
+        let counters = counters.clone();
+        let counted = b.inspect_ok(move |bytes| {
+            counters.served_bytes.fetch_add(bytes.len() as u64, Relaxed);
+        });
+        *r.body_mut() = StreamBody::new(counted.map_ok(Frame::data)).boxed_unsync();
     }
     r
 }

@@ -343,30 +343,46 @@ fn nar_body(
                         continue;
                     }
                     b = b.slice(from as usize..to as usize);
+                    // hyper stops polling once Content-Length bytes are out: the NAR's
+                    // last piece waits for its digest, so a mismatch still cuts the
+                    // answer short.
+                    if st.check.is_some() && st.at >= st.range.end {
+                        st.done = true;
+                        let end = st.stream.next().await;
+                        return Some((finish(&st, end).map(|()| b), st));
+                    }
                     return Some((Ok(b), st));
                 }
-                Ok(Next::End(digest, _)) => {
+                other => {
                     st.done = true;
-                    let info = st.check.as_ref()?;
-                    if digest.nar_hash == info.nar_hash && digest.nar_size == info.nar_size {
-                        return None;
-                    }
-                    let e = format!(
-                        "NAR of {} does not match the store's NarHash/NarSize (changed on disk?)",
-                        st.path
-                    );
-                    log::error!("{e}");
-                    return Some((Err(std::io::Error::other(e)), st));
-                }
-                Err(e) => {
-                    st.done = true;
-                    let e = format!("NAR of {}: {e}", st.path);
-                    log::error!("{e}");
-                    return Some((Err(std::io::Error::other(e)), st));
+                    return match finish(&st, other) {
+                        Ok(()) => None,
+                        Err(e) => Some((Err(e), st)),
+                    };
                 }
             }
         }
     }))
+}
+
+/// Checks what follows a whole NAR's last byte: its digest, matching the store's.
+fn finish(st: &NarState, next: Result<Next, crate::engine::Error>) -> Result<(), std::io::Error> {
+    let problem = match (next, &st.check) {
+        (Ok(Next::End(_, _)), None) => return Ok(()),
+        (Ok(Next::End(d, _)), Some(info))
+            if d.nar_hash == info.nar_hash && d.nar_size == info.nar_size =>
+        {
+            return Ok(())
+        }
+        (Ok(Next::End(_, _)), Some(_)) => {
+            "does not match the store's NarHash/NarSize (changed on disk?)".to_string()
+        }
+        (Ok(Next::Data(_)), _) => "is longer than the store's NarSize".to_string(),
+        (Err(e), _) => e.to_string(),
+    };
+    let e = format!("NAR of {} {problem}", st.path);
+    log::error!("{e}");
+    Err(std::io::Error::other(e))
 }
 
 /// Answers every request waiting with one `nix path-info` call (per [`BATCH`]):
