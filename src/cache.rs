@@ -765,6 +765,23 @@ impl Cache {
             .collect())
     }
 
+    /// Names of the objects at the cache root, with when each was last written.
+    pub async fn list_root_dated(&self) -> Result<Vec<(String, SystemTime)>, Error> {
+        let listing = self
+            .store()?
+            .list_with_delimiter(self.prefix.as_ref())
+            .await
+            .map_err(|e| self.err("list", "/", e))?;
+        Ok(listing
+            .objects
+            .into_iter()
+            .filter_map(|m| {
+                let name = m.location.filename()?.to_string();
+                Some((name, m.last_modified.into()))
+            })
+            .collect())
+    }
+
     pub async fn get(&self, rel: &str) -> Result<Option<Bytes>, Error> {
         let res = match self.store()?.get(&self.key(rel)).await {
             Ok(r) => r,

@@ -245,7 +245,8 @@ fn a_folder_cache_is_served_to_nix_and_only_its_layout() {
 
     // Nothing but the layout, nothing outside the folder, nothing written.
     for path in [
-        "/",
+        "/path/../../outside",
+        "/path/00000000000000000000000000000000",
         "/secret.txt",
         "/../outside",
         "/nar/../../outside",
@@ -599,4 +600,168 @@ fn a_second_client_is_served_from_the_cache_dir_without_asking_the_bucket() {
         first + 1,
         "only the remembered 404 was asked again"
     );
+}
+
+/// The page at `url` as headless Chromium (Debian's) renders it: its DOM after load.
+fn browse(url: &str, profile: &Path) -> String {
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--dump-dom")
+        .arg(url)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run chromium ({e}): run scripts/test.sh, which installs Debian's chromium"
+            )
+        });
+    assert!(
+        out.status.success(),
+        "chromium {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The `href`s in `dom` that start with `prefix`.
+fn links(dom: &str, prefix: &str) -> Vec<String> {
+    dom.split("href=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .filter(|h| h.starts_with(prefix))
+        .map(|h| h.replace("&amp;", "&"))
+        .collect()
+}
+
+#[test]
+fn the_explorer_in_a_real_browser_searches_and_follows_references() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "serve-explorer");
+    let root = build_closure(tmp.path(), "serve-explorer", 2, 5000);
+    let cache = tmp.path().join("cache");
+    upload_to(
+        upload_cmd().arg("--write-nar-listing"),
+        &keys.secret,
+        cache.to_str().unwrap(),
+        &closure_of(&root),
+    );
+    let s = Served::start(tmp.path(), &mut serve_cmd(cache.to_str().unwrap()));
+    let profile = tmp.path().join("chromium");
+    let all = closure_of(&root);
+
+    // The index: every path, newest (the root, uploaded last) first, and a search form.
+    let index = browse(&s.url(), &profile);
+    assert!(
+        index.contains(&format!("{} store paths", all.len())),
+        "{index}"
+    );
+    let listed = links(&index, "/path/");
+    assert_eq!(listed.len(), all.len(), "{index}");
+    assert_eq!(listed[0], format!("/path/{}", hash_of(&root)));
+    assert!(
+        index.contains("<form method=\"get\" action=\"/\""),
+        "{index}"
+    );
+    assert!(index.contains("name=\"q\""), "{index}");
+
+    // Searching: what submitting the form loads (a GET form: action?q=WORD).
+    let left = all.iter().find(|p| p.ends_with("-left")).unwrap();
+    let word = &Path::new(left).file_name().unwrap().to_str().unwrap()[33..];
+    let found = browse(
+        &format!(
+            "{}/?{}",
+            s.url(),
+            url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("q", word)
+                .finish()
+        ),
+        &profile,
+    );
+    assert!(
+        found.contains("1 store path whose name contains"),
+        "{found}"
+    );
+    assert_eq!(
+        links(&found, "/path/"),
+        [format!("/path/{}", hash_of(left))]
+    );
+
+    // The path's page, as following that link shows it.
+    let page = browse(
+        &format!("{}{}", s.url(), links(&found, "/path/")[0]),
+        &profile,
+    );
+    let info: narpipe::narinfo::NarInfo = std::fs::read_to_string(narinfo_path(&cache, left))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(page.contains(&info.nar_hash.to_string()), "{page}");
+    assert!(page.contains(&info.sigs[0]), "{page}");
+    assert!(
+        page.contains(&format!("({} bytes)", info.nar_size)),
+        "{page}"
+    );
+    assert!(
+        page.contains(&format!("References ({})", info.references.len())),
+        "{page}"
+    );
+    assert!(page.contains("Referrers (1)"), "{page}");
+    assert!(
+        page.contains(&format!("/path/{}", hash_of(&root))),
+        "the root refers to it: {page}"
+    );
+    // Its files, from the .ls listing.
+    assert!(page.contains("Files"), "{page}");
+    assert!(
+        page.contains("blob") && page.contains("executable"),
+        "{page}"
+    );
+
+    // Following a reference: the referenced path's page names this one as a referrer.
+    let reference = info.references.iter().find(|r| **r != info.path).unwrap();
+    let href = format!("/path/{}", reference.hash_part());
+    assert!(links(&page, "/path/").contains(&href), "{page}");
+    let referenced = browse(&format!("{}{href}", s.url()), &profile);
+    assert!(referenced.contains(reference.name()), "{referenced}");
+    assert!(
+        links(&referenced, "/path/").contains(&format!("/path/{}", hash_of(left))),
+        "{referenced}"
+    );
+    // Pages past the last: an empty list, still a page.
+    let past = browse(&format!("{}/?page=9", s.url()), &profile);
+    assert!(past.contains("page 9 of 1"), "{past}");
+    assert!(links(&past, "/path/").is_empty());
+}
+
+#[test]
+fn the_local_stores_explorer_lists_and_describes_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = build_closure(tmp.path(), "serve-explore-local", 1, 100);
+    let s = Served::start(tmp.path(), &mut serve_cmd("local"));
+    let word = &Path::new(&root).file_name().unwrap().to_str().unwrap()[33..];
+    let word = word.strip_suffix("-root").unwrap();
+    let found = String::from_utf8(s.get(&format!("/?q={word}")).body).unwrap();
+    // Newest first: the root was registered last.
+    assert_eq!(
+        links(&found, "/path/")[0],
+        format!("/path/{}", hash_of(&root)),
+        "{found}"
+    );
+    assert_eq!(
+        links(&found, "/path/").len(),
+        closure_of(&root).len(),
+        "{found}"
+    );
+    let page = String::from_utf8(s.get(&format!("/path/{}", hash_of(&root))).body).unwrap();
+    assert!(page.contains("Referrers (0)"), "{page}");
+    assert!(page.contains("References (2)"), "{page}");
+    assert!(page.contains("blob"), "the listing's files: {page}");
+    let no = Served::start(tmp.path(), serve_cmd("local").arg("--no-explorer"));
+    assert_eq!(no.get("/").status, 404);
 }

@@ -91,6 +91,10 @@ struct Cli {
     #[arg(long, env = "NARPIPE_SERVE_NEGATIVE_TTL", default_value_t = 60)]
     negative_ttl: u64,
 
+    /// Don't show the explorer (HTML pages listing the cache's paths) at `/`.
+    #[arg(long, env = "NARPIPE_SERVE_NO_EXPLORER")]
+    no_explorer: bool,
+
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "NARPIPE_SERVE_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -269,7 +273,17 @@ async fn try_main(cli: Cli) -> Result<ExitCode> {
         });
     }
     notify(sd_notify::NotifyState::Ready);
-    serve::http::run(listener, Arc::new(Server { source, counters }), shutdown).await;
+    serve::http::run(
+        listener,
+        Arc::new(Server {
+            source,
+            counters,
+            explorer: !cli.no_explorer,
+            catalogue: Default::default(),
+        }),
+        shutdown,
+    )
+    .await;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -46,6 +46,9 @@ type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 pub struct Server {
     pub source: Source,
     pub counters: Arc<Counters>,
+    /// Whether `/` and `/path/<hash>` show the explorer (see [`super::explorer`]).
+    pub explorer: bool,
+    pub catalogue: super::explorer::Catalogue,
 }
 
 /// Serves `listener` until `shutdown`, then drains (see [`DRAIN`]).
@@ -147,6 +150,38 @@ async fn answer(server: &Server, req: Request<Incoming>) -> Response<Body> {
             return r;
         }
     };
+    if server.explorer {
+        let page = super::explorer::page(
+            &server.source,
+            &server.catalogue,
+            req.uri().path(),
+            req.uri().query(),
+        )
+        .await;
+        match page {
+            Some(Ok(html)) => {
+                let mut r = Response::new(if head {
+                    empty()
+                } else {
+                    Full::new(Bytes::from(html.clone()))
+                        .map_err(|never| match never {})
+                        .boxed_unsync()
+                });
+                let h = r.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(html.len()));
+                return r;
+            }
+            Some(Err(e)) => {
+                log::warn!("explorer {}: {e}", req.uri().path());
+                return text(StatusCode::BAD_GATEWAY, "the cache could not be read\n");
+            }
+            None => {}
+        }
+    }
     let Some(route) = Route::parse(req.uri().path()) else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };

@@ -95,6 +95,36 @@ impl LocalStore {
         &self.store_dir
     }
 
+    /// For the explorer: valid paths whose name contains `q`, newest first, and how
+    /// many in all.
+    pub async fn list(
+        &self,
+        q: &str,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<Entry>, usize), Error> {
+        let (db, q) = (self.db.clone(), q.to_string());
+        tokio::task::spawn_blocking(move || {
+            db.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .list(&q, offset, limit)
+        })
+        .await
+        .map_err(|e| Error::Other(format!("database look-up stopped: {e}")))?
+    }
+
+    /// For the explorer: the valid paths referring to `path`.
+    pub async fn referrers(&self, path: &StorePath) -> Result<Vec<StorePath>, Error> {
+        let (db, path) = (self.db.clone(), path.clone());
+        tokio::task::spawn_blocking(move || {
+            db.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .referrers(&path)
+        })
+        .await
+        .map_err(|e| Error::Other(format!("database look-up stopped: {e}")))?
+    }
+
     pub async fn get(&self, route: &Route, want: Want) -> Result<Option<Found>, Error> {
         match route {
             Route::CacheInfo => {
@@ -459,7 +489,95 @@ struct Db {
     store_dir: StoreDir,
 }
 
+/// One store path as the explorer lists it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub path: StorePath,
+    pub when: Option<std::time::SystemTime>,
+    pub nar_size: Option<u64>,
+}
+
 impl Db {
+    fn err(&self, e: rusqlite::Error) -> Error {
+        Error::Database {
+            db: self.file.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// Valid paths whose name contains `q`, newest first (by registration), derivations
+    /// left out; and how many there are in all.
+    fn list(&self, q: &str, offset: usize, limit: usize) -> Result<(Vec<Entry>, usize), Error> {
+        let escaped: String = q
+            .chars()
+            .flat_map(|c| match c {
+                '%' | '_' | '\\' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect();
+        let pattern = format!("{}/%{escaped}%", self.store_dir.as_str());
+        let filter = "path LIKE ?1 ESCAPE '\\' AND path NOT LIKE '%.drv'";
+        let total: i64 = self
+            .conn
+            .prepare_cached(&format!("SELECT count(*) FROM ValidPaths WHERE {filter}"))
+            .and_then(|mut st| st.query_row([&pattern], |r| r.get(0)))
+            .map_err(|e| self.err(e))?;
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT path, registrationTime, narSize FROM ValidPaths WHERE {filter} \
+                 ORDER BY id DESC LIMIT ?2 OFFSET ?3"
+            ))
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(
+                rusqlite::params![pattern, limit as i64, offset as i64],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                    ))
+                },
+            )
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (path, when, size) = row.map_err(|e| self.err(e))?;
+            if let Ok(path) = self.store_dir.parse(&path) {
+                out.push(Entry {
+                    path,
+                    when: Some(std::time::UNIX_EPOCH + Duration::from_secs(when.max(0) as u64)),
+                    nar_size: size.map(|s| s.max(0) as u64),
+                });
+            }
+        }
+        Ok((out, total.max(0) as usize))
+    }
+
+    /// The valid paths that refer to `path` (itself left out).
+    fn referrers(&self, path: &StorePath) -> Result<Vec<StorePath>, Error> {
+        let full = self.store_dir.display(path);
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.referrer \
+                 WHERE r.reference = (SELECT id FROM ValidPaths WHERE path = ?1) \
+                 AND v.path != ?1 ORDER BY v.path",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([&full], |r| r.get::<_, String>(0))
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Ok(p) = self.store_dir.parse(&row.map_err(|e| self.err(e))?) {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
     fn open(file: &std::path::Path, store_dir: &StoreDir) -> Result<Db, Error> {
         let shown = file.display().to_string();
         let err = |reason: String| Error::Database {

@@ -11,10 +11,11 @@
 //! headers), [`bucket`] (a cache through [`crate::cache::Cache`]), [`proxy`] (a
 //! bucket's answers kept on local disk, [`lru`] deciding what goes), [`local`] (the
 //! local store), [`http`] (hyper: methods, headers, conditional and range requests,
-//! shutdown). Read-only: nothing is ever written to the source. [`Counters`] are
+//! shutdown), [`explorer`] (HTML pages at `/`). Read-only: nothing is ever written to the source. [`Counters`] are
 //! what `--metrics-listen` shows.
 
 pub mod bucket;
+pub mod explorer;
 pub mod http;
 pub mod local;
 pub mod lru;
