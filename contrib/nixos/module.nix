@@ -80,6 +80,10 @@ let
 
   serveArgs =
     [ "--listen=${serveCfg.listen}" ]
+    ++ lib.optionals (serveCfg.cacheSize != null) [
+      "--cache-dir=/var/cache/narpipe-serve"
+      "--cache-size=${serveCfg.cacheSize}"
+    ]
     ++ lib.optional (serveCfg.secretKeyFile != null)
       "--secret-key-file=${toString serveCfg.secretKeyFile}"
     ++ serveCfg.extraArgs
@@ -260,6 +264,17 @@ in
         example = "/var/lib/secrets/narpipe-serve.env";
       };
 
+      cacheSize = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = ''
+          For a remote cache: keep its answers in /var/cache/narpipe-serve, at most
+          this much (`20G`), so that what one client fetched is served to the next
+          without asking the bucket. null: keep nothing.
+        '';
+        example = "20G";
+      };
+
       extraArgs = lib.mkOption {
         type = lib.types.listOf lib.types.str;
         default = [ ];
@@ -368,12 +383,15 @@ in
         Type = "notify";
         NotifyAccess = "main";
         EnvironmentFile = lib.mkIf (serveCfg.credentialsFile != null) (toString serveCfg.credentialsFile);
+        # /var/cache/narpipe-serve, for cacheSize.
+        CacheDirectory = "narpipe-serve";
         ExecStart = "${startServe}";
         TimeoutStopSec = 30;
         Restart = "on-failure";
         RestartSec = 2;
 
-        # Read-only but for Nix's state directory (its locks, for nix path-info).
+        # Read-only but for the cache directory and Nix's state directory (its locks,
+        # for nix path-info).
         NoNewPrivileges = true;
         ProtectSystem = "strict";
         ReadWritePaths = [ "-/nix/var/nix" ];
