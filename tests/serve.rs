@@ -340,6 +340,8 @@ fn the_local_store_is_served_signed_with_nars_made_on_the_fly() {
         .unwrap();
     assert_eq!(parsed.store_path(), root);
     assert_eq!(parsed.compression.as_deref(), Some("none"));
+    assert!(info.header("etag").is_some());
+    assert!(info.header("last-modified").is_some(), "the registration time");
     // The NAR is byte for byte what Nix dumps; ranges of it too.
     let dump = Command::new("nix-store")
         .args(["--dump", &root])

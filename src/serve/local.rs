@@ -21,7 +21,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -133,12 +133,15 @@ impl LocalStore {
                 Ok(Some(Found::bytes(Bytes::from(text), Some(etag), want)))
             }
             Route::NarInfo(hash) => {
-                let Some(info) = self.info_of_hash(hash).await? else {
+                let Some((info, when)) = self.info_of_hash(hash).await? else {
                     return Ok(None);
                 };
                 let text = self.narinfo(&info).to_string();
                 let etag = etag_of(text.as_bytes());
-                Ok(Some(Found::bytes(Bytes::from(text), Some(etag), want)))
+                Ok(Some(Found {
+                    last_modified: Some(when),
+                    ..Found::bytes(Bytes::from(text), Some(etag), want)
+                }))
             }
             Route::Nar { name, ext } => {
                 let Some((hash, nar_hash)) = name.split_once('-') else {
@@ -147,16 +150,19 @@ impl LocalStore {
                 if *ext != ".nar" {
                     return Ok(None);
                 }
-                let Some(info) = self.info_of_hash(hash).await? else {
+                let Some((info, when)) = self.info_of_hash(hash).await? else {
                     return Ok(None);
                 };
                 if info.nar_hash.to_nix32() != nar_hash {
                     return Ok(None); // an older narinfo's NAR: the path changed
                 }
-                self.nar(info, want).await
+                Ok(self.nar(info, want).await?.map(|f| Found {
+                    last_modified: Some(when),
+                    ..f
+                }))
             }
             Route::Listing(hash) => {
-                let Some(info) = self.info_of_hash(hash).await? else {
+                let Some((info, _)) = self.info_of_hash(hash).await? else {
                     return Ok(None);
                 };
                 let listing = self.listing(&info).await?;
@@ -209,8 +215,9 @@ impl LocalStore {
         n
     }
 
-    /// The valid, non-derivation store path with this hash part, and its info.
-    async fn info_of_hash(&self, hash: &str) -> Result<Option<Arc<PathInfo>>, Error> {
+    /// The valid, non-derivation store path with this hash part: its info, and when it
+    /// was registered.
+    async fn info_of_hash(&self, hash: &str) -> Result<Option<(Arc<PathInfo>, SystemTime)>, Error> {
         let db = self.db.clone();
         let hash = hash.to_string();
         let path = tokio::task::spawn_blocking(move || {
@@ -219,7 +226,9 @@ impl LocalStore {
         .await
         .map_err(|e| Error::Other(format!("database look-up stopped: {e}")))??;
         match path {
-            Some(p) if !p.is_derivation() => self.info(p).await,
+            Some((p, when)) if !p.is_derivation() => {
+                Ok(self.info(p).await?.map(|info| (info, when)))
+            }
             _ => Ok(None),
         }
     }
@@ -604,21 +613,30 @@ impl Db {
 
     /// The valid path whose hash part is `hash` (as Nix's queryPathFromHashPart: the
     /// first path not sorting before `<store>/<hash>`).
-    fn path_of(&self, hash: &str) -> Result<Option<StorePath>, Error> {
+    /// Also when it was registered.
+    fn path_of(&self, hash: &str) -> Result<Option<(StorePath, SystemTime)>, Error> {
         let prefix = format!("{}/{hash}", self.store_dir.as_str());
-        let found: Option<String> = self
+        let found: Option<(String, i64)> = self
             .conn
-            .prepare_cached("SELECT path FROM ValidPaths WHERE path >= ?1 LIMIT 1")
+            .prepare_cached(
+                "SELECT path, registrationTime FROM ValidPaths WHERE path >= ?1 \
+                 ORDER BY path LIMIT 1",
+            )
             .and_then(|mut q| {
                 let mut rows = q.query([&prefix])?;
-                rows.next()?.map(|r| r.get(0)).transpose()
+                rows.next()?.map(|r| Ok((r.get(0)?, r.get(1)?))).transpose()
             })
             .map_err(|e| Error::Database {
                 db: self.file.clone(),
                 reason: e.to_string(),
             })?;
         Ok(found
-            .filter(|p| p.starts_with(&prefix) && p.as_bytes().get(prefix.len()) == Some(&b'-'))
-            .and_then(|p| self.store_dir.parse(&p).ok()))
+            .filter(|(p, _)| {
+                p.starts_with(&prefix) && p.as_bytes().get(prefix.len()) == Some(&b'-')
+            })
+            .and_then(|(p, t)| {
+                let when = std::time::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+                Some((self.store_dir.parse(&p).ok()?, when))
+            }))
     }
 }
