@@ -9,8 +9,10 @@
 //!   StorePath: /nix/store/<hash>-<name>
 //!   URL: nar/<hash>-<NarHash in nix-base32>.nar
 //!   Compression: none
-//! /nar/<hash>-<narhash>.nar   the NAR, made by the project's NAR writer on the engine's
-//!                             threads, uncompressed, streamed; 404 once the path changed
+//! /nar/<hash>-<narhash>.nar   the NAR, walked by the project's NAR writer on a thread
+//!                             of the engine's pool, uncompressed, streamed as it is
+//!                             made (no hashing: Nix checks NarHash itself); 404 once
+//!                             the path changed
 //! /<hash>.ls        its listing, made on the same walk
 //! /log/<drv>        the build log Nix kept (NIX_LOG_DIR)
 //! ```
@@ -264,9 +266,8 @@ impl LocalStore {
         PathBuf::from(self.store_dir.display(&info.path))
     }
 
-    /// The NAR (or the part of it asked for), streamed as the engine makes it; the
-    /// whole NAR is checked against the store's NarHash at its end, and a mismatch
-    /// cuts the answer short (the client sees a failed download, never a wrong NAR).
+    /// The NAR (or the part of it asked for), streamed as the NAR writer walks the
+    /// path (see [`nar_body`] for what is checked).
     async fn nar(&self, info: Arc<PathInfo>, want: Want) -> Result<Option<Found>, Error> {
         let etag = Some(format!("\"{}\"", info.nar_hash.to_nix32()));
         let size = info.nar_size;
@@ -289,21 +290,42 @@ impl LocalStore {
         if tokio::fs::symlink_metadata(&shown).await.is_err() {
             return Ok(None);
         }
-        let stream = self
-            .engine
-            .nar(self.path_buf(&info), Compression::None, None, false)
-            .await
-            .map_err(|cause| Error::Engine {
-                path: shown.clone(),
-                cause,
-            })?;
-        let whole = matches!(want, Want::All);
-        let body = nar_body(stream, range.clone(), whole.then_some(info), shown);
-        Ok(Some(found(if whole {
+        let pieces = self.walk(self.path_buf(&info));
+        let body = nar_body(pieces, range.clone(), size, shown);
+        Ok(Some(found(if matches!(want, Want::All) {
             Part::All(body)
         } else {
             Part::Range(range, body)
         })))
+    }
+
+    /// The NAR of `path` in pieces, as the project's NAR writer walks it on a pool
+    /// thread of the engine (the walk waits while the pieces in flight are unsent; a
+    /// dropped receiver stops it).
+    fn walk(&self, path: PathBuf) -> mpsc::Receiver<std::io::Result<Bytes>> {
+        let (tx, rx) = mpsc::channel(PIECES_IN_FLIGHT);
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            let failed = tx.clone();
+            let run = engine
+                .run(move || {
+                    let mut sink = PieceSink {
+                        tx,
+                        buf: vec![0u8; PIECE],
+                        len: 0,
+                        spare: Arc::default(),
+                    };
+                    let walked = crate::nar::dump_into(&path, &mut sink).and_then(|()| sink.send());
+                    if let Err(e) = walked {
+                        let _ = sink.tx.blocking_send(Err(e));
+                    }
+                })
+                .await;
+            if let Err(e) = run {
+                let _ = failed.send(Err(std::io::Error::other(e.to_string()))).await;
+            }
+        });
+        rx
     }
 
     async fn listing(&self, info: &PathInfo) -> Result<Vec<u8>, Error> {
@@ -338,90 +360,151 @@ pub fn nar_url(info: &PathInfo) -> String {
     )
 }
 
-struct NarState {
-    stream: crate::engine::NarStream,
-    /// Offset in the NAR of the next byte the engine gives.
-    at: u64,
-    range: std::ops::Range<u64>,
-    /// Checked at the end when the whole NAR is sent.
-    check: Option<Arc<PathInfo>>,
-    path: String,
-    done: bool,
+/// Bytes of NAR per piece sent to the client.
+const PIECE: usize = 1 << 20;
+/// Pieces between the walk and the client.
+const PIECES_IN_FLIGHT: usize = 4;
+
+/// Where the NAR writer puts a NAR for [`LocalStore::walk`]: file contents are read
+/// straight into the piece being filled, and full pieces go out whole (no copy). A
+/// piece's buffer comes back to `spare` once the client's socket has taken it, so
+/// buffers are not made (and zeroed) anew for every MiB.
+struct PieceSink {
+    tx: mpsc::Sender<std::io::Result<Bytes>>,
+    buf: Vec<u8>,
+    len: usize,
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
+/// A piece's buffer, given back to its walk's spares when the piece is dropped.
+struct Piece {
+    buf: Vec<u8>,
+    len: usize,
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl AsRef<[u8]> for Piece {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Piece {
+    fn drop(&mut self) {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() <= PIECES_IN_FLIGHT {
+            spare.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+impl PieceSink {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        let next = self
+            .spare
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_else(|| vec![0u8; PIECE]);
+        let piece = Piece {
+            buf: std::mem::replace(&mut self.buf, next),
+            len: std::mem::take(&mut self.len),
+            spare: self.spare.clone(),
+        };
+        self.tx
+            .blocking_send(Ok(Bytes::from_owner(piece)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client left"))
+    }
+}
+
+impl crate::nar::Sink for PieceSink {
+    fn put(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let n = (PIECE - self.len).min(bytes.len());
+            self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+            self.len += n;
+            bytes = &bytes[n..];
+            if self.len == PIECE {
+                self.send()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn put_from(&mut self, file: &mut std::fs::File, max: u64) -> std::io::Result<usize> {
+        use std::io::Read;
+        if self.len == PIECE {
+            self.send()?;
+        }
+        let want = ((PIECE - self.len) as u64).min(max) as usize;
+        let n = file.read(&mut self.buf[self.len..self.len + want])?;
+        self.len += n;
+        Ok(n)
+    }
+}
+
+/// The part of the NAR in `range`, from the walk's pieces. NarHash is not computed
+/// here: Nix checks every NAR it substitutes against the narinfo's; the size is
+/// checked, and a NAR that is not the store's NarSize cuts the answer short.
 fn nar_body(
-    stream: crate::engine::NarStream,
+    pieces: mpsc::Receiver<std::io::Result<Bytes>>,
     range: std::ops::Range<u64>,
-    check: Option<Arc<PathInfo>>,
+    size: u64,
     path: String,
 ) -> Body {
-    let state = NarState {
-        stream,
-        at: 0,
-        range,
-        check,
-        path,
-        done: false,
+    let fail = move |problem: String| {
+        let e = format!("NAR of {path}: {problem}");
+        log::error!("{e}");
+        std::io::Error::other(e)
     };
-    Box::pin(futures::stream::unfold(state, |mut st| async move {
-        if st.done {
-            return None;
-        }
-        loop {
-            if st.at >= st.range.end && st.check.is_none() {
-                return None; // the range is sent; dropping the stream stops the walk
-            }
-            match st.stream.next().await {
-                Ok(Next::Data(mut b)) => {
-                    let start = st.at;
-                    st.at += b.len() as u64;
-                    // Keep only what lies in the range.
-                    let from = st.range.start.saturating_sub(start).min(b.len() as u64);
-                    let to = st.range.end.saturating_sub(start).min(b.len() as u64);
-                    if from >= to {
-                        continue;
-                    }
-                    b = b.slice(from as usize..to as usize);
-                    // hyper stops polling once Content-Length bytes are out: the NAR's
-                    // last piece waits for its digest, so a mismatch still cuts the
-                    // answer short.
-                    if st.check.is_some() && st.at >= st.range.end {
-                        st.done = true;
-                        let end = st.stream.next().await;
-                        return Some((finish(&st, end).map(|()| b), st));
-                    }
-                    return Some((Ok(b), st));
+    Box::pin(futures::stream::unfold(
+        (pieces, 0u64, false),
+        move |(mut pieces, mut at, done)| {
+            let (range, fail) = (range.clone(), fail.clone());
+            async move {
+                if done || at >= range.end {
+                    // The range is sent; dropping the receiver stops the walk.
+                    return None;
                 }
-                other => {
-                    st.done = true;
-                    return match finish(&st, other) {
-                        Ok(()) => None,
-                        Err(e) => Some((Err(e), st)),
-                    };
+                loop {
+                    match pieces.recv().await {
+                        Some(Ok(mut b)) => {
+                            let start = at;
+                            at += b.len() as u64;
+                            if at > size {
+                                return Some((
+                                    Err(fail(
+                                        "longer than the store's NarSize (changed on disk?)".into(),
+                                    )),
+                                    (pieces, at, true),
+                                ));
+                            }
+                            // Keep only what lies in the range.
+                            let from = range.start.saturating_sub(start).min(b.len() as u64);
+                            let to = range.end.saturating_sub(start).min(b.len() as u64);
+                            if from >= to {
+                                continue;
+                            }
+                            b = b.slice(from as usize..to as usize);
+                            return Some((Ok(b), (pieces, at, false)));
+                        }
+                        Some(Err(e)) => {
+                            return Some((Err(fail(e.to_string())), (pieces, at, true)))
+                        }
+                        None => {
+                            return Some((
+                                Err(fail(format!("ended at byte {at} of {size}"))),
+                                (pieces, at, true),
+                            ))
+                        }
+                    }
                 }
             }
-        }
-    }))
-}
-
-/// Checks what follows a whole NAR's last byte: its digest, matching the store's.
-fn finish(st: &NarState, next: Result<Next, crate::engine::Error>) -> Result<(), std::io::Error> {
-    let problem = match (next, &st.check) {
-        (Ok(Next::End(_, _)), None) => return Ok(()),
-        (Ok(Next::End(d, _)), Some(info))
-            if d.nar_hash == info.nar_hash && d.nar_size == info.nar_size =>
-        {
-            return Ok(())
-        }
-        (Ok(Next::End(_, _)), Some(_)) => {
-            "does not match the store's NarHash/NarSize (changed on disk?)".to_string()
-        }
-        (Ok(Next::Data(_)), _) => "is longer than the store's NarSize".to_string(),
-        (Err(e), _) => e.to_string(),
-    };
-    let e = format!("NAR of {} {problem}", st.path);
-    log::error!("{e}");
-    Err(std::io::Error::other(e))
+        },
+    ))
 }
 
 /// Answers every request waiting with one `nix path-info` call (per [`BATCH`]):
