@@ -559,6 +559,12 @@ impl Cache {
         &self.url
     }
 
+    /// A local folder's directory (None for other caches): `serve` reads its files
+    /// directly, one blocking call for open, stat and read.
+    pub fn local_dir(&self) -> Option<&std::path::Path> {
+        self.local_dir.as_deref()
+    }
+
     fn key(&self, rel: &str) -> Path {
         match &self.prefix {
             Some(p) => Path::from(format!("{p}/{rel}")),

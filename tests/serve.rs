@@ -174,7 +174,7 @@ fn hash_of(path: &str) -> &str {
 fn a_folder_cache_is_served_to_nix_and_only_its_layout() {
     let tmp = tempfile::tempdir().unwrap();
     let keys = keygen(tmp.path(), "serve-folder");
-    let root = build_closure(tmp.path(), "serve-folder", 2, 3000);
+    let root = build_closure(tmp.path(), "serve-folder", 2, 400_000);
     let cache = tmp.path().join("cache");
     upload_to(
         &mut upload_cmd(),
@@ -225,6 +225,8 @@ fn a_folder_cache_is_served_to_nix_and_only_its_layout() {
     assert_eq!(whole.body, nar);
     assert_eq!(whole.header("accept-ranges"), Some("bytes"));
     assert_eq!(whole.header("content-type"), Some("application/x-nix-nar"));
+    // Over 256 KiB: streamed from the file, not read whole.
+    assert!(nar.len() > 256 << 10, "{}", nar.len());
     let first = request(s.port, "GET", &nar_path, &[("Range", "bytes=0-9")]);
     assert_eq!(first.status, 206);
     assert_eq!(first.body, nar[..10]);
@@ -235,6 +237,9 @@ fn a_folder_cache_is_served_to_nix_and_only_its_layout() {
     let last = request(s.port, "GET", &nar_path, &[("Range", "bytes=-7")]);
     assert_eq!(last.status, 206);
     assert_eq!(last.body, nar[nar.len() - 7..]);
+    let big = request(s.port, "GET", &nar_path, &[("Range", "bytes=5-300000")]);
+    assert_eq!(big.status, 206);
+    assert!(big.body == nar[5..300_001]);
     let past = format!("bytes={}-", nar.len());
     let none = request(s.port, "GET", &nar_path, &[("Range", &past)]);
     assert_eq!(none.status, 416);
@@ -341,7 +346,10 @@ fn the_local_store_is_served_signed_with_nars_made_on_the_fly() {
     assert_eq!(parsed.store_path(), root);
     assert_eq!(parsed.compression.as_deref(), Some("none"));
     assert!(info.header("etag").is_some());
-    assert!(info.header("last-modified").is_some(), "the registration time");
+    assert!(
+        info.header("last-modified").is_some(),
+        "the registration time"
+    );
     // The NAR is byte for byte what Nix dumps; ranges of it too.
     let dump = Command::new("nix-store")
         .args(["--dump", &root])
