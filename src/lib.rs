@@ -4,7 +4,8 @@
 //! - formats (pure, no IO): [`nixbase32`], [`hash`], [`store_path`], [`narinfo`],
 //!   [`cache_info`], [`signing`], [`nar`] (the NAR writer), [`nar_listing`] (`.ls`
 //!   files), [`realisation`] (`.doi` files), [`pipe`] (line framing), [`http_auth`]
-//!   (credentials for HTTP caches), [`parts`] (multipart part sizes)
+//!   (credentials for HTTP caches), [`parts`] (multipart part sizes); [`key_file`] reads
+//!   secret keys for the binaries
 //! - formats for compressed NARs: [`xz`] (one stream of independently compressed blocks)
 //! - adapters: [`compress`]; [`engine`] (makes compressed NARs on a pool of plain threads)
 //! - IO edges, independent of each other: [`resolve`] (input → store path), [`nix`]
@@ -15,9 +16,11 @@
 //!   imports an earlier version's journal once), [`spool`], [`upstream`] (what upstream
 //!   already serves)
 //! - orchestration: [`daemon`] (the whole uploader, one module per stage; one path's life
-//!   in `daemon::path`), [`exec`] (`upload exec`), [`import`], [`verify`]
+//!   in `daemon::path`), [`exec`] (`upload exec`), [`import`], [`verify`]; [`serve`] (a
+//!   binary cache over HTTP, from a cache or the local store)
 //!
-//! The binaries `upload` and `send` are thin: arguments, logging, signals, exit codes.
+//! The binaries `upload`, `send` and `serve` are thin: arguments, logging, signals, exit
+//! codes.
 
 pub mod build_log;
 pub mod cache;
@@ -31,6 +34,7 @@ pub mod filter;
 pub mod hash;
 pub mod http_auth;
 pub mod import;
+pub mod key_file;
 pub mod metrics;
 pub mod nar;
 pub mod nar_listing;
@@ -44,6 +48,7 @@ pub mod queue;
 pub mod rate;
 pub mod realisation;
 pub mod resolve;
+pub mod serve;
 pub mod signing;
 pub mod spool;
 pub mod stats;

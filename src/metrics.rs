@@ -123,12 +123,18 @@ fn label(v: &str) -> String {
 
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, stats: Vec<(String, Arc<Stats>)>) {
+    serve_text(listener, Arc::new(move || render(&stats))).await
+}
+
+/// Serves what `render` gives at each scrape (`serve`'s counters use it too), until the
+/// task is dropped.
+pub async fn serve_text(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let stats = stats.clone();
+        let render = render.clone();
         tokio::spawn(async move {
             let mut req = Vec::with_capacity(512);
             let mut buf = [0u8; 1024];
@@ -150,7 +156,7 @@ pub async fn serve(listener: TcpListener, stats: Vec<(String, Arc<Stats>)>) {
             let mut parts = line.split(|&b| b == b' ');
             let (method, path) = (parts.next(), parts.next());
             let (status, body) = match (method, path) {
-                (Some(b"GET"), Some(b"/metrics" | b"/")) => ("200 OK", render(&stats)),
+                (Some(b"GET"), Some(b"/metrics" | b"/")) => ("200 OK", render()),
                 _ => ("404 Not Found", "not found: try /metrics\n".to_string()),
             };
             let head = format!(

@@ -26,6 +26,18 @@
 #   systemd.sockets.narpipe.socketConfig.SocketGroup = lib.mkForce "mygroup";
 # and remove /run/narpipe.fifo before the socket unit starts with it (systemd refuses
 # an existing FIFO whose owner or mode differs; see contrib/systemd/narpipe.socket).
+#
+# services.narpipe.serve runs `serve` (narpipe-serve.service, the unit of
+# contrib/systemd/narpipe-serve.service): the cache, or this machine's store, over
+# HTTP for other machines, which then need no cloud credentials:
+#
+#   services.narpipe.serve = {
+#     enable = true;
+#     source = "s3://my-cache?region=eu-central-1";   # or "local"
+#     listen = "0.0.0.0:8080";
+#     openFirewall = true;
+#     credentialsFile = "/var/lib/secrets/narpipe-serve.env";
+#   };
 
 { config, lib, pkgs, ... }:
 
@@ -64,6 +76,23 @@ let
   # takes the paths from $OUT_PATHS (or $DRV_PATH, see NixOS/nix#6446), waits at most
   # its timeout (default 5 s) for the pipe and otherwise spools them for upload; any
   # problem only shows in the build log.
+  serveCfg = cfg.serve;
+
+  serveArgs =
+    [ "--listen=${serveCfg.listen}" ]
+    ++ lib.optionals (serveCfg.cacheSize != null) [
+      "--cache-dir=/var/cache/narpipe-serve"
+      "--cache-size=${serveCfg.cacheSize}"
+    ]
+    ++ lib.optional (serveCfg.secretKeyFile != null)
+      "--secret-key-file=${toString serveCfg.secretKeyFile}"
+    ++ serveCfg.extraArgs
+    ++ [ "--" serveCfg.source ];
+
+  startServe = pkgs.writeShellScript "narpipe-serve-start" ''
+    exec ${cfg.package}/bin/serve ${lib.escapeShellArgs serveArgs}
+  '';
+
   postBuildHook = pkgs.writeShellScript "narpipe-post-build-hook" ''
     set -u
     ${cfg.package}/bin/send -o ${fifo} \
@@ -191,6 +220,71 @@ in
       example = [ "--priority" "30" "--max-attempts" "10" ];
     };
 
+    serve = {
+      enable = lib.mkEnableOption "narpipe's `serve`, a read-only HTTP binary cache over a cache or the local Nix store";
+
+      source = lib.mkOption {
+        type = lib.types.str;
+        default = "local";
+        description = ''
+          What to serve: `local` (this machine's Nix store, narinfos signed with
+          `secretKeyFile`) or a cache URL as for `cacheUrl`.
+        '';
+        example = "s3://my-nix-cache?region=eu-central-1";
+      };
+
+      listen = lib.mkOption {
+        type = lib.types.str;
+        default = "127.0.0.1:8080";
+        description = "Address and port to listen on.";
+        example = "0.0.0.0:8080";
+      };
+
+      openFirewall = lib.mkOption {
+        type = lib.types.bool;
+        default = false;
+        description = "Whether to open the port of `listen` in the firewall.";
+      };
+
+      secretKeyFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.path;
+        default = null;
+        description = ''
+          For `source = "local"`: a Nix secret key to sign narinfos with. Give it as a
+          string so that it is never copied into the Nix store.
+        '';
+        example = "/var/lib/secrets/nix-cache.sk";
+      };
+
+      credentialsFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.path;
+        default = null;
+        description = ''
+          An environment file with the cache's credentials (as for the upload
+          service's `credentialsFile`). Give it as a string.
+        '';
+        example = "/var/lib/secrets/narpipe-serve.env";
+      };
+
+      cacheSize = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = ''
+          For a remote cache: keep its answers in /var/cache/narpipe-serve, at most
+          this much (`20G`), so that what one client fetched is served to the next
+          without asking the bucket. null: keep nothing.
+        '';
+        example = "20G";
+      };
+
+      extraArgs = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        description = "Further arguments for `serve`.";
+        example = [ "--priority" "30" ];
+      };
+    };
+
     postBuildHook.enable = lib.mkOption {
       type = lib.types.bool;
       default = true;
@@ -203,7 +297,7 @@ in
     };
   };
 
-  config = lib.mkIf cfg.enable {
+  config = lib.mkMerge [ (lib.mkIf cfg.enable {
     nix.settings.post-build-hook = lib.mkIf cfg.postBuildHook.enable "${postBuildHook}";
 
     # The FIFO. systemd keeps it open, so what is written while upload is stopped or
@@ -272,5 +366,51 @@ in
         SystemCallArchitectures = "native";
       };
     };
-  };
+  })
+
+  (lib.mkIf serveCfg.enable {
+    networking.firewall.allowedTCPPorts = lib.mkIf serveCfg.openFirewall [
+      (lib.toInt (lib.last (lib.splitString ":" serveCfg.listen)))
+    ];
+
+    systemd.services.narpipe-serve = {
+      description = "narpipe: serve a Nix binary cache over HTTP";
+      after = [ "network-online.target" ];
+      wants = [ "network-online.target" ];
+      wantedBy = [ "multi-user.target" ];
+      # serve local runs `nix path-info`.
+      path = [ config.nix.package ];
+      serviceConfig = {
+        # READY=1 once it listens and the cache answered.
+        Type = "notify";
+        NotifyAccess = "main";
+        EnvironmentFile = lib.mkIf (serveCfg.credentialsFile != null) (toString serveCfg.credentialsFile);
+        # /var/cache/narpipe-serve, for cacheSize.
+        CacheDirectory = "narpipe-serve";
+        ExecStart = "${startServe}";
+        TimeoutStopSec = 30;
+        Restart = "on-failure";
+        RestartSec = 2;
+
+        # Read-only but for the cache directory and Nix's state directory (its locks,
+        # for nix path-info).
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ReadWritePaths = [ "-/nix/var/nix" ];
+        ProtectHome = "read-only";
+        PrivateTmp = true;
+        PrivateDevices = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        RestrictSUIDSGID = true;
+        RestrictRealtime = true;
+        RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
+        LockPersonality = true;
+        SystemCallArchitectures = "native";
+      };
+    };
+  })
+  ];
 }

@@ -388,24 +388,7 @@ fn regexes(list: &[String], flag: &str) -> Result<Vec<regex::Regex>> {
 }
 
 fn read_keys(files: &[PathBuf]) -> Result<Vec<SecretKey>> {
-    files
-        .iter()
-        .map(|file| {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read secret key file {}", file.display()))?;
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(file).map_or(0, |m| m.permissions().mode());
-            if let Some(exposed) = narpipe::signing::key_file_exposure(mode) {
-                log::warn!(
-                    "secret key file {} is not private: {exposed}; whoever can read it can \
-                     sign as this cache (chmod 600 it)",
-                    file.display()
-                );
-            }
-            text.parse()
-                .with_context(|| format!("secret key file {}", file.display()))
-        })
-        .collect()
+    Ok(narpipe::key_file::read(files)?)
 }
 
 fn config(args: &RunArgs) -> Result<Config> {
