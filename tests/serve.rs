@@ -468,7 +468,14 @@ fn bad_configurations_stop_serve_at_start() {
     };
     let secret = keys.secret.to_str().unwrap();
     let missing = tmp.path().join("missing");
-    let cases: [(&[&str], &str); 5] = [
+    let cache_dir = cache.to_str().unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        // A folder is read directly: a cache dir (that could be the folder itself,
+        // whose files it would trim) is refused.
+        (
+            &[cache_dir, "--cache-dir", cache_dir],
+            "--cache-dir is for remote caches",
+        ),
         (
             &[cache.to_str().unwrap(), "--secret-key-file", secret],
             "local store",

@@ -211,6 +211,9 @@ async fn source(cli: &Cli, store_dir: &StoreDir, counters: &Arc<Counters>) -> Re
             None => return Err(e.into()),
         },
     }
+    if cli.cache_dir.is_some() && cache.local_dir().is_some() {
+        bail!("--cache-dir is for remote caches: a folder is read directly");
+    }
     let bucket = Bucket::new(cache);
     Ok(match &cli.cache_dir {
         None => Source::Bucket(bucket),

@@ -161,7 +161,7 @@ async fn index(
     q: &str,
     page: usize,
 ) -> Result<String, Error> {
-    let offset = (page - 1) * PAGE;
+    let offset = page.saturating_sub(1).saturating_mul(PAGE);
     let (entries, total) = match source {
         Source::Local(l) => l.list(q, offset, PAGE).await?,
         Source::Bucket(b) => catalogue.list(b.cache(), q, offset).await?,
@@ -338,10 +338,13 @@ pub fn render_path(
         "StorePath",
         format!("<code>{}</code>", esc(&info.store_path())),
     );
-    field(
-        "URL",
-        format!("<a class=\"mono\" href=\"/{0}\">{0}</a>", esc(&info.url)),
-    );
+    // A link only to a name of the layout (a URL such as `/host/x` would leave the site).
+    let url = if Route::parse(&format!("/{}", info.url)).is_some() {
+        format!("<a class=\"mono\" href=\"/{0}\">{0}</a>", esc(&info.url))
+    } else {
+        format!("<code>{}</code>", esc(&info.url))
+    };
+    field("URL", url);
     field(
         "Compression",
         esc(info.compression.as_deref().unwrap_or("bzip2")),

@@ -34,7 +34,10 @@ use super::{range, Body, Counters, Error, Found, Part, Want};
 
 /// 404s remembered at most.
 const MISSING_MAX: usize = 100_000;
-const TMP: &str = "tmp";
+const TMP: &str = ".narpipe-tmp";
+/// Made in a cache dir that serve took over: only a dir holding it has anything of
+/// serve's removed from it.
+const MARKER: &str = ".narpipe-serve-cache";
 
 pub struct Config {
     pub dir: PathBuf,
@@ -61,6 +64,25 @@ impl Proxy {
     /// Takes over `cfg.dir` (created if missing): what an earlier run left is kept,
     /// oldest fetched out first when over the budget; unfinished fetches are removed.
     pub fn open(bucket: Bucket, cfg: Config, counters: Arc<Counters>) -> Result<Proxy, Error> {
+        std::fs::create_dir_all(&cfg.dir).map_err(|e| io_err("cannot create", &cfg.dir, e))?;
+        let marker = cfg.dir.join(MARKER);
+        if !marker.exists() {
+            let empty = std::fs::read_dir(&cfg.dir)
+                .map_err(|e| io_err("cannot read", &cfg.dir, e))?
+                .next()
+                .is_none();
+            if !empty {
+                return Err(Error::Other(format!(
+                    "cache dir {} is not empty and was not made by serve: name an empty or new directory",
+                    cfg.dir.display()
+                )));
+            }
+            std::fs::write(
+                &marker,
+                b"narpipe serve's cache: its files may be removed\n",
+            )
+            .map_err(|e| io_err("cannot create", &marker, e))?;
+        }
         let tmp = cfg.dir.join(TMP);
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| io_err("cannot clear", &tmp, e))?;
@@ -412,5 +434,35 @@ impl Drop for Fill {
         if self.file.is_some() || self.failed {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dir_serve_did_not_make_is_not_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("tmp")).unwrap();
+        std::fs::write(dir.path().join("tmp/keep"), b"mine").unwrap();
+        let bucket = || {
+            Bucket::new(crate::cache::Cache::open("s3://b?endpoint=http://127.0.0.1:1").unwrap())
+        };
+        let cfg = |d: &Path| Config {
+            dir: d.to_path_buf(),
+            max_bytes: 1,
+            ttl: Duration::from_secs(1),
+            negative_ttl: Duration::from_secs(1),
+        };
+        let err = Proxy::open(bucket(), cfg(dir.path()), Arc::default())
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("not made by serve"), "{err}");
+        assert!(dir.path().join("tmp/keep").exists());
+        // A new directory is taken over, and again after a restart.
+        let fresh = dir.path().join("fresh");
+        assert!(Proxy::open(bucket(), cfg(&fresh), Arc::default()).is_ok());
+        assert!(Proxy::open(bucket(), cfg(&fresh), Arc::default()).is_ok());
     }
 }
