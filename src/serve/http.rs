@@ -302,33 +302,6 @@ fn not_modified(req: &http::HeaderMap, etag: Option<&str>, modified: Option<Syst
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn conditional_requests() {
-        let mut req = http::HeaderMap::new();
-        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        assert!(!not_modified(&req, Some("\"a\""), Some(t)));
-        req.insert(
-            header::IF_NONE_MATCH,
-            HeaderValue::from_static("\"b\", \"a\""),
-        );
-        assert!(not_modified(&req, Some("\"a\""), None));
-        assert!(!not_modified(&req, Some("\"c\""), Some(t)));
-        assert!(!not_modified(&req, None, Some(t)));
-        let mut req = http::HeaderMap::new();
-        req.insert(
-            header::IF_MODIFIED_SINCE,
-            HeaderValue::from_str(&httpdate::fmt_http_date(t)).unwrap(),
-        );
-        assert!(not_modified(&req, None, Some(t)));
-        assert!(!not_modified(&req, None, Some(t + Duration::from_secs(1))));
-        assert!(!not_modified(&req, None, None));
-    }
-}
-
 /// A connection whose writes may not stall for [`WRITE_STALL`]: a client that stops
 /// reading fails the write, hyper drops the answer, and whatever fed it (a NAR walk on
 /// a NAR thread) stops.
@@ -417,5 +390,32 @@ impl tokio::io::AsyncWrite for Unstalled {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditional_requests() {
+        let mut req = http::HeaderMap::new();
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert!(!not_modified(&req, Some("\"a\""), Some(t)));
+        req.insert(
+            header::IF_NONE_MATCH,
+            HeaderValue::from_static("\"b\", \"a\""),
+        );
+        assert!(not_modified(&req, Some("\"a\""), None));
+        assert!(!not_modified(&req, Some("\"c\""), Some(t)));
+        assert!(!not_modified(&req, None, Some(t)));
+        let mut req = http::HeaderMap::new();
+        req.insert(
+            header::IF_MODIFIED_SINCE,
+            HeaderValue::from_str(&httpdate::fmt_http_date(t)).unwrap(),
+        );
+        assert!(not_modified(&req, None, Some(t)));
+        assert!(!not_modified(&req, None, Some(t + Duration::from_secs(1))));
+        assert!(!not_modified(&req, None, None));
     }
 }
