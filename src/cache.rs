@@ -784,15 +784,11 @@ impl Cache {
 
     /// Names of the objects at the cache root (not below `nar/`).
     pub async fn list_root(&self) -> Result<Vec<String>, Error> {
-        let listing = self
-            .store()?
-            .list_with_delimiter(self.prefix.as_ref())
-            .await
-            .map_err(|e| self.err("list", "/", e))?;
-        Ok(listing
-            .objects
+        Ok(self
+            .list_root_dated()
+            .await?
             .into_iter()
-            .filter_map(|m| m.location.filename().map(str::to_string))
+            .map(|(name, _)| name)
             .collect())
     }
 
