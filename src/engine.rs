@@ -30,7 +30,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -644,14 +644,13 @@ impl nar::Sink for Producer<'_> {
         Ok(())
     }
 
-    fn put_from(&mut self, file: &mut File, max: u64) -> io::Result<usize> {
+    fn put_from(&mut self, file: &mut File, max: u64) -> io::Result<(usize, nar::Tail)> {
         if self.fill == self.size {
             self.cut()?;
         }
-        let room = (self.size - self.fill).min(usize::try_from(max).unwrap_or(usize::MAX));
-        let n = file.read(&mut self.buf[self.fill..self.fill + room])?;
+        let (n, tail) = nar::read_some(file, &mut self.buf[self.fill..self.size], max)?;
         self.fill += n;
-        Ok(n)
+        Ok((n, tail))
     }
 }
 

@@ -11,24 +11,55 @@
 //! with directory entries in byte order of their names. Files are streamed, never held
 //! whole in memory. Sync on purpose: callers run it on a plain thread. A [`Sink`] that
 //! holds a buffer takes file contents straight into it, in large contiguous reads.
+//! Below the top, a node's type comes from its directory entry, so that a file costs
+//! an open, a stat of the open file and (most often) one read, and a directory or a
+//! symlink no stat at all.
 //! [`dump_listed`] also writes the tree's [`NarListing`] on the same walk.
 
-use std::fs::{self, File};
+use std::ffi::OsString;
+use std::fs::{self, File, FileType, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use crate::nar_listing::NarListing;
 
 const COPY_BUF: usize = 256 * 1024;
 
+/// What a read of a file's last bytes showed of what follows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tail {
+    /// Nothing known: the read asked for no more than what was left.
+    Unknown,
+    /// The read asked for a byte more than was left and got none: the file ends there.
+    End,
+    /// It got one: the file is longer than it was.
+    More,
+}
+
 /// Where [`dump_into`] puts a NAR.
 pub trait Sink {
     fn put(&mut self, bytes: &[u8]) -> io::Result<()>;
-    /// Reads at most `max` (> 0) bytes of `file` into the sink with one read call and
-    /// returns how many it read (0 at the end of the file).
-    fn put_from(&mut self, file: &mut File, max: u64) -> io::Result<usize>;
+    /// Takes at most `max` (> 0) bytes of `file` into the sink with one read call and
+    /// returns how many it took (0 at the end of the file). With room for it, the read
+    /// asks for one byte more, which tells whether the file ends there (see [`Tail`];
+    /// that byte is not taken): the walk then needs no read of its own to check.
+    fn put_from(&mut self, file: &mut File, max: u64) -> io::Result<(usize, Tail)>;
+}
+
+/// Reads at most `max` bytes of `file` into `buf` with one read call, asking for one
+/// more when `buf` has room (see [`Sink::put_from`]).
+pub fn read_some(file: &mut File, buf: &mut [u8], max: u64) -> io::Result<(usize, Tail)> {
+    let max = usize::try_from(max).unwrap_or(usize::MAX);
+    let want = buf.len().min(max.saturating_add(1));
+    let n = file.read(&mut buf[..want])?;
+    Ok(match n {
+        _ if want <= max => (n, Tail::Unknown),
+        _ if n > max => (max, Tail::More),
+        _ if n == max => (n, Tail::End),
+        _ => (n, Tail::Unknown),
+    })
 }
 
 /// Any writer, through a copy buffer.
@@ -42,11 +73,10 @@ impl<W: Write> Sink for WriteSink<'_, W> {
         self.out.write_all(bytes)
     }
 
-    fn put_from(&mut self, file: &mut File, max: u64) -> io::Result<usize> {
-        let want = self.buf.len().min(max as usize);
-        let n = file.read(&mut self.buf[..want])?;
+    fn put_from(&mut self, file: &mut File, max: u64) -> io::Result<(usize, Tail)> {
+        let (n, tail) = read_some(file, &mut self.buf, max)?;
         self.out.write_all(&self.buf[..n])?;
-        Ok(n)
+        Ok((n, tail))
     }
 }
 
@@ -81,7 +111,11 @@ impl<S: Sink> Walk<'_, S> {
 
     fn node(&mut self, path: &Path) -> io::Result<()> {
         let meta = fs::symlink_metadata(path)?;
-        let ft = meta.file_type();
+        self.typed_node(path, meta.file_type())
+    }
+
+    /// A node whose type is known already (from its directory's entry).
+    fn typed_node(&mut self, path: &Path, ft: FileType) -> io::Result<()> {
         self.token(b"(")?;
         self.token(b"type")?;
         if ft.is_symlink() {
@@ -93,6 +127,20 @@ impl<S: Sink> Walk<'_, S> {
                 l.symlink(target.as_os_str().as_bytes());
             }
         } else if ft.is_file() {
+            // Not through a symlink, nor blocking on a FIFO, should the entry have
+            // been replaced since its directory was read.
+            let mut file = OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+                .open(path)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            let meta = file.metadata()?;
+            if !meta.is_file() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} changed while being archived", path.display()),
+                ));
+            }
             self.token(b"regular")?;
             let executable = meta.permissions().mode() & 0o100 != 0;
             if executable {
@@ -100,17 +148,17 @@ impl<S: Sink> Walk<'_, S> {
                 self.token(b"")?;
             }
             self.token(b"contents")?;
-            self.contents(path, meta.len(), executable)?;
+            self.contents(path, &mut file, meta.len(), executable)?;
         } else if ft.is_dir() {
             self.token(b"directory")?;
             if let Some(l) = self.listing.as_deref_mut() {
                 l.directory();
             }
-            let mut names: Vec<_> = fs::read_dir(path)?
-                .map(|e| e.map(|e| e.file_name()))
+            let mut entries: Vec<(OsString, FileType)> = fs::read_dir(path)?
+                .map(|e| e.and_then(|e| Ok((e.file_name(), e.file_type()?))))
                 .collect::<io::Result<_>>()?;
-            names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-            for name in names {
+            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            for (name, ft) in entries {
                 self.token(b"entry")?;
                 self.token(b"(")?;
                 self.token(b"name")?;
@@ -119,7 +167,7 @@ impl<S: Sink> Walk<'_, S> {
                 if let Some(l) = self.listing.as_deref_mut() {
                     l.entry(name.as_bytes());
                 }
-                self.node(&path.join(&name))?;
+                self.typed_node(&path.join(&name), ft)?;
                 self.token(b")")?;
             }
             if let Some(l) = self.listing.as_deref_mut() {
@@ -137,15 +185,22 @@ impl<S: Sink> Walk<'_, S> {
         self.token(b")")
     }
 
-    fn contents(&mut self, path: &Path, len: u64, executable: bool) -> io::Result<()> {
-        let mut file = File::open(path)?;
+    fn contents(
+        &mut self,
+        path: &Path,
+        file: &mut File,
+        len: u64,
+        executable: bool,
+    ) -> io::Result<()> {
         self.put(&len.to_le_bytes())?;
         if let Some(l) = self.listing.as_deref_mut() {
             l.regular(len, executable, self.pos);
         }
         let mut left = len;
+        let mut tail = Tail::Unknown;
         while left > 0 {
-            let n = self.out.put_from(&mut file, left)?;
+            let (n, t) = self.out.put_from(file, left)?;
+            tail = t;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -155,7 +210,12 @@ impl<S: Sink> Walk<'_, S> {
             self.pos += n as u64;
             left -= n as u64;
         }
-        if file.read(&mut [0u8; 1])? != 0 {
+        let grew = match tail {
+            Tail::End => false,
+            Tail::More => true,
+            Tail::Unknown => file.read(&mut [0u8; 1])? != 0,
+        };
+        if grew {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("{} grew while being archived", path.display()),
@@ -339,6 +399,29 @@ mod tests {
         for w in order.windows(2) {
             assert!(pos(w[0]) < pos(w[1]), "{} before {}", w[0], w[1]);
         }
+    }
+
+    #[test]
+    fn a_read_of_the_last_bytes_tells_whether_the_file_ends_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        fs::write(&f, b"0123456789").unwrap();
+        let read = |buf: usize, skip: u64, max: u64| {
+            let mut file = File::open(&f).unwrap();
+            io::copy(&mut (&mut file).take(skip), &mut io::sink()).unwrap();
+            let mut b = vec![0u8; buf];
+            let (n, tail) = read_some(&mut file, &mut b, max).unwrap();
+            (b[..n].to_vec(), tail)
+        };
+        // Room for a byte more: the file ends, or goes on, where it was expected to.
+        assert_eq!(read(16, 0, 10), (b"0123456789".to_vec(), Tail::End));
+        assert_eq!(read(16, 0, 9), (b"012345678".to_vec(), Tail::More));
+        assert_eq!(read(16, 4, 6), (b"456789".to_vec(), Tail::End));
+        // No room for it, or asked for less than what is left: nothing known.
+        assert_eq!(read(10, 0, 10), (b"0123456789".to_vec(), Tail::Unknown));
+        assert_eq!(read(4, 0, 10), (b"0123".to_vec(), Tail::Unknown));
+        // Fewer bytes than expected (the file shrank): the walk reads again and sees 0.
+        assert_eq!(read(16, 8, 5), (b"89".to_vec(), Tail::Unknown));
     }
 
     #[test]

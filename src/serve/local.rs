@@ -434,15 +434,17 @@ impl crate::nar::Sink for PieceSink {
         Ok(())
     }
 
-    fn put_from(&mut self, file: &mut std::fs::File, max: u64) -> std::io::Result<usize> {
-        use std::io::Read;
+    fn put_from(
+        &mut self,
+        file: &mut std::fs::File,
+        max: u64,
+    ) -> std::io::Result<(usize, crate::nar::Tail)> {
         if self.len == PIECE {
             self.send()?;
         }
-        let want = ((PIECE - self.len) as u64).min(max) as usize;
-        let n = file.read(&mut self.buf[self.len..self.len + want])?;
+        let (n, tail) = crate::nar::read_some(file, &mut self.buf[self.len..], max)?;
         self.len += n;
-        Ok(n)
+        Ok((n, tail))
     }
 }
 
