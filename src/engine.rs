@@ -20,6 +20,12 @@
 //! for its oldest frame compresses queued frames itself meanwhile, so no thread idles
 //! while any frame waits, and the pool cannot deadlock.
 //!
+//! A compressed frame that fills at least half its buffer (and every full frame with
+//! no compression) travels on in that buffer, without a copy; the buffer comes back to
+//! the pool's threads once its bytes are written, to be filled again instead of fresh
+//! pages from the kernel. The last frame of a NAR, or its only one, is compressed by
+//! its producer: nothing to hand to another thread and wait for.
+//!
 //! [`Engine::run`] puts other CPU work on the same threads.
 //!
 //! On request the walk also writes the NAR's listing (see [`crate::nar_listing`]), given
@@ -52,6 +58,9 @@ const ZSTD_FRAME: usize = 4 << 20;
 const SPARE_FRAMES: usize = 2;
 /// Pieces in flight from a producer to the async side.
 const PIECES_IN_FLIGHT: usize = 4;
+/// Compressed frames at least this big (and filling half their buffer) are handed on
+/// in the buffer they were compressed into.
+const HAND_ON_MIN: usize = 256 << 10;
 
 fn xz_level(level: Option<i32>) -> u32 {
     level.map_or(6, |l| l.clamp(0, 9) as u32)
@@ -143,7 +152,58 @@ struct Frame {
 /// A compressed frame, with its input buffer handed back for reuse.
 struct Compressed {
     input: Vec<u8>,
-    output: io::Result<(Vec<u8>, Option<xz::BlockRecord>)>,
+    output: io::Result<(Bytes, Option<xz::BlockRecord>)>,
+}
+
+/// Output buffers of zstd frames, shared by the pool's threads: a big compressed frame
+/// is handed on as it is (no copy), and its buffer comes back here once the bytes have
+/// been written, to be filled again without the kernel handing out (and zeroing) fresh
+/// pages each time.
+#[derive(Clone)]
+struct Buffers {
+    tx: Sender<Vec<u8>>,
+    rx: Receiver<Vec<u8>>,
+}
+
+impl Buffers {
+    fn new(keep: usize) -> Self {
+        let (tx, rx) = channel::bounded(keep);
+        Buffers { tx, rx }
+    }
+
+    /// A buffer to compress into, empty: a used one if any came back.
+    fn take(&self) -> Vec<u8> {
+        self.rx.try_recv().unwrap_or_default()
+    }
+
+    /// `buf`'s bytes, handed on as they are; the buffer comes back when they are dropped.
+    fn hand_on(&self, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Lent {
+            buf,
+            home: self.tx.clone(),
+        })
+    }
+}
+
+/// A buffer lent out as [`Bytes`]; goes back to [`Buffers`] when dropped (or is freed,
+/// when enough are there).
+struct Lent {
+    buf: Vec<u8>,
+    home: Sender<Vec<u8>>,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let _ = self.home.try_send(buf);
+    }
 }
 
 /// The pool. Dropping it lets the threads end once their current work is done.
@@ -158,6 +218,7 @@ impl Engine {
         let threads = threads.max(1);
         let (jobs_tx, jobs_rx) = channel::bounded::<Work>(threads);
         let (frames_tx, frames_rx) = channel::bounded::<Frame>(threads);
+        let buffers = Buffers::new(2 * threads);
         for i in 0..threads {
             let mut worker = Worker {
                 frames_tx: frames_tx.clone(),
@@ -166,6 +227,7 @@ impl Engine {
                 xz: None,
                 spare: Vec::new(),
                 scratch: Vec::new(),
+                buffers: buffers.clone(),
                 in_flight: threads.max(2),
             };
             let jobs_rx = jobs_rx.clone();
@@ -280,6 +342,7 @@ struct Worker {
     spare: Vec<Vec<u8>>,
     /// Where zstd compresses to.
     scratch: Vec<u8>,
+    buffers: Buffers,
     /// Frames a producer keeps in flight before it waits for the oldest.
     in_flight: usize,
 }
@@ -349,20 +412,28 @@ impl Worker {
         data: &[u8],
         codec: Codec,
         control: &Control,
-    ) -> io::Result<(Vec<u8>, Option<xz::BlockRecord>)> {
+    ) -> io::Result<(Bytes, Option<xz::BlockRecord>)> {
         match codec {
             Codec::Zstd(level) => {
                 if self.zstd.as_ref().map(|(l, _)| *l) != Some(level) {
                     self.zstd = Some((level, zstd::bulk::Compressor::new(level)?));
                 }
                 let (_, c) = self.zstd.as_mut().expect("just set");
-                // Into the thread's own buffer, then out at its exact size: what travels
-                // on holds no slack, and no big buffer is made and freed per frame.
                 self.scratch.clear();
                 self.scratch
                     .reserve(zstd::zstd_safe::compress_bound(data.len()));
                 c.compress_to_buffer(data, &mut self.scratch)?;
-                Ok((self.scratch.clone(), None))
+                // A frame that filled at least half its buffer travels on in it (the
+                // thread takes another); a smaller one is copied out at its exact size,
+                // so that what travels never holds more than twice its bytes.
+                let out = &self.scratch;
+                if out.len() >= HAND_ON_MIN && out.len() >= out.capacity() / 2 {
+                    let next = self.buffers.take();
+                    let full = std::mem::replace(&mut self.scratch, next);
+                    Ok((self.buffers.hand_on(full), None))
+                } else {
+                    Ok((Bytes::copy_from_slice(out), None))
+                }
             }
             Codec::Xz(level) => {
                 if self.xz.as_ref().map(|(l, _)| *l) != Some(level) {
@@ -371,9 +442,9 @@ impl Worker {
                 let (_, c) = self.xz.as_mut().expect("just set");
                 let mut out = Vec::new();
                 let record = c.compress(data, &mut out, &|| control.cancelled())?;
-                Ok((out, Some(record)))
+                Ok((Bytes::from(out), Some(record)))
             }
-            Codec::None => Ok((data.to_vec(), None)),
+            Codec::None => Ok((Bytes::copy_from_slice(data), None)),
         }
     }
 
@@ -387,15 +458,16 @@ impl Worker {
     }
 
     fn frame_buffer(&mut self, size: usize) -> Vec<u8> {
-        match self.spare.pop() {
-            Some(mut b) => {
-                if b.len() < size {
-                    b.resize(size, 0);
-                }
-                b
-            }
-            None => vec![0u8; size],
+        let mut b = match self.spare.pop() {
+            Some(b) => b,
+            // One that was handed on and came back: refilling it costs less than
+            // fresh pages.
+            None => self.buffers.take(),
+        };
+        if b.len() < size {
+            b.resize(size, 0);
         }
+        b
     }
 
     fn produce(&mut self, job: Job) {
@@ -473,7 +545,7 @@ struct Producer<'a> {
 impl Producer<'_> {
     fn run(&mut self) -> Result<(NarDigest, Option<Vec<u8>>), Failure> {
         if let Codec::Xz(_) = self.job.codec {
-            self.emit(xz::stream_header().to_vec())?;
+            self.emit(Bytes::copy_from_slice(&xz::stream_header()))?;
         }
         let path = self.job.path.clone();
         let mut listing = self.job.listing.then(NarListing::new);
@@ -483,7 +555,7 @@ impl Producer<'_> {
         };
         let walked = walked.and_then(|()| match self.fill {
             0 => Ok(()),
-            _ => self.cut(),
+            _ => self.cut_last(),
         });
         if let Err(e) = walked {
             // Stopped from inside the sink (cancelled, or a frame failed), or the walk failed.
@@ -498,7 +570,7 @@ impl Producer<'_> {
         }
         if let Codec::Xz(_) = self.job.codec {
             let end = xz::stream_end(&self.xz_records);
-            self.emit(end)?;
+            self.emit(Bytes::from(end))?;
         }
         let nar_hash = Sha256(std::mem::take(&mut self.nar_hasher).finalize().into());
         let file_hash = match self.job.codec {
@@ -521,15 +593,35 @@ impl Producer<'_> {
     }
 
     /// Sends finished bytes of the file on, hashing them.
-    fn emit(&mut self, bytes: Vec<u8>) -> Result<(), Failure> {
+    fn emit(&mut self, bytes: Bytes) -> Result<(), Failure> {
         if self.job.codec != Codec::None {
             self.file_hasher.update(&bytes);
         }
         self.file_size += bytes.len() as u64;
         self.job
             .out
-            .blocking_send(Ok(Piece::Data(Bytes::from(bytes))))
+            .blocking_send(Ok(Piece::Data(bytes)))
             .map_err(|_| Failure::Cancelled)
+    }
+
+    /// Ends the last frame, and compresses it here: the producer would only wait for
+    /// it otherwise. A NAR of one frame (most of them) never leaves its thread.
+    fn cut_last(&mut self) -> io::Result<()> {
+        if self.job.codec == Codec::None {
+            return self.cut();
+        }
+        if self.job.control.cancelled() {
+            return Err(self.stop(Failure::Cancelled));
+        }
+        let len = std::mem::take(&mut self.fill);
+        self.nar_hasher.update(&self.buf[..len]);
+        self.nar_size += len as u64;
+        let data = std::mem::take(&mut self.buf);
+        let done = self
+            .worker
+            .compress(data, len, self.job.codec, &self.job.control);
+        self.pending.push_back(Pending::Done(done));
+        Ok(())
     }
 
     /// Ends the current frame: hashes it and has it compressed.
@@ -541,8 +633,16 @@ impl Producer<'_> {
         self.nar_hasher.update(&self.buf[..len]);
         self.nar_size += len as u64;
         if self.job.codec == Codec::None {
-            // Nothing to compress: send it as it is, keep the buffer.
-            let bytes = self.buf[..len].to_vec();
+            // Nothing to compress: a full frame travels on in its buffer (the producer
+            // takes another), a small one is copied out.
+            let bytes = if len >= HAND_ON_MIN && len >= self.size / 2 {
+                let next = self.worker.frame_buffer(self.size);
+                let mut full = std::mem::replace(&mut self.buf, next);
+                full.truncate(len);
+                self.worker.buffers.hand_on(full)
+            } else {
+                Bytes::copy_from_slice(&self.buf[..len])
+            };
             return self.emit(bytes).map_err(|f| self.stop(f));
         }
         while self.pending.len() >= self.worker.in_flight {
@@ -806,6 +906,56 @@ mod tests {
         assert_eq!(size, 9 << 20);
         let data = std::fs::read(root.join("sub/big")).unwrap();
         assert!(nar[off..off + size] == data[..], "narOffset {off} is wrong");
+    }
+
+    async fn pieces(engine: &Engine, path: PathBuf, c: Compression) -> (Vec<Bytes>, NarDigest) {
+        let mut s = engine.nar(path, c, None, false).await.unwrap();
+        let mut out = Vec::new();
+        loop {
+            match s.next().await.unwrap() {
+                Next::Data(b) => out.push(b),
+                Next::End(d, _) => return (out, d),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn buffers_handed_on_are_not_reused_while_held() {
+        // Incompressible: every zstd frame fills its buffer and travels on in it; with
+        // none, every full frame does.
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = vec![0u8; 9 << 20];
+        fastrand::Rng::with_seed(7).fill(&mut data);
+        std::fs::write(dir.path().join("f"), &data).unwrap();
+        let mut nar = Vec::new();
+        nar::dump(&dir.path().join("f"), &mut nar).unwrap();
+        let engine = Engine::new(2).unwrap();
+        let mut held: Vec<(Vec<Bytes>, Vec<u8>, Compression)> = Vec::new();
+        for round in 0..3 {
+            for c in [Compression::Zstd, Compression::None] {
+                let (p, d) = pieces(&engine, dir.path().join("f"), c).await;
+                let file = p.concat();
+                check_digest(&nar, &file, &d);
+                held.push((p, file, c));
+            }
+            // What earlier rounds gave is still intact while held: its buffers were
+            // not taken for this round's frames.
+            for (p, file, c) in &held {
+                assert!(p.concat() == *file, "round {round}: {c} pieces changed");
+            }
+            // Dropping them sends their buffers back for the next round.
+            if round == 1 {
+                held.clear();
+            }
+        }
+        for (p, _, c) in &held {
+            let file = p.concat();
+            let back = match c {
+                Compression::Zstd => zstd::stream::decode_all(&file[..]).unwrap(),
+                _ => file,
+            };
+            assert!(back == nar, "{c}: decoded NAR differs");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
