@@ -5,7 +5,7 @@
 //!                                                               walk, read, NarHash
 //!                                                               cut into frames ──▶ frames (crossbeam, bounded)
 //!                                  any idle worker, or the producer itself ◀───────┘ compress
-//!   NarStream ◀── (tokio mpsc, bounded) ── producer: in order, FileHash, zstd frames / xz blocks
+//!   NarStream ◀── (tokio mpsc, bounded) ── whoever finished the next frame due: FileHash, send (Outbox)
 //! ```
 //! The async runtime only moves the finished bytes on; walking, reading, hashing and
 //! compressing never run on it, nor on tokio's blocking pool. The pool has a fixed
@@ -16,9 +16,12 @@
 //! straight into one contiguous buffer each. A NAR smaller than a frame is one frame.
 //! The frames of a big NAR are compressed by every idle thread at once and joined in
 //! order: zstd as independent frames one after another, xz as one stream of blocks
-//! (see [`crate::xz`]); both are one ordinary `.zst`/`.xz` file. A producer waiting
-//! for its oldest frame compresses queued frames itself meanwhile, so no thread idles
-//! while any frame waits, and the pool cannot deadlock.
+//! (see [`crate::xz`]); both are one ordinary `.zst`/`.xz` file. The thread that
+//! finishes the frame due next hashes it into the FileHash and sends it (see
+//! [`Outbox`]), so that on a big NAR the producer's NarHash and the FileHash, both
+//! sequential, run on two threads side by side. A producer with too many frames not
+//! yet sent compresses queued frames itself meanwhile, so no thread idles while any
+//! frame waits, and the pool cannot deadlock.
 //!
 //! A compressed frame that fills at least half its buffer (and every full frame with
 //! no compression) travels on in that buffer, without a copy; the buffer comes back to
@@ -34,12 +37,12 @@
 //! Dropping a [`NarStream`] cancels its NAR: the producer and helpers stop at the next
 //! frame (xz: the next MiB), and nothing more is sent.
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use crossbeam_channel::{self as channel, Receiver, Sender, TryRecvError, TrySendError};
@@ -146,13 +149,162 @@ struct Frame {
     len: usize,
     codec: Codec,
     control: Arc<Control>,
-    reply: Sender<Compressed>,
+    /// Its place in the NAR, counted from 0.
+    seq: u64,
+    /// Where it goes once compressed; taken then.
+    outbox: Option<Arc<Outbox>>,
 }
 
-/// A compressed frame, with its input buffer handed back for reuse.
-struct Compressed {
-    input: Vec<u8>,
-    output: io::Result<(Bytes, Option<xz::BlockRecord>)>,
+impl Drop for Frame {
+    /// A frame dropped before it was compressed (its thread panicked) fails its NAR:
+    /// the producer would wait for it forever otherwise.
+    fn drop(&mut self) {
+        if let Some(outbox) = self.outbox.take() {
+            let died = io::Error::other("a compression thread died");
+            outbox.complete(self.seq, Err(died), false);
+        }
+    }
+}
+
+/// What a frame compresses to, and for xz what the index needs to know of its block.
+type Compressed = (Bytes, Option<xz::BlockRecord>);
+
+/// A NAR's compressed frames on their way to the [`NarStream`]. Frames are compressed
+/// in any order, on any thread; whoever finishes the next one due hashes it into the
+/// FileHash and sends it, then those that waited behind it. The FileHash, which must
+/// see the file in order, thus runs on the threads that compress, not on the producer,
+/// which only reads and computes the NarHash: on a big NAR the two hashes, each on one
+/// thread, run side by side.
+struct Outbox {
+    state: Mutex<OutState>,
+    out: mpsc::Sender<Result<Piece, Error>>,
+    /// Wakes the producer: a frame was sent or failed, or waits for room in `out`.
+    wake: Sender<()>,
+    /// Whether the file has a hash of its own (not when it is the NAR itself).
+    hash_file: bool,
+}
+
+#[derive(Default)]
+struct OutState {
+    /// The next frame to send.
+    next: u64,
+    /// Frames compressed but not sent: their turn has not come, or `out` was full.
+    ready: BTreeMap<u64, Compressed>,
+    /// Someone is sending (and holds the hasher meanwhile).
+    sending: bool,
+    file_hasher: sha2::Sha256,
+    file_size: u64,
+    xz_records: Vec<xz::BlockRecord>,
+    /// Why a frame failed (the first one).
+    failed: Option<io::Error>,
+    /// The stream was dropped: nothing more to send.
+    closed: bool,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutState> {
+        // The state is consistent between statements that can panic.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wake(&self) {
+        // Full: a wake-up is pending already, and the producer looks at the state then.
+        let _ = self.wake.try_send(());
+    }
+
+    /// Takes frame `seq` compressed (or failed), and sends what is due. `blocking`: the
+    /// NAR's own producer, which may wait for room in the stream; another thread only
+    /// sends while there is room, and leaves the rest to the producer.
+    fn complete(&self, seq: u64, result: io::Result<Compressed>, blocking: bool) {
+        match result {
+            Ok(c) => {
+                self.lock().ready.insert(seq, c);
+                self.send_due(blocking);
+            }
+            Err(e) => {
+                self.lock().failed.get_or_insert(e);
+                self.wake();
+            }
+        }
+    }
+
+    /// Sends the frames that are due, in order, unless another thread is at it; returns
+    /// whether it sent any.
+    fn send_due(&self, blocking: bool) -> bool {
+        let mut st = self.lock();
+        if st.sending || st.closed || st.failed.is_some() || !st.ready.contains_key(&st.next) {
+            return false;
+        }
+        st.sending = true;
+        let mut hasher = std::mem::take(&mut st.file_hasher);
+        let mut sent = false;
+        loop {
+            let seq = st.next;
+            let Some((bytes, record)) = st.ready.remove(&seq) else {
+                break;
+            };
+            // Room first, so that a frame is hashed only once it surely goes out.
+            let permit = if blocking {
+                None
+            } else {
+                match self.out.try_reserve() {
+                    Ok(p) => Some(p),
+                    Err(mpsc::error::TrySendError::Full(())) => {
+                        st.ready.insert(seq, (bytes, record));
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(())) => {
+                        st.closed = true;
+                        break;
+                    }
+                }
+            };
+            drop(st);
+            if self.hash_file {
+                hasher.update(&bytes);
+            }
+            let len = bytes.len() as u64;
+            let gone = match permit {
+                Some(p) => {
+                    p.send(Ok(Piece::Data(bytes)));
+                    true
+                }
+                None => self.out.blocking_send(Ok(Piece::Data(bytes))).is_ok(),
+            };
+            st = self.lock();
+            if !gone {
+                st.closed = true;
+                break;
+            }
+            st.file_size += len;
+            st.xz_records.extend(record);
+            st.next += 1;
+            sent = true;
+        }
+        st.file_hasher = hasher;
+        st.sending = false;
+        let stuck = st.ready.contains_key(&st.next) || st.closed;
+        drop(st);
+        if sent || stuck {
+            self.wake();
+        }
+        sent
+    }
+
+    /// Sends bytes that are no frame (xz's stream header and end) from the producer,
+    /// when no frame is under way.
+    fn send_raw(&self, bytes: Vec<u8>) -> Result<(), Failure> {
+        {
+            let mut st = self.lock();
+            if self.hash_file {
+                st.file_hasher.update(&bytes);
+            }
+            st.file_size += bytes.len() as u64;
+        }
+        self.out
+            .blocking_send(Ok(Piece::Data(Bytes::from(bytes))))
+            .map_err(|_| Failure::Cancelled)
+    }
 }
 
 /// Output buffers of zstd frames, shared by the pool's threads: a big compressed frame
@@ -174,6 +326,11 @@ impl Buffers {
     /// A buffer to compress into, empty: a used one if any came back.
     fn take(&self) -> Vec<u8> {
         self.rx.try_recv().unwrap_or_default()
+    }
+
+    /// Keeps `buf` for any thread to take, if there is room.
+    fn give_back(&self, buf: Vec<u8>) {
+        let _ = self.tx.try_send(buf);
     }
 
     /// `buf`'s bytes, handed on as they are; the buffer comes back when they are dropped.
@@ -218,7 +375,7 @@ impl Engine {
         let threads = threads.max(1);
         let (jobs_tx, jobs_rx) = channel::bounded::<Work>(threads);
         let (frames_tx, frames_rx) = channel::bounded::<Frame>(threads);
-        let buffers = Buffers::new(2 * threads);
+        let buffers = Buffers::new(threads);
         for i in 0..threads {
             let mut worker = Worker {
                 frames_tx: frames_tx.clone(),
@@ -228,7 +385,7 @@ impl Engine {
                 spare: Vec::new(),
                 scratch: Vec::new(),
                 buffers: buffers.clone(),
-                in_flight: threads.max(2),
+                threads,
             };
             let jobs_rx = jobs_rx.clone();
             std::thread::Builder::new()
@@ -343,8 +500,8 @@ struct Worker {
     /// Where zstd compresses to.
     scratch: Vec<u8>,
     buffers: Buffers,
-    /// Frames a producer keeps in flight before it waits for the oldest.
-    in_flight: usize,
+    /// Threads in the pool.
+    threads: usize,
 }
 
 impl Worker {
@@ -385,26 +542,21 @@ impl Worker {
         }
     }
 
-    /// Compresses another producer's frame and hands it back.
-    fn help(&mut self, frame: Frame) {
-        let done = self.compress(frame.data, frame.len, frame.codec, &frame.control);
-        // The producer may have given up: nobody waits for the result then.
-        let _ = frame.reply.send(done);
+    /// Compresses a frame (of any NAR) and passes it on.
+    fn help(&mut self, mut frame: Frame) {
+        let data = std::mem::take(&mut frame.data);
+        let output = self.compress(&data[..frame.len], frame.codec, &frame.control);
+        self.recycle(data);
+        if let Some(outbox) = frame.outbox.take() {
+            outbox.complete(frame.seq, output, false);
+        }
     }
 
-    fn compress(
-        &mut self,
-        input: Vec<u8>,
-        len: usize,
-        codec: Codec,
-        control: &Control,
-    ) -> Compressed {
-        let output = if control.cancelled() {
-            Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"))
-        } else {
-            self.compress_frame(&input[..len], codec, control)
-        };
-        Compressed { input, output }
+    fn compress(&mut self, data: &[u8], codec: Codec, control: &Control) -> io::Result<Compressed> {
+        if control.cancelled() {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+        }
+        self.compress_frame(data, codec, control)
     }
 
     fn compress_frame(
@@ -412,7 +564,7 @@ impl Worker {
         data: &[u8],
         codec: Codec,
         control: &Control,
-    ) -> io::Result<(Bytes, Option<xz::BlockRecord>)> {
+    ) -> io::Result<Compressed> {
         match codec {
             Codec::Zstd(level) => {
                 if self.zstd.as_ref().map(|(l, _)| *l) != Some(level) {
@@ -448,12 +600,33 @@ impl Worker {
         }
     }
 
+    /// Frames of a NAR cut and not yet sent, at most, before its producer waits (and
+    /// compresses meanwhile): enough for every thread to have one and the producer to
+    /// read ahead; xz's frames are 4 times bigger and take seconds each, so fewer.
+    fn in_flight(&self, codec: Codec) -> u64 {
+        let n = match codec {
+            Codec::Xz(_) => self.threads.max(2),
+            Codec::Zstd(_) | Codec::None => self.threads + 1,
+        };
+        n as u64
+    }
+
     /// Keeps a frame buffer for the next frame, or frees it: a thread holds at most
     /// [`SPARE_FRAMES`], enough for small NARs to reuse one buffer each time, while a
     /// big NAR's extra buffers (16 MiB each with xz) are not held after it.
     fn keep_spare(&mut self, buf: Vec<u8>) {
         if self.spare.len() < SPARE_FRAMES && !buf.is_empty() {
             self.spare.push(buf);
+        }
+    }
+
+    /// Keeps a frame buffer another thread filled: as a spare, else for any thread to
+    /// take (not xz's big ones).
+    fn recycle(&mut self, buf: Vec<u8>) {
+        if self.spare.len() < SPARE_FRAMES {
+            self.keep_spare(buf);
+        } else if buf.capacity() <= 2 * ZSTD_FRAME {
+            self.buffers.give_back(buf);
         }
     }
 
@@ -479,27 +652,34 @@ impl Worker {
             Codec::Zstd(_) | Codec::None => ZSTD_FRAME,
         };
         let buf = self.frame_buffer(size);
+        let (wake_tx, wake_rx) = channel::bounded(1);
+        let outbox = Arc::new(Outbox {
+            state: Mutex::default(),
+            out: job.out.clone(),
+            wake: wake_tx,
+            hash_file: job.codec != Codec::None,
+        });
         let mut p = Producer {
             worker: self,
             job: &job,
             buf,
             fill: 0,
             size,
-            pending: VecDeque::new(),
+            outbox: outbox.clone(),
+            wake: wake_rx,
+            cut: 0,
             nar_hasher: sha2::Sha256::new(),
             nar_size: 0,
-            file_hasher: sha2::Sha256::new(),
-            file_size: 0,
-            xz_records: Vec::new(),
             stopped: None,
         };
         let result = p.run();
-        let Producer { buf, pending, .. } = p;
+        let buf = std::mem::take(&mut p.buf);
+        drop(p);
         if result.is_err() {
-            // Helpers skip this NAR's frames still queued.
+            // Helpers skip this NAR's frames still queued, and send nothing more.
             job.control.cancelled.store(true, Ordering::Relaxed);
+            outbox.lock().closed = true;
         }
-        drop(pending);
         self.keep_spare(buf);
         match result {
             Ok((digest, listing)) => {
@@ -513,18 +693,14 @@ impl Worker {
     }
 }
 
-enum Pending {
-    Queued(Receiver<Compressed>),
-    Done(Compressed),
-}
-
 enum Failure {
     /// The caller went away: nothing more to say.
     Cancelled,
     Failed(Error),
 }
 
-/// Makes one NAR on the thread that took its job.
+/// Makes one NAR on the thread that took its job: walks it, computes the NarHash and
+/// cuts it into frames, which any thread compresses (see [`Outbox`]).
 struct Producer<'a> {
     worker: &'a mut Worker,
     job: &'a Job,
@@ -532,12 +708,12 @@ struct Producer<'a> {
     buf: Vec<u8>,
     fill: usize,
     size: usize,
-    pending: VecDeque<Pending>,
+    outbox: Arc<Outbox>,
+    wake: Receiver<()>,
+    /// Frames cut so far.
+    cut: u64,
     nar_hasher: sha2::Sha256,
     nar_size: u64,
-    file_hasher: sha2::Sha256,
-    file_size: u64,
-    xz_records: Vec<xz::BlockRecord>,
     /// Why the walk was stopped from inside the sink, when it was not the walk's fault.
     stopped: Option<Failure>,
 }
@@ -545,7 +721,7 @@ struct Producer<'a> {
 impl Producer<'_> {
     fn run(&mut self) -> Result<(NarDigest, Option<Vec<u8>>), Failure> {
         if let Codec::Xz(_) = self.job.codec {
-            self.emit(Bytes::copy_from_slice(&xz::stream_header()))?;
+            self.outbox.send_raw(xz::stream_header().to_vec())?;
         }
         let path = self.job.path.clone();
         let mut listing = self.job.listing.then(NarListing::new);
@@ -555,7 +731,7 @@ impl Producer<'_> {
         };
         let walked = walked.and_then(|()| match self.fill {
             0 => Ok(()),
-            _ => self.cut_last(),
+            _ => self.cut_frame(true),
         });
         if let Err(e) = walked {
             // Stopped from inside the sink (cancelled, or a frame failed), or the walk failed.
@@ -565,23 +741,35 @@ impl Producer<'_> {
                 None => Failure::Failed(Error::Archive(e)),
             });
         }
-        while !self.pending.is_empty() {
-            self.finish_oldest()?;
-        }
+        // Every frame sent.
+        self.wait_until_sent(0)?;
+        let (mut file_hasher, mut file_size, records) = {
+            let mut st = self.outbox.lock();
+            (
+                std::mem::take(&mut st.file_hasher),
+                st.file_size,
+                std::mem::take(&mut st.xz_records),
+            )
+        };
         if let Codec::Xz(_) = self.job.codec {
-            let end = xz::stream_end(&self.xz_records);
-            self.emit(Bytes::from(end))?;
+            let end = xz::stream_end(&records);
+            file_hasher.update(&end);
+            file_size += end.len() as u64;
+            self.job
+                .out
+                .blocking_send(Ok(Piece::Data(Bytes::from(end))))
+                .map_err(|_| Failure::Cancelled)?;
         }
         let nar_hash = Sha256(std::mem::take(&mut self.nar_hasher).finalize().into());
         let file_hash = match self.job.codec {
             Codec::None => nar_hash,
-            _ => Sha256(std::mem::take(&mut self.file_hasher).finalize().into()),
+            _ => Sha256(file_hasher.finalize().into()),
         };
         let digest = NarDigest {
             nar_hash,
             nar_size: self.nar_size,
             file_hash,
-            file_size: self.file_size,
+            file_size,
         };
         Ok((digest, listing.map(NarListing::finish)))
     }
@@ -592,46 +780,57 @@ impl Producer<'_> {
         io::Error::new(io::ErrorKind::Interrupted, "stopped")
     }
 
-    /// Sends finished bytes of the file on, hashing them.
-    fn emit(&mut self, bytes: Bytes) -> Result<(), Failure> {
-        if self.job.codec != Codec::None {
-            self.file_hasher.update(&bytes);
+    /// Why the NAR cannot go on, if it cannot.
+    fn failure(&self, st: &OutState) -> Option<Failure> {
+        if st.closed || self.job.control.cancelled() {
+            Some(Failure::Cancelled)
+        } else {
+            st.failed
+                .as_ref()
+                .map(|e| Failure::Failed(Error::Compress(io::Error::new(e.kind(), e.to_string()))))
         }
-        self.file_size += bytes.len() as u64;
-        self.job
-            .out
-            .blocking_send(Ok(Piece::Data(bytes)))
-            .map_err(|_| Failure::Cancelled)
     }
 
-    /// Ends the last frame, and compresses it here: the producer would only wait for
-    /// it otherwise. A NAR of one frame (most of them) never leaves its thread.
-    fn cut_last(&mut self) -> io::Result<()> {
-        if self.job.codec == Codec::None {
-            return self.cut();
+    /// Waits until at most `left` of the frames cut are not sent yet, compressing
+    /// queued frames (any NAR's) meanwhile, and sending this NAR's frames when they
+    /// wait for room in the stream.
+    fn wait_until_sent(&mut self, left: u64) -> Result<(), Failure> {
+        loop {
+            {
+                let st = self.outbox.lock();
+                if let Some(f) = self.failure(&st) {
+                    return Err(f);
+                }
+                if self.cut - st.next <= left {
+                    return Ok(());
+                }
+            }
+            if self.outbox.send_due(true) {
+                continue;
+            }
+            channel::select! {
+                recv(self.wake) -> _ => {}
+                recv(self.worker.frames_rx) -> f => {
+                    if let Ok(f) = f {
+                        self.worker.help(f);
+                    }
+                }
+            }
         }
+    }
+
+    /// Ends the current frame: hashes it and has it compressed. The last one (`last`)
+    /// is compressed here: the producer would only wait for it otherwise, and a NAR of
+    /// one frame (most of them) never leaves its thread.
+    fn cut_frame(&mut self, last: bool) -> io::Result<()> {
         if self.job.control.cancelled() {
             return Err(self.stop(Failure::Cancelled));
         }
         let len = std::mem::take(&mut self.fill);
         self.nar_hasher.update(&self.buf[..len]);
         self.nar_size += len as u64;
-        let data = std::mem::take(&mut self.buf);
-        let done = self
-            .worker
-            .compress(data, len, self.job.codec, &self.job.control);
-        self.pending.push_back(Pending::Done(done));
-        Ok(())
-    }
-
-    /// Ends the current frame: hashes it and has it compressed.
-    fn cut(&mut self) -> io::Result<()> {
-        if self.job.control.cancelled() {
-            return Err(self.stop(Failure::Cancelled));
-        }
-        let len = std::mem::take(&mut self.fill);
-        self.nar_hasher.update(&self.buf[..len]);
-        self.nar_size += len as u64;
+        let seq = self.cut;
+        self.cut += 1;
         if self.job.codec == Codec::None {
             // Nothing to compress: a full frame travels on in its buffer (the producer
             // takes another), a small one is copied out.
@@ -643,90 +842,48 @@ impl Producer<'_> {
             } else {
                 Bytes::copy_from_slice(&self.buf[..len])
             };
-            return self.emit(bytes).map_err(|f| self.stop(f));
+            self.outbox.complete(seq, Ok((bytes, None)), true);
+            return self.check();
         }
-        while self.pending.len() >= self.worker.in_flight {
-            if let Err(f) = self.finish_oldest() {
-                return Err(self.stop(f));
-            }
+        // Room for this frame: at most `in_flight` cut and not yet sent.
+        let in_flight = self.worker.in_flight(self.job.codec);
+        if let Err(f) = self.wait_until_sent(in_flight) {
+            return Err(self.stop(f));
+        }
+        if last {
+            let output = self
+                .worker
+                .compress(&self.buf[..len], self.job.codec, &self.job.control);
+            self.outbox.complete(seq, output, true);
+            return self.check();
         }
         let next = self.worker.frame_buffer(self.size);
         let data = std::mem::replace(&mut self.buf, next);
-        let (reply, rx) = channel::bounded(1);
         let frame = Frame {
             data,
             len,
             codec: self.job.codec,
             control: self.job.control.clone(),
-            reply,
+            seq,
+            outbox: Some(self.outbox.clone()),
         };
-        match self.worker.frames_tx.try_send(frame) {
-            Ok(()) => self.pending.push_back(Pending::Queued(rx)),
-            // Every thread is busy: compress it here.
-            Err(TrySendError::Full(f)) | Err(TrySendError::Disconnected(f)) => {
-                let done = self.worker.compress(f.data, f.len, f.codec, &f.control);
-                self.pending.push_back(Pending::Done(done));
-            }
-        }
-        // Send on what is ready at the front now: finished frames are not held while
-        // later ones are cut (with every thread producing, all would be).
-        while self.front_ready() {
-            if let Err(f) = self.finish_oldest() {
-                return Err(self.stop(f));
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether the oldest pending frame is compressed (a queued one: answered).
-    fn front_ready(&mut self) -> bool {
-        match self.pending.front_mut() {
-            None => false,
-            Some(Pending::Done(_)) => true,
-            Some(Pending::Queued(rx)) => match rx.try_recv() {
-                Ok(done) => {
-                    self.pending[0] = Pending::Done(done);
-                    true
-                }
-                Err(channel::TryRecvError::Empty) => false,
-                // The helper died: finish_oldest reports it.
-                Err(channel::TryRecvError::Disconnected) => true,
-            },
-        }
-    }
-
-    /// Waits for the oldest frame (helping with queued ones meanwhile) and sends it on.
-    fn finish_oldest(&mut self) -> Result<(), Failure> {
-        let done = match self
-            .pending
-            .pop_front()
-            .expect("called with frames pending")
+        if let Err(TrySendError::Full(f) | TrySendError::Disconnected(f)) =
+            self.worker.frames_tx.try_send(frame)
         {
-            Pending::Done(d) => d,
-            Pending::Queued(rx) => loop {
-                channel::select! {
-                    recv(rx) -> d => break d.unwrap_or_else(|_| Compressed {
-                        input: Vec::new(),
-                        output: Err(io::Error::other("a compression thread died")),
-                    }),
-                    recv(self.worker.frames_rx) -> f => {
-                        if let Ok(f) = f {
-                            self.worker.help(f);
-                        }
-                    }
-                }
-            },
-        };
-        self.worker.keep_spare(done.input);
-        let (bytes, record) = match done.output {
-            Ok(o) => o,
-            Err(_) if self.job.control.cancelled() => return Err(Failure::Cancelled),
-            Err(e) => return Err(Failure::Failed(Error::Compress(e))),
-        };
-        if let Some(r) = record {
-            self.xz_records.push(r);
+            // Every thread is busy: compress it here.
+            self.worker.help(f);
+            self.outbox.send_due(true);
         }
-        self.emit(bytes)
+        self.check()
+    }
+
+    /// Stops the walk if the NAR cannot go on.
+    fn check(&mut self) -> io::Result<()> {
+        let failure = self.failure(&self.outbox.lock());
+        match failure {
+            Some(f) => Err(self.stop(f)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -734,7 +891,7 @@ impl nar::Sink for Producer<'_> {
     fn put(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             if self.fill == self.size {
-                self.cut()?;
+                self.cut_frame(false)?;
             }
             let n = bytes.len().min(self.size - self.fill);
             self.buf[self.fill..self.fill + n].copy_from_slice(&bytes[..n]);
@@ -746,7 +903,7 @@ impl nar::Sink for Producer<'_> {
 
     fn put_from(&mut self, file: &mut File, max: u64) -> io::Result<(usize, nar::Tail)> {
         if self.fill == self.size {
-            self.cut()?;
+            self.cut_frame(false)?;
         }
         let (n, tail) = nar::read_some(file, &mut self.buf[self.fill..self.size], max)?;
         self.fill += n;
@@ -950,6 +1107,34 @@ mod tests {
         }
         for (p, _, c) in &held {
             let file = p.concat();
+            let back = match c {
+                Compression::Zstd => zstd::stream::decode_all(&file[..]).unwrap(),
+                _ => file,
+            };
+            assert!(back == nar, "{c}: decoded NAR differs");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_reader_gets_every_frame_in_order() {
+        // The stream fills up: threads that finish frames leave them to the producer,
+        // which sends them in order once there is room.
+        let dir = tempfile::tempdir().unwrap();
+        let (root, nar) = tree(dir.path(), 30);
+        let engine = Engine::new(3).unwrap();
+        for c in [Compression::Zstd, Compression::None] {
+            let mut s = engine.nar(root.clone(), c, None, false).await.unwrap();
+            let mut file = Vec::new();
+            let d = loop {
+                match s.next().await.unwrap() {
+                    Next::Data(b) => {
+                        file.extend_from_slice(&b);
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    Next::End(d, _) => break d,
+                }
+            };
+            check_digest(&nar, &file, &d);
             let back = match c {
                 Compression::Zstd => zstd::stream::decode_all(&file[..]).unwrap(),
                 _ => file,
