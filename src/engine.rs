@@ -328,9 +328,9 @@ impl Buffers {
         self.rx.try_recv().unwrap_or_default()
     }
 
-    /// Keeps `buf` for any thread to take, if there is room.
-    fn give_back(&self, buf: Vec<u8>) {
-        let _ = self.tx.try_send(buf);
+    /// Keeps `buf` for any thread to take, if there is room; else gives it back.
+    fn give_back(&self, buf: Vec<u8>) -> Result<(), Vec<u8>> {
+        self.tx.try_send(buf).map_err(|e| e.into_inner())
     }
 
     /// `buf`'s bytes, handed on as they are; the buffer comes back when they are dropped.
@@ -606,7 +606,7 @@ impl Worker {
     fn in_flight(&self, codec: Codec) -> u64 {
         let n = match codec {
             Codec::Xz(_) => self.threads.max(2),
-            Codec::Zstd(_) | Codec::None => self.threads + 1,
+            Codec::Zstd(_) | Codec::None => self.threads.max(2),
         };
         n as u64
     }
@@ -620,13 +620,14 @@ impl Worker {
         }
     }
 
-    /// Keeps a frame buffer another thread filled: as a spare, else for any thread to
-    /// take (not xz's big ones).
+    /// Keeps the buffer of a frame compressed here, which its producer (most often
+    /// another thread) is short of now: for any thread to take, else as a spare (xz's
+    /// big ones only as a spare).
     fn recycle(&mut self, buf: Vec<u8>) {
-        if self.spare.len() < SPARE_FRAMES {
+        if buf.capacity() > 2 * ZSTD_FRAME {
             self.keep_spare(buf);
-        } else if buf.capacity() <= 2 * ZSTD_FRAME {
-            self.buffers.give_back(buf);
+        } else if let Err(buf) = self.buffers.give_back(buf) {
+            self.keep_spare(buf);
         }
     }
 
