@@ -44,6 +44,8 @@ def main():
             cache = tempfile.mkdtemp(prefix="narpipe-ab-", dir=a.tmp)
             try:
                 results[b].append(run(b, a.compression, a.paths, cache))
+                print("  round %d %s: wall %.3f s, CPU %.3f s, peak RSS %.0f MB" % (
+                    r + 1, b, results[b][-1][0], results[b][-1][1], results[b][-1][2] * 1.048576), flush=True)
             finally:
                 shutil.rmtree(cache, ignore_errors=True)
     print("%d rounds, --compression %s, %s" % (a.rounds, a.compression, a.paths))

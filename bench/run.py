@@ -113,10 +113,17 @@ def build(expr, tmp):
 
 
 def warm(paths_file):
-    """Reads every file once so that no tool pays for the first read."""
+    """Reads every file once so that no tool pays for the first read. Called right
+    before each timed run: on the benchmark machine a reclaimer (DAMON `pageout`) drops
+    page-cache pages left unread for about a minute, and a cold run reads from disk.
+    GNU tar skips file contents when its archive is /dev/null, hence the pipe."""
     with open(paths_file) as fin:
-        subprocess.run(["tar", "-cf", "/dev/null", "--files-from=-"], stdin=fin, check=True,
-                       stderr=subprocess.DEVNULL)
+        tar = subprocess.Popen(["tar", "-cf", "-", "--files-from=-"], stdin=fin,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        while tar.stdout.read(1 << 20):
+            pass
+        if tar.wait() != 0:
+            raise SystemExit("tar could not read the paths of %s" % paths_file)
 
 
 def free_port():
@@ -310,6 +317,7 @@ class Bench:
         for r in range(rounds):
             order = ["ours", "nix"] if r % 2 == 0 else ["nix", "ours"]
             for who in order:
+                warm(self.listing)
                 if who == "ours":
                     ours.append(upload_paths(self.fresh("ours-" + comp), self.listing, comp))
                 else:
@@ -327,6 +335,7 @@ class Bench:
     def push_closure_xz(self):
         """One pair with xz; narpipe's side also serves /metrics, polled meanwhile."""
         port = free_port()
+        warm(self.listing)
         with open(self.listing) as fin:
             p, t0, err = launch([UPLOAD, "--compression", "xz", "--metrics-listen", "127.0.0.1:%d" % port,
                                  "--input", "-", self.fresh("ours-xz")], stdin=fin)
@@ -336,6 +345,7 @@ class Bench:
         exited = time.perf_counter()
         poller.stop()
         print("  xz: narpipe %.1fs (cpu %.1fs)" % (ours.wall, ours.cpu), file=sys.stderr)
+        warm(self.listing)
         theirs = nix_copy(self.fresh("nix-xz"), "xz", self.root)
         print("  xz: nix copy %.1fs (cpu %.1fs)" % (theirs.wall, theirs.cpu), file=sys.stderr)
         self.rss["xz"] = (ours.rss, theirs.rss)
@@ -397,6 +407,7 @@ class Bench:
             order = ["ours", "pipe", "nix"]
             order = order[r % 3:] + order[:r % 3]
             for who in order:
+                warm(self.big_list)
                 if who == "ours":
                     res[who].append(upload_paths(self.fresh("big-ours"), self.big_list, "zstd"))
                 elif who == "pipe":

@@ -27,7 +27,7 @@ import tempfile
 import time
 import urllib.request
 
-from run import machine_line
+from run import machine_line, warm
 from wide import ENV, TOP
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -150,9 +150,14 @@ def nar_rows(mb, rounds, work):
     with Served(["local"], work) as s:
         info = urllib.request.urlopen("%s/%s.narinfo" % (s.url, os.path.basename(path)[:32])).read().decode()
         url = s.url + "/" + next(l[5:] for l in info.splitlines() if l.startswith("URL: "))
+        listed = os.path.join(work, "nar-path")
+        with open(listed, "w") as f:
+            f.write(path + "\n")
         ours, dump = [], []
         for _ in range(rounds):
+            warm(listed)
             ours.append(timed(["curl", "-sf", "-o", "/dev/null", url]))
+            warm(listed)
             dump.append(timed(["sh", "-c", 'nix-store --dump "$0" | cat > /dev/null', path]))
     return size, statistics.median(ours), statistics.median(dump)
 

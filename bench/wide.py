@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from run import machine_line  # bench/run.py: one way to name the machine
+from run import machine_line, warm  # bench/run.py: one way to name the machine, to warm the page cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
@@ -93,18 +93,20 @@ def main():
         with open(listing, "w") as f:
             subprocess.run(["nix-store", "-qR", root], env=ENV, check=True, stdout=f)
         print("N=%d: %s" % (n, root), file=sys.stderr)
-        # Warm the page cache so that neither tool pays for the first read.
-        with open(listing) as fin:
-            subprocess.run(["tar", "-cf", "/dev/null", "--files-from=-"], stdin=fin, check=True,
-                           stderr=subprocess.DEVNULL)
+        # Each timed run starts with the page cache warm (see run.warm: it does not stay).
+        warm(listing)
         with open(listing) as fin:
             ours = run([UPLOAD, "--input", "-", os.path.join(tmp, "ours")], stdin=fin)
+        warm(listing)
         theirs = run(["nix", "copy", "--to", "file://%s?compression=zstd" % os.path.join(tmp, "nix"), root])
         print("  one-shot: narpipe %.1fs, nix copy %.1fs" % (ours[0], theirs[0]), file=sys.stderr)
+        warm(listing)
         p = subprocess.Popen(["echo", root], stdout=subprocess.PIPE)
         root_only = run([UPLOAD, "--input", "-", os.path.join(tmp, "root-only")], stdin=p.stdout)
+        warm(listing)
         with open(listing) as fin:
             rerun = run([UPLOAD, "--input", "-", os.path.join(tmp, "ours")], stdin=fin)
+        warm(listing)
         d_wall, d_rss = daemon(listing, tmp)
         print("  root only %.1fs, re-run %.2fs, daemon %.1fs" % (root_only[0], rerun[0], d_wall), file=sys.stderr)
         rss_goal = "≤ 150" if n >= 100000 else ""
