@@ -7,19 +7,21 @@
 //! spool                                    outputs, new    path      narinfo     give up
 //!                                          paths by level
 //! ```
-//! One module per stage: `input` reads lines into store paths, `accept` records
-//! them in the durable [`Queue`] before anything else happens to them, this module gathers
-//! them into batches, `plan` (with `presence`) turns a batch into the paths the
-//! cache lacks, `tasks` starts one task per path in a safe order, `path` is one
-//! path's whole life, and `retry` settles each root: retired when its closure is in
-//! the cache or can never be, retried with backoff, or reported and kept for the next
-//! start. At no moment does the cache hold a narinfo whose NAR or references are
-//! missing; one path's failure fails only the paths that depend on it.
+//! One module per stage: `input` reads lines into store paths, `accept` records them in
+//! the durable [`Queue`] before anything else happens to them, `batch` gathers them into
+//! batches, `plan` (with `presence`) turns a batch into the paths the cache lacks,
+//! `tasks` starts one task per path in a safe order, `path` is one path's whole life,
+//! and `retry` settles each root: retired when its closure is in the cache or can never
+//! be, retried with backoff, or reported and kept for the next start. This module wires
+//! the stages together, one pipeline per cache. At no moment does the cache hold a
+//! narinfo whose NAR or references are missing; one path's failure fails only the paths
+//! that depend on it.
 //!
 //! [`Shutdown`] is how the caller stops it: `drain` stops reading (after what is already
 //! in a pipe) and lets queued work finish; `stop` abandons work promptly.
 
 mod accept;
+mod batch;
 mod input;
 mod path;
 mod plan;
@@ -29,11 +31,10 @@ mod retry;
 mod share;
 mod tasks;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -53,12 +54,7 @@ pub use crate::stats::Summary;
 pub use accept::open_queue;
 pub use input::Input;
 use presence::{BoundedSet, Listing, CHECKS_IN_FLIGHT};
-use retry::Roots;
-use tasks::{Tasks, Watch, MAX_TASKS};
-
-/// How long arriving paths are gathered before their closures are resolved together.
-const WINDOW: Duration = Duration::from_millis(50);
-const MAX_BATCH: usize = 2000;
+use tasks::Watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -317,7 +313,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
                 .filter(|p| !p.done.iter().any(|c| c == shared.cache_key()))
                 .cloned()
                 .collect();
-            pipeline(shared.clone(), rx, owed_rx, mine, shutdown.stop.clone())
+            batch::pipeline(shared.clone(), rx, owed_rx, mine, shutdown.stop.clone())
         });
     let summaries = futures::future::join_all(runs).await;
     reader.abort();
@@ -338,139 +334,4 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
         }
     }
     total.expect("at least one cache")
-}
-
-/// One cache's pipeline: batches the roots from `rx` (and the `pending` ones of an
-/// earlier run first), plans them, and settles them. Returns how many roots it left
-/// unfinished.
-async fn pipeline(
-    shared: Arc<Shared>,
-    mut rx: mpsc::Receiver<Vec<StorePath>>,
-    mut owed_rx: mpsc::Receiver<StorePath>,
-    pending: Vec<Pending>,
-    stop: CancellationToken,
-) -> u64 {
-    let (done_tx, mut done_rx) = mpsc::channel::<retry::Settled>(1024);
-    let mut roots = Roots::default();
-    let mut batch = Batch::default();
-    let mut input_open = true;
-
-    // What an earlier run accepted and did not finish comes first.
-    batch.add(shared.replay(pending).await, &roots);
-    if !batch.is_empty() {
-        batch.deadline = Some(tokio::time::Instant::now());
-    }
-
-    let mut tasks = Tasks::default();
-    loop {
-        tasks.top_up(&shared);
-        let queued = roots.len() + batch.paths.iter().filter(|p| !roots.contains(p)).count();
-        shared.stats.queue.store(queued as u64, Relaxed);
-        if !input_open && roots.len() == 0 && batch.is_empty() {
-            break;
-        }
-        let next_retry = roots.next_retry();
-        let mut flush = false;
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            // Before the roots that waited on the task that sent it settle: a one-shot
-            // run must not end first.
-            Some(drv) = owed_rx.recv() => batch.add(vec![drv], &roots),
-            Some((root, result)) = done_rx.recv() => roots.settle(&shared, root, result).await,
-            got = rx.recv(), if input_open => match got {
-                Some(new) => batch.add(new, &roots),
-                None => input_open = false,
-            },
-            _ = tokio::time::sleep_until(next_retry.unwrap_or_else(tokio::time::Instant::now)), if next_retry.is_some() => {
-                roots.take_due(tokio::time::Instant::now(), &mut batch.paths);
-                flush = true;
-            }
-            _ = tokio::time::sleep_until(batch.deadline.unwrap_or_else(tokio::time::Instant::now)), if batch.deadline.is_some() => flush = true,
-            // A task ended while others wait to start: start them.
-            Some(_) = tasks.running.join_next(), if !tasks.waiting.is_empty() => {}
-        }
-        if batch.is_empty() {
-            batch.deadline = None;
-            continue;
-        }
-        if !(flush || batch.paths.len() >= MAX_BATCH || !input_open) {
-            continue;
-        }
-        // Planning waits while many paths are under way: what is planned is held in
-        // memory (and, in a one-shot run, the input is read far ahead of the uploads).
-        while tasks.len() >= MAX_TASKS && !stop.is_cancelled() {
-            tokio::select! {
-                _ = tasks.running.join_next() => tasks.top_up(&shared),
-                _ = stop.cancelled() => {}
-            }
-        }
-        if stop.is_cancelled() {
-            break;
-        }
-        let planned = batch.take();
-        for r in &planned {
-            roots.track(r);
-        }
-        let asked: HashSet<StorePath> = planned.iter().cloned().collect();
-        let planning = shared.share.as_ref().map(|s| s.planning(shared.which));
-        let outcomes = tokio::select! {
-            o = plan::batch(&shared, planned, &mut tasks) => o,
-            _ = stop.cancelled() => break,
-        };
-        drop(planning);
-        roots.outcomes(&shared, &asked, outcomes, &done_tx).await;
-        while tasks.running.try_join_next().is_some() {}
-    }
-    // Realisations owed from now on are not planned in this run (the queue has them):
-    // a task must not wait on a channel nobody reads.
-    drop(owed_rx);
-    let unfinished = roots.len() as u64;
-    if stop.is_cancelled() {
-        tasks.running.shutdown().await;
-    } else {
-        loop {
-            tasks.top_up(&shared);
-            if tasks.running.join_next().await.is_none() {
-                break;
-            }
-        }
-    }
-    shared.cache.finish_cleanups(Duration::from_secs(5)).await;
-    unfinished
-}
-
-/// Roots gathered for the next plan: planned together when the window closes, when
-/// there are MAX_BATCH of them, or when a retry falls due.
-#[derive(Default)]
-struct Batch {
-    paths: Vec<StorePath>,
-    /// The same paths, to find one without a scan.
-    set: HashSet<StorePath>,
-    deadline: Option<tokio::time::Instant>,
-}
-
-impl Batch {
-    fn is_empty(&self) -> bool {
-        self.paths.is_empty()
-    }
-
-    /// Adds the roots not already gathered or outstanding, and opens the window.
-    fn add(&mut self, new: Vec<StorePath>, roots: &Roots) {
-        for r in new {
-            if !roots.contains(&r) && self.set.insert(r.clone()) {
-                self.paths.push(r);
-            }
-        }
-        if !self.paths.is_empty() {
-            self.deadline
-                .get_or_insert_with(|| tokio::time::Instant::now() + WINDOW);
-        }
-    }
-
-    fn take(&mut self) -> Vec<StorePath> {
-        self.set.clear();
-        self.deadline = None;
-        std::mem::take(&mut self.paths)
-    }
 }

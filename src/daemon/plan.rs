@@ -1,7 +1,7 @@
-//! Batch and plan: a batch of roots becomes the paths the cache lacks, level by level,
-//! and a task for each (see [`super::tasks`]). The cache is asked about each path once
-//! (see [`super::presence`]) and Nix only about paths not known yet, so planning costs
-//! work linear in the number of new paths.
+//! Plan: a batch of roots (see [`super::batch`]) becomes the paths the cache lacks,
+//! level by level, and a task for each (see [`super::tasks`]). The cache is asked about
+//! each path once (see [`super::presence`]) and Nix only about paths not known yet, so
+//! planning costs work linear in the number of new paths.
 //!
 //! ```text
 //! roots ─▶ in the cache? ─▶ valid? ─▶ .drv → outputs ─▶ closure (new paths only,
