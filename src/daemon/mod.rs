@@ -7,15 +7,15 @@
 //! spool                                    outputs, new    path      narinfo     give up
 //!                                          paths by level
 //! ```
-//! One module per stage: `input` reads lines into store paths, `accept` records them in
-//! the durable [`Queue`] before anything else happens to them, `batch` gathers them into
-//! batches, `plan` (with `presence`) turns a batch into the paths the cache lacks,
-//! `tasks` starts one task per path in a safe order, `path` is one path's whole life,
-//! and `retry` settles each root: retired when its closure is in the cache or can never
-//! be, retried with backoff, or reported and kept for the next start. This module wires
-//! the stages together, one pipeline per cache. At no moment does the cache hold a
-//! narinfo whose NAR or references are missing; one path's failure fails only the paths
-//! that depend on it.
+//! One module per stage: `input` reads lines (what they mean is `lines`' business) into
+//! store paths, `accept` records them in the durable [`Queue`] before anything else
+//! happens to them, `batch` gathers them into batches, `plan` (with `presence`) turns a
+//! batch into the paths the cache lacks, `tasks` starts one task per path in a safe
+//! order, `path` is one path's whole life, and `retry` settles each root: retired when
+//! its closure is in the cache or can never be, retried with backoff, or reported and
+//! kept for the next start. This module wires the stages together, one pipeline per
+//! cache. At no moment does the cache hold a narinfo whose NAR or references are
+//! missing; one path's failure fails only the paths that depend on it.
 //!
 //! [`Shutdown`] is how the caller stops it: `drain` stops reading (after what is already
 //! in a pipe) and lets queued work finish; `stop` abandons work promptly.
@@ -23,6 +23,7 @@
 mod accept;
 mod batch;
 mod input;
+mod lines;
 mod path;
 mod plan;
 mod presence;
@@ -183,9 +184,9 @@ struct Shared {
     /// Derivations whose realisations a path task could not write: roots to plan.
     owed: mpsc::Sender<StorePath>,
     stats: Arc<Stats>,
-    /// Which rejected input lines are shown (see [`input::RejectLog`]); the first
+    /// Which rejected input lines are shown (see [`lines::RejectLog`]); the first
     /// pipeline reads the input.
-    rejects: Mutex<input::RejectLog>,
+    rejects: Mutex<lines::RejectLog>,
     stop: CancellationToken,
 }
 
@@ -267,7 +268,7 @@ pub async fn run(mut cfg: Config, input: Input, shutdown: Shutdown) -> Summary {
                 realisations: realisations.clone(),
                 owed,
                 stats: cfg.stats[which].clone(),
-                rejects: Mutex::new(input::RejectLog::default()),
+                rejects: Mutex::new(lines::RejectLog::default()),
                 stop: shutdown.stop.clone(),
             })
         })
