@@ -24,6 +24,7 @@ mod accept;
 mod batch;
 mod input;
 mod lines;
+mod outputs;
 mod path;
 mod plan;
 mod presence;
