@@ -192,6 +192,11 @@ pub fn narinfo_key(p: &StorePath) -> String {
     format!("{}.narinfo", p.hash_part())
 }
 
+/// The object name of a path's NAR listing.
+pub fn listing_key(p: &StorePath) -> String {
+    format!("{}.ls", p.hash_part())
+}
+
 #[derive(Clone)]
 pub struct Cache {
     /// Set at open, except for a local folder that does not exist yet: made once it

@@ -9,13 +9,14 @@
 //! ```
 //! One module per stage: `input` reads lines (what they mean is `lines`' business) into
 //! store paths, `accept` records them in the durable [`Queue`] before anything else
-//! happens to them, `batch` gathers them into batches, `plan` (with `presence`) turns a
-//! batch into the paths the cache lacks, `tasks` starts one task per path in a safe
-//! order, `path` is one path's whole life, and `retry` settles each root: retired when
-//! its closure is in the cache or can never be, retried with backoff, or reported and
-//! kept for the next start. This module wires the stages together, one pipeline per
-//! cache. At no moment does the cache hold a narinfo whose NAR or references are
-//! missing; one path's failure fails only the paths that depend on it.
+//! happens to them, `batch` gathers them into batches, `plan` (with `presence`, and
+//! `outputs` for `.drv` roots) turns a batch into the paths the cache lacks, `tasks`
+//! starts one task per path in a safe order, `path` is one path's whole life (its NAR
+//! made and written by `stream`), and `retry` settles each root: retired when its
+//! closure is in the cache or can never be, retried with backoff, or reported and kept
+//! for the next start. This module wires the stages together, one pipeline per cache.
+//! At no moment does the cache hold a narinfo whose NAR or references are missing; one
+//! path's failure fails only the paths that depend on it.
 //!
 //! [`Shutdown`] is how the caller stops it: `drain` stops reading (after what is already
 //! in a pipe) and lets queued work finish; `stop` abandons work promptly.
@@ -31,6 +32,7 @@ mod presence;
 mod realise;
 mod retry;
 mod share;
+mod stream;
 mod tasks;
 
 use std::collections::HashMap;

@@ -23,7 +23,7 @@ use tokio::sync::{oneshot, Notify};
 use crate::store_path::StorePath;
 
 /// A NAR written for another pipeline's cache, or None when that failed.
-pub(super) type Copy = Option<super::path::NarFile>;
+pub(super) type Copy = Option<super::stream::NarFile>;
 
 pub(super) struct NarShare {
     slots: Mutex<HashMap<StorePath, Slot>>,
