@@ -795,59 +795,18 @@ async fn exec(args: RunArgs, command: Vec<String>) -> ExitCode {
     }
 }
 
-fn age_text(secs: i64) -> String {
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    }
-}
-
 /// `upload status`: what the queue in the state dir holds.
 fn status(state_dir: Option<PathBuf>) -> ExitCode {
     let dir = state_dir
         .or_else(systemd_state_dir)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-    let entries = match narpipe::queue::entries(&dir) {
-        Ok(e) => e,
+    match narpipe::queue::Status::read(&dir) {
+        Ok(status) => print_stdout(status.render(std::time::SystemTime::now()).as_bytes()),
         Err(e) => {
             log::error!("{e}");
-            return ExitCode::from(2);
+            ExitCode::from(2)
         }
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let mut text = String::new();
-    for e in &entries {
-        let state = if e.failed { "failed " } else { "pending" };
-        let age = (now - e.accepted_at).max(0);
-        text.push_str(&format!(
-            "{state}  {}  accepted {} ago, {} failed attempts{}\n",
-            e.path,
-            age_text(age),
-            e.attempts,
-            e.last_error
-                .as_deref()
-                .map(|r| format!(", last error: {}", r.replace('\n', " ")))
-                .unwrap_or_default()
-        ));
     }
-    if dir.join("journal").exists() {
-        text.push_str(&format!(
-            "note: {} from an earlier version is not imported yet; the next upload on this \
-             state dir imports its paths\n",
-            dir.join("journal").display()
-        ));
-    }
-    let failed = entries.iter().filter(|e| e.failed).count();
-    text.push_str(&format!(
-        "{} pending, {failed} failed in {}\n",
-        entries.len() - failed,
-        dir.display()
-    ));
-    print_stdout(text.as_bytes())
 }
 
 async fn import(

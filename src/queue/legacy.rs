@@ -17,7 +17,7 @@ use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-const FILE: &str = "journal";
+pub(super) const FILE: &str = "journal";
 
 /// The io error's text is part of the message (callers log `{e}`), not a `source`.
 #[derive(Debug, thiserror::Error)]

@@ -19,9 +19,11 @@
 //! `queue.sqlite.corrupt-<time>` and replaced by one rebuilt from every row that can
 //! still be read. Any other failure to open is an error: a healthy queue is never
 //! set aside because it was busy or unreadable for another reason. The journal file of
-//! earlier versions is imported once, then renamed.
+//! earlier versions is imported once, then renamed. [`Status`] is what `upload status`
+//! prints.
 
 mod legacy;
+mod status;
 
 use std::collections::HashMap;
 use std::io;
@@ -32,6 +34,8 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+
+pub use status::Status;
 
 const FILE: &str = "queue.sqlite";
 /// The format of the tables, in `PRAGMA user_version`.
