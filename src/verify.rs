@@ -41,6 +41,50 @@ pub struct Report {
     pub upstream: usize,
 }
 
+impl Report {
+    /// A line per problem, `BROKEN` ones then `MISSING (upstream?)` ones: what
+    /// `upload verify` prints.
+    pub fn lines(&self) -> String {
+        self.problems
+            .iter()
+            .map(|p| format!("BROKEN {p}\n"))
+            .chain(
+                self.maybe_upstream
+                    .iter()
+                    .map(|p| format!("MISSING (upstream?) {p}\n")),
+            )
+            .collect()
+    }
+
+    /// The closing line about `url`: how many narinfos are broken, how many references
+    /// upstream serves (with `upstream_given`) or may serve (without), and whether
+    /// signatures went unchecked (without `keys_given`).
+    pub fn summary(&self, url: &str, upstream_given: bool, keys_given: bool) -> String {
+        let broken: HashSet<&str> = self.problems.iter().map(|p| p.narinfo.as_str()).collect();
+        let elsewhere = if upstream_given {
+            format!(", {} references served upstream", self.upstream)
+        } else if !self.maybe_upstream.is_empty() {
+            format!(
+                ", {} references missing (upstream? give --upstream to check)",
+                self.maybe_upstream.len()
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "checked {} narinfos in {url}: {} broken, {} problems{elsewhere}{}",
+            self.checked,
+            broken.len(),
+            self.problems.len(),
+            if keys_given {
+                ""
+            } else {
+                " (signatures not checked: no --trusted-public-key)"
+            }
+        )
+    }
+}
+
 pub async fn verify(
     cache: &Cache,
     trusted: &[PublicKey],
@@ -188,4 +232,45 @@ async fn check(
         }
     }
     Ok((problems, absent))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(narinfo: &str, what: &str) -> Problem {
+        Problem {
+            narinfo: narinfo.into(),
+            what: what.into(),
+        }
+    }
+
+    #[test]
+    fn the_report_lists_problems_and_counts_broken_narinfos_once() {
+        let report = Report {
+            checked: 10,
+            problems: vec![
+                problem("a.narinfo", "NAR nar/x.nar.zst is missing"),
+                problem("a.narinfo", "no signature verifies"),
+            ],
+            maybe_upstream: vec![problem("b.narinfo", "reference c has no narinfo")],
+            upstream: 0,
+        };
+        assert_eq!(
+            report.lines(),
+            "BROKEN a.narinfo: NAR nar/x.nar.zst is missing\n\
+             BROKEN a.narinfo: no signature verifies\n\
+             MISSING (upstream?) b.narinfo: reference c has no narinfo\n"
+        );
+        assert_eq!(
+            report.summary("file:///c", false, true),
+            "checked 10 narinfos in file:///c: 1 broken, 2 problems, 1 references missing \
+             (upstream? give --upstream to check)"
+        );
+        assert_eq!(
+            report.summary("file:///c", true, false),
+            "checked 10 narinfos in file:///c: 1 broken, 2 problems, 0 references served \
+             upstream (signatures not checked: no --trusted-public-key)"
+        );
+    }
 }

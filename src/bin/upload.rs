@@ -695,41 +695,10 @@ async fn verify(url: &str, keys: &[String], upstreams: Vec<String>, jobs: usize)
     match narpipe::verify::verify(&cache, &keys, &upstream, jobs).await {
         Ok(report) => {
             // The exit status says whether the cache is broken, whatever became of these.
-            let lines: String = report
-                .problems
-                .iter()
-                .map(|p| format!("BROKEN {p}\n"))
-                .chain(
-                    report
-                        .maybe_upstream
-                        .iter()
-                        .map(|p| format!("MISSING (upstream?) {p}\n")),
-                )
-                .collect();
-            print_stdout(lines.as_bytes());
-            let broken: std::collections::HashSet<&str> =
-                report.problems.iter().map(|p| p.narinfo.as_str()).collect();
-            let elsewhere = if !upstream.caches.is_empty() {
-                format!(", {} references served upstream", report.upstream)
-            } else if !report.maybe_upstream.is_empty() {
-                format!(
-                    ", {} references missing (upstream? give --upstream to check)",
-                    report.maybe_upstream.len()
-                )
-            } else {
-                String::new()
-            };
+            print_stdout(report.lines().as_bytes());
             log::info!(
-                "checked {} narinfos in {}: {} broken, {} problems{elsewhere}{}",
-                report.checked,
-                cache.url(),
-                broken.len(),
-                report.problems.len(),
-                if keys.is_empty() {
-                    " (signatures not checked: no --trusted-public-key)"
-                } else {
-                    ""
-                }
+                "{}",
+                report.summary(cache.url(), !upstream.caches.is_empty(), !keys.is_empty())
             );
             if report.problems.is_empty() {
                 ExitCode::SUCCESS
