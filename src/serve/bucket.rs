@@ -51,11 +51,13 @@ impl Bucket {
                 if let Some(file) = self.hot.get(&rel) {
                     return Ok(Some(file.found(want)));
                 }
+                // Held from before the read: never longer than HOT_TTL after it.
+                let asked = Instant::now();
                 match read_small(dir.join(&rel)).await? {
                     Small::Missing => return Ok(None),
                     Small::Read(file) => {
                         let found = file.found(want);
-                        self.hot.put(rel, file);
+                        self.hot.put(rel, file, asked);
                         return Ok(Some(found));
                     }
                     Small::Big => {}
@@ -150,7 +152,8 @@ impl Hot {
         }
     }
 
-    fn put(&self, name: String, file: HotFile) {
+    /// `file` as read after `at`.
+    fn put(&self, name: String, file: HotFile, at: Instant) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let held = &mut *held;
         if held.bytes + file.data.len() > HOT_BYTES {
@@ -163,7 +166,7 @@ impl Hot {
             held.bytes = held.bytes_of();
         }
         held.bytes += file.data.len();
-        if let Some((_, old)) = held.files.insert(name, (Instant::now(), file)) {
+        if let Some((_, old)) = held.files.insert(name, (at, file)) {
             held.bytes -= old.data.len();
         }
     }
@@ -334,14 +337,14 @@ mod tests {
     fn hot_files_are_held_for_their_time_within_the_budget() {
         let hot = Hot::new(Duration::from_millis(200));
         assert!(hot.get("a.narinfo").is_none());
-        hot.put("a.narinfo".into(), file(100));
+        hot.put("a.narinfo".into(), file(100), Instant::now());
         let got = hot.get("a.narinfo").unwrap();
         assert_eq!(got.data.len(), 100);
         let found = got.found(Want::Head);
         assert_eq!(found.size, 100);
         assert_eq!(found.etag.as_deref(), Some("\"e\""));
         // Replaced: counted once.
-        hot.put("a.narinfo".into(), file(50));
+        hot.put("a.narinfo".into(), file(50), Instant::now());
         assert_eq!(hot.held.lock().unwrap().bytes, 50);
         std::thread::sleep(Duration::from_millis(250));
         assert!(hot.get("a.narinfo").is_none(), "out of date");
@@ -349,7 +352,7 @@ mod tests {
         // Never over the budget.
         let hot = Hot::new(Duration::from_secs(60));
         for i in 0..(HOT_BYTES / (60 << 10)) + 10 {
-            hot.put(format!("{i}.narinfo"), file(60 << 10));
+            hot.put(format!("{i}.narinfo"), file(60 << 10), Instant::now());
             let held = hot.held.lock().unwrap();
             assert!(held.bytes <= HOT_BYTES);
             assert_eq!(held.bytes, held.bytes_of());
