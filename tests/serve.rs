@@ -269,6 +269,16 @@ fn a_folder_cache_is_served_to_nix_and_only_its_layout() {
         assert_eq!(r.header("allow"), Some("GET, HEAD"));
     }
     assert_eq!(s.get(&narinfo_path).body, got.body);
+
+    // Narinfos are held in memory for a second at most: one taken out of the folder is
+    // 404 soon after, and one put (back) after a 404 is served at once.
+    let file = narinfo_path_of(&cache, &root);
+    let aside = tmp.path().join("aside.narinfo");
+    std::fs::rename(&file, &aside).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(s.get(&narinfo_path).status, 404);
+    std::fs::rename(&aside, &file).unwrap();
+    assert_eq!(s.get(&narinfo_path).body, got.body);
 }
 
 fn narinfo_path_of(cache: &Path, path: &str) -> PathBuf {

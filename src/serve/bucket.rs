@@ -1,6 +1,22 @@
 //! Objects of a binary cache (folder, S3, GCS, Azure, HTTP), served as they are stored:
 //! one backend request per answer (a range: a head for the size, then the bytes).
+//!
+//! A folder's narinfos and nix-cache-info are kept in memory for [`HOT_TTL`] after
+//! they are read ([`Hot`]): a Nix client asks for the same narinfos over and over, and
+//! a read costs a hand-off to the blocking pool and five syscalls.
+//!
+//! ```text
+//! GET /<hash>.narinfo  ──▶ held, read under HOT_TTL ago? ──yes──▶ the bytes held
+//!                                        │ no
+//!                                        ▼
+//!                          open, stat, read (blocking pool) ──▶ held, answered
+//! ```
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
 use futures::StreamExt;
 
 use super::{range, Body, Error, Found, Part, Want};
@@ -9,11 +25,15 @@ use crate::serve::route::Route;
 
 pub struct Bucket {
     cache: Cache,
+    hot: Hot,
 }
 
 impl Bucket {
     pub fn new(cache: Cache) -> Bucket {
-        Bucket { cache }
+        Bucket {
+            cache,
+            hot: Hot::new(HOT_TTL),
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -27,6 +47,22 @@ impl Bucket {
     pub async fn get(&self, route: &Route, want: Want) -> Result<Option<Found>, Error> {
         let rel = route.object();
         if let Some(dir) = self.cache.local_dir() {
+            if matches!(route, Route::NarInfo(_) | Route::CacheInfo) {
+                if let Some(file) = self.hot.get(&rel) {
+                    return Ok(Some(file.found(want)));
+                }
+                // Held from before the read: never longer than HOT_TTL after it.
+                let asked = Instant::now();
+                match read_small(dir.join(&rel)).await? {
+                    Small::Missing => return Ok(None),
+                    Small::Read(file) => {
+                        let found = file.found(want);
+                        self.hot.put(rel, file, asked);
+                        return Ok(Some(found));
+                    }
+                    Small::Big => {}
+                }
+            }
             return local_file(dir.join(&rel), want).await;
         }
         let (range, head) = match want {
@@ -61,12 +97,141 @@ impl Bucket {
 /// Files up to this size are read whole in the one blocking call.
 const SMALL_FILE: u64 = 256 << 10;
 
+/// How long a folder's narinfo is answered from memory after it was read: a narinfo
+/// written, replaced or deleted meanwhile is seen at most this late (as the proxy's
+/// `--cache-ttl`, but short); a 404 is never held, so a path just pushed is served at
+/// once.
+const HOT_TTL: Duration = Duration::from_secs(1);
+/// Bytes of files held in memory at most.
+const HOT_BYTES: usize = 16 << 20;
+/// Larger files are never held (a narinfo is a few hundred bytes to a few KiB).
+const HOT_FILE: u64 = 64 << 10;
+
+/// A small file of the folder, read whole.
+#[derive(Clone)]
+struct HotFile {
+    data: Bytes,
+    etag: String,
+    modified: Option<SystemTime>,
+}
+
+impl HotFile {
+    fn found(&self, want: Want) -> Found {
+        Found {
+            last_modified: self.modified,
+            ..Found::bytes(self.data.clone(), Some(self.etag.clone()), want)
+        }
+    }
+}
+
+/// Small files read within `ttl` ([`HOT_TTL`]), at most [`HOT_BYTES`] of them.
+struct Hot {
+    ttl: Duration,
+    held: Mutex<HotMap>,
+}
+
+#[derive(Default)]
+struct HotMap {
+    files: HashMap<String, (Instant, HotFile)>,
+    bytes: usize,
+}
+
+impl Hot {
+    fn new(ttl: Duration) -> Hot {
+        Hot {
+            ttl,
+            held: Mutex::default(),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<HotFile> {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        match held.files.get(name) {
+            Some((at, file)) if at.elapsed() < self.ttl => Some(file.clone()),
+            _ => None,
+        }
+    }
+
+    /// `file` as read after `at`.
+    fn put(&self, name: String, file: HotFile, at: Instant) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let held = &mut *held;
+        if held.bytes + file.data.len() > HOT_BYTES {
+            // Full: what is out of date goes, and if that is not enough, everything
+            // (it is all read again within a second anyway).
+            held.files.retain(|_, (at, _)| at.elapsed() < self.ttl);
+            if held.bytes_of() + file.data.len() > HOT_BYTES {
+                held.files.clear();
+            }
+            held.bytes = held.bytes_of();
+        }
+        held.bytes += file.data.len();
+        if let Some((_, old)) = held.files.insert(name, (at, file)) {
+            held.bytes -= old.data.len();
+        }
+    }
+}
+
+impl HotMap {
+    fn bytes_of(&self) -> usize {
+        self.files.values().map(|(_, f)| f.data.len()).sum()
+    }
+}
+
+enum Small {
+    Missing,
+    Read(HotFile),
+    /// Over [`HOT_FILE`]: served as any other file.
+    Big,
+}
+
+/// A file of a local folder cache read whole, in one blocking call, if it is small.
+async fn read_small(path: std::path::PathBuf) -> Result<Small, Error> {
+    use std::io::Read;
+    let shown = path.display().to_string();
+    tokio::task::spawn_blocking(move || -> std::io::Result<Small> {
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Small::Missing),
+            Err(e) => return Err(e),
+        };
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Ok(Small::Missing);
+        }
+        if meta.len() > HOT_FILE {
+            return Ok(Small::Big);
+        }
+        let mut buf = Vec::with_capacity(meta.len() as usize);
+        (&mut file).take(meta.len()).read_to_end(&mut buf)?;
+        Ok(Small::Read(HotFile {
+            data: Bytes::from(buf),
+            etag: file_etag(&meta),
+            modified: meta.modified().ok(),
+        }))
+    })
+    .await
+    .map_err(|e| Error::Other(format!("reading {shown} stopped: {e}")))?
+    .map_err(|e| Error::Other(format!("cannot read {shown}: {e}")))
+}
+
+/// A folder file's ETag: changes when the file is replaced (inode), written (mtime)
+/// or resized.
+fn file_etag(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let nanos = meta
+        .modified()
+        .ok()
+        .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("\"{:x}-{nanos:x}-{:x}\"", meta.ino(), meta.len())
+}
+
 /// A file of a local folder cache: open, stat and (when small) read in one blocking
 /// call, where object_store's local store takes one hand-off to the blocking pool per
 /// step (narinfo latency under load is mostly those hand-offs).
 async fn local_file(path: std::path::PathBuf, want: Want) -> Result<Option<Found>, Error> {
     use std::io::{Read, Seek};
-    use std::os::unix::fs::MetadataExt;
     let shown = path.display().to_string();
     let opened = tokio::task::spawn_blocking(move || -> std::io::Result<Option<_>> {
         let mut file = match std::fs::File::open(&path) {
@@ -86,13 +251,14 @@ async fn local_file(path: std::path::PathBuf, want: Want) -> Result<Option<Found
         };
         let mut data = None;
         if let Some(r) = &range {
-            if r.end - r.start <= SMALL_FILE {
+            // A new file is at its start: no seek for a whole file.
+            if r.start > 0 {
                 file.seek(std::io::SeekFrom::Start(r.start))?;
+            }
+            if r.end - r.start <= SMALL_FILE {
                 let mut buf = Vec::with_capacity((r.end - r.start) as usize);
                 (&mut file).take(r.end - r.start).read_to_end(&mut buf)?;
-                data = Some(bytes::Bytes::from(buf));
-            } else {
-                file.seek(std::io::SeekFrom::Start(r.start))?;
+                data = Some(Bytes::from(buf));
             }
         }
         Ok(Some((file, meta, range, data)))
@@ -103,14 +269,10 @@ async fn local_file(path: std::path::PathBuf, want: Want) -> Result<Option<Found
     let Some((file, meta, range, data)) = opened else {
         return Ok(None);
     };
-    let modified = meta.modified().ok();
-    let nanos = modified
-        .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
     let found = |part| Found {
         size: meta.len(),
-        etag: Some(format!("\"{:x}-{nanos:x}-{:x}\"", meta.ino(), meta.len())),
-        last_modified: modified,
+        etag: Some(file_etag(&meta)),
+        last_modified: meta.modified().ok(),
         part,
     };
     let body = |r: &std::ops::Range<u64>| -> Body {
@@ -156,5 +318,47 @@ fn quoted(tag: &str) -> String {
         tag.to_string()
     } else {
         format!("\"{tag}\"")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(len: usize) -> HotFile {
+        HotFile {
+            data: Bytes::from(vec![b'x'; len]),
+            etag: "\"e\"".into(),
+            modified: None,
+        }
+    }
+
+    #[test]
+    fn hot_files_are_held_for_their_time_within_the_budget() {
+        let hot = Hot::new(Duration::from_millis(200));
+        assert!(hot.get("a.narinfo").is_none());
+        hot.put("a.narinfo".into(), file(100), Instant::now());
+        let got = hot.get("a.narinfo").unwrap();
+        assert_eq!(got.data.len(), 100);
+        let found = got.found(Want::Head);
+        assert_eq!(found.size, 100);
+        assert_eq!(found.etag.as_deref(), Some("\"e\""));
+        // Replaced: counted once.
+        hot.put("a.narinfo".into(), file(50), Instant::now());
+        assert_eq!(hot.held.lock().unwrap().bytes, 50);
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(hot.get("a.narinfo").is_none(), "out of date");
+
+        // Never over the budget.
+        let hot = Hot::new(Duration::from_secs(60));
+        for i in 0..(HOT_BYTES / (60 << 10)) + 10 {
+            hot.put(format!("{i}.narinfo"), file(60 << 10), Instant::now());
+            let held = hot.held.lock().unwrap();
+            assert!(held.bytes <= HOT_BYTES);
+            assert_eq!(held.bytes, held.bytes_of());
+        }
+        assert!(hot
+            .get(&format!("{}.narinfo", HOT_BYTES / (60 << 10) + 9))
+            .is_some());
     }
 }
