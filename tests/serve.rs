@@ -185,6 +185,20 @@ fn a_folder_cache_is_served_to_nix_and_only_its_layout() {
     // Things in the folder that are no part of the layout.
     std::fs::write(cache.join("secret.txt"), "no").unwrap();
     std::fs::write(tmp.path().join("outside"), "no").unwrap();
+    // Names of the layout that are links out of the folder, or a FIFO: never followed
+    // nor waited on.
+    let linked = "11111111111111111111111111111111";
+    let outside = tmp.path().join("outside");
+    std::os::unix::fs::symlink(&outside, cache.join(format!("{linked}.narinfo"))).unwrap();
+    std::os::unix::fs::symlink(&outside, cache.join(format!("{linked}.ls"))).unwrap();
+    let nar_link = format!("nar/{}.nar.zst", "1".repeat(52));
+    std::os::unix::fs::symlink(&outside, cache.join(&nar_link)).unwrap();
+    let fifo = "22222222222222222222222222222222";
+    nix::unistd::mkfifo(
+        &cache.join(format!("{fifo}.narinfo")),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
     let s = Served::start(tmp.path(), &mut serve_cmd(cache.to_str().unwrap()));
 
     assert_substitutes_from(&s.url(), &root, &keys.public, tmp.path());
@@ -260,6 +274,10 @@ fn a_folder_cache_is_served_to_nix_and_only_its_layout() {
         "/nar/00000000000000000000000000000000000000000000000000000.nar.zst",
         "/00000000000000000000000000000000.narinfo",
         "/.narpipe-write-check",
+        &format!("/{linked}.narinfo"),
+        &format!("/{linked}.ls"),
+        &format!("/{nar_link}"),
+        &format!("/{fifo}.narinfo"),
     ] {
         assert_eq!(s.get(path).status, 404, "{path}");
     }

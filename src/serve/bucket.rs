@@ -190,10 +190,8 @@ async fn read_small(path: std::path::PathBuf) -> Result<Small, Error> {
     use std::io::Read;
     let shown = path.display().to_string();
     tokio::task::spawn_blocking(move || -> std::io::Result<Small> {
-        let mut file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Small::Missing),
-            Err(e) => return Err(e),
+        let Some(mut file) = open_in_folder(&path)? else {
+            return Ok(Small::Missing);
         };
         let meta = file.metadata()?;
         if !meta.is_file() {
@@ -215,6 +213,25 @@ async fn read_small(path: std::path::PathBuf) -> Result<Small, Error> {
     .map_err(|e| Error::Other(format!("cannot read {shown}: {e}")))
 }
 
+/// Opens a file of a folder cache, None when there is none. A symbolic link in its
+/// place is not followed (served as missing: it is no file of the cache, and may
+/// point anywhere on the machine), and a FIFO or device does not block the open
+/// (the caller serves regular files only). Folders on the way are followed, so
+/// `nar/` may be a link to another disk.
+fn open_in_folder(path: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// A folder file's ETag: changes when the file is replaced (inode), written (mtime)
 /// or resized.
 fn file_etag(meta: &std::fs::Metadata) -> String {
@@ -234,10 +251,8 @@ async fn local_file(path: std::path::PathBuf, want: Want) -> Result<Option<Found
     use std::io::{Read, Seek};
     let shown = path.display().to_string();
     let opened = tokio::task::spawn_blocking(move || -> std::io::Result<Option<_>> {
-        let mut file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        let Some(mut file) = open_in_folder(&path)? else {
+            return Ok(None);
         };
         let meta = file.metadata()?;
         if !meta.is_file() {
