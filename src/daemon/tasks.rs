@@ -322,7 +322,7 @@ mod tests {
     fn references_start_before_referrers_and_larger_first_within_a_level() {
         // app → lib → libc; big and small depend on nothing planned; lib also refers
         // to a path outside the set (already in the cache).
-        let new = vec![
+        let new = [
             info("app", 10, &["lib"]),
             info("lib", 5, &["libc", "elsewhere"]),
             info("libc", 1, &[]),
