@@ -349,7 +349,6 @@ fn narinfo(store_dir: &StoreDir, info: &PathInfo, nar: &NarFile, keys: &[SecretK
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Engine;
     use crate::signing::PublicKey;
 
     #[tokio::test]
@@ -360,20 +359,15 @@ mod tests {
         std::fs::create_dir_all(&store).unwrap();
         std::fs::write(store.join(name), b"data").unwrap();
         let (sd, info) = super::super::stream::tests::info_for(&store, name);
-        std::fs::create_dir_all(dir.path().join("cache")).unwrap();
-        let cache = cache::Cache::open(dir.path().join("cache").to_str().unwrap()).unwrap();
-        let nar = upload_nar(
-            &Engine::new(1).unwrap(),
-            &cache,
-            Vec::new(),
+        let (_, nar) = super::super::stream::tests::upload_to_folder(
+            dir.path(),
             &sd,
             &info,
             Compression::Zstd,
-            None,
             false,
         )
-        .await
-        .unwrap();
+        .await;
+        let nar = nar.unwrap();
 
         let key: SecretKey = "test1:r24vQqTnkATLONjgTaM8aV7fa8eXJyaoyvEZXPKB8pUeYGoppkkXqZu/Sa5bm0UGNTBDygnOi6lW5aKp+Z9JWQ==".parse().unwrap();
         let ni = narinfo(&sd, &info, &nar, &[key]);

@@ -217,6 +217,33 @@ pub(super) mod tests {
         (sd, info)
     }
 
+    /// `upload_nar` of `info` on an engine of its own into a new folder cache,
+    /// `dir/cache`, with no other cache.
+    pub(in crate::daemon) async fn upload_to_folder(
+        dir: &std::path::Path,
+        sd: &StoreDir,
+        info: &PathInfo,
+        compression: Compression,
+        listing: bool,
+    ) -> (Cache, Result<NarFile, Error>) {
+        let cache_dir = dir.join("cache");
+        std::fs::create_dir_all(&cache_dir).unwrap();
+        let cache = Cache::open(cache_dir.to_str().unwrap()).unwrap();
+        let engine = Engine::new(2).unwrap();
+        let nar = upload_nar(
+            &engine,
+            &cache,
+            Vec::new(),
+            sd,
+            info,
+            compression,
+            None,
+            listing,
+        )
+        .await;
+        (cache, nar)
+    }
+
     #[tokio::test]
     async fn uploads_verifies_and_names_by_file_hash() {
         let dir = tempfile::tempdir().unwrap();
@@ -226,22 +253,8 @@ pub(super) mod tests {
         let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 7) as u8).collect();
         std::fs::write(store.join(name).join("f"), &big).unwrap();
         let (sd, info) = info_for(&store, name);
-        let cache_dir = dir.path().join("cache");
-        std::fs::create_dir_all(&cache_dir).unwrap();
-        let cache = Cache::open(cache_dir.to_str().unwrap()).unwrap();
-
-        let nar = upload_nar(
-            &Engine::new(2).unwrap(),
-            &cache,
-            Vec::new(),
-            &sd,
-            &info,
-            Compression::Zstd,
-            None,
-            false,
-        )
-        .await
-        .unwrap();
+        let (cache, nar) = upload_to_folder(dir.path(), &sd, &info, Compression::Zstd, false).await;
+        let nar = nar.unwrap();
         assert!(!dir
             .path()
             .join("cache")
@@ -268,21 +281,10 @@ pub(super) mod tests {
         std::fs::write(store.join(name), b"original").unwrap();
         let (sd, info) = info_for(&store, name);
         std::fs::write(store.join(name), b"tampered").unwrap();
-        let cache_dir = dir.path().join("cache");
-        std::fs::create_dir_all(&cache_dir).unwrap();
-        let cache = Cache::open(cache_dir.to_str().unwrap()).unwrap();
-        let err = upload_nar(
-            &Engine::new(2).unwrap(),
-            &cache,
-            Vec::new(),
-            &sd,
-            &info,
-            Compression::None,
-            None,
-            true,
-        )
-        .await
-        .unwrap_err();
+        let (_, nar) = upload_to_folder(dir.path(), &sd, &info, Compression::None, true).await;
+        let Err(err) = nar else {
+            panic!("a tampered NAR was published")
+        };
         assert!(matches!(err, Error::Mismatch { .. }), "{err}");
         assert!(err.to_string().contains(name));
         let nar_dir = dir.path().join("cache/nar");
@@ -303,20 +305,8 @@ pub(super) mod tests {
         std::fs::create_dir_all(store.join(name).join("bin")).unwrap();
         std::fs::write(store.join(name).join("bin/hi"), b"hello").unwrap();
         let (sd, info) = info_for(&store, name);
-        std::fs::create_dir_all(dir.path().join("cache")).unwrap();
-        let cache = Cache::open(dir.path().join("cache").to_str().unwrap()).unwrap();
-        upload_nar(
-            &Engine::new(1).unwrap(),
-            &cache,
-            Vec::new(),
-            &sd,
-            &info,
-            Compression::Xz,
-            None,
-            true,
-        )
-        .await
-        .unwrap();
+        let (cache, nar) = upload_to_folder(dir.path(), &sd, &info, Compression::Xz, true).await;
+        nar.unwrap();
         let ls = cache
             .get(&cache::listing_key(&info.path))
             .await
