@@ -31,6 +31,7 @@ The table is printed and written to --out. MB means 10^6 bytes.
 Expects release binaries in target/release and the zstd CLI (bench/run.sh sees to both).
 """
 import argparse
+import atexit
 import os
 import platform
 import re
@@ -502,7 +503,11 @@ class Bench:
         os.mkfifo(fifo)
         cache = self.fresh("daemon-cache")
         log = open(os.path.join(tmp, "daemon.log"), "w")
-        daemon = subprocess.Popen([UPLOAD, "--state-dir", os.path.join(tmp, "state"), "--input", fifo, cache],
+        # The queue on the system's temporary directory, as a real daemon's is on a disk
+        # (its commits are fsyncs), whatever --tmp says for the caches.
+        state = tempfile.mkdtemp(prefix="narpipe-bench-state-")
+        atexit.register(shutil.rmtree, state, True)
+        daemon = subprocess.Popen([UPLOAD, "--state-dir", state, "--input", fifo, cache],
                                   env=ENV, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         try:
             word = "bench-e2e-%d" % time.time_ns()
@@ -551,16 +556,19 @@ def machine_line():
 
 
 def default_tmp():
-    """tmpfs (/dev/shm) when it has room for every cache of a run (about 6 GB with the
-    corpus), else the system's temporary directory. On this project's machines /tmp is
+    """tmpfs (/dev/shm) when it has 8 GiB free and the machine 8 GiB of memory
+    available (a run's caches take about 6 GB with the corpus), else the system's
+    temporary directory. On this project's machines /tmp is
     ext4 without a journal, where creating a file costs ~200 us for minutes after many
     were deleted (ext4 skips recently deleted inodes only without a journal): each
     round's fresh cache paid for the last one's removal, in both tools' sys time."""
     try:
         st = os.statvfs("/dev/shm")
-        if st.f_bavail * st.f_frsize >= 8 << 30:
+        with open("/proc/meminfo") as f:
+            avail = next(int(l.split()[1]) << 10 for l in f if l.startswith("MemAvailable:"))
+        if st.f_bavail * st.f_frsize >= 8 << 30 and avail >= 8 << 30:
             return "/dev/shm"
-    except OSError:
+    except (OSError, StopIteration):
         pass
     return tempfile.gettempdir()
 
@@ -581,6 +589,7 @@ def main():
     if not shutil.which("zstd"):
         sys.exit("the zstd CLI is missing: run bench/run.sh (it installs it)")
     tmp = tempfile.mkdtemp(prefix="narpipe-bench-", dir=a.tmp)
+    atexit.register(shutil.rmtree, tmp, True)  # on tmpfs, what is left holds memory
     root = a.root or sh([sys.executable, os.path.join(HERE, "make-corpus.py")]).strip().splitlines()[-1]
     paths = sh(["nix-store", "-qR", root]).split()
     closure_mb = int(sh(["nix", "path-info", "-S", root]).split()[-1]) / 1e6

@@ -193,6 +193,10 @@ fn a_folder_cache_is_served_to_nix_and_only_its_layout() {
     std::os::unix::fs::symlink(&outside, cache.join(format!("{linked}.ls"))).unwrap();
     let nar_link = format!("nar/{}.nar.zst", "1".repeat(52));
     std::os::unix::fs::symlink(&outside, cache.join(&nar_link)).unwrap();
+    // A link that stays in the folder (a cache deduplicated with links) is served.
+    let inside = "33333333333333333333333333333333";
+    let root_narinfo = narinfo_path_of(&cache, &root);
+    std::os::unix::fs::symlink(&root_narinfo, cache.join(format!("{inside}.narinfo"))).unwrap();
     let fifo = "22222222222222222222222222222222";
     nix::unistd::mkfifo(
         &cache.join(format!("{fifo}.narinfo")),
@@ -287,6 +291,7 @@ fn a_folder_cache_is_served_to_nix_and_only_its_layout() {
         assert_eq!(r.header("allow"), Some("GET, HEAD"));
     }
     assert_eq!(s.get(&narinfo_path).body, got.body);
+    assert_eq!(s.get(&format!("/{inside}.narinfo")).body, got.body);
 
     // Narinfos are held in memory for a second at most: one taken out of the folder is
     // 404 soon after, and one put (back) after a 404 is served at once.

@@ -1,6 +1,7 @@
 //! What input lines mean: a store path (or a path into one, or a symlink to one), a
 //! command, or a rejection that names the line; and how rejections are logged without
-//! flooding the log. Pure but for the logging (see [`accept_frames`]).
+//! flooding the log. No IO but resolving `./result`-style symlinks, and the logging
+//! (see [`accept_frames`]).
 //!
 //! ```text
 //! /nix/store/9pc5sns34dywilnljxzmgx3hf9w9p0cf-probe-a      a store path (or a path into one)

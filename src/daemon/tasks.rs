@@ -150,8 +150,9 @@ pub(super) fn spawn_closure(
     tasks: &mut Tasks,
 ) -> HashMap<StorePath, Watch> {
     let mut state = shared.state.lock().unwrap();
-    // One buffer from path info to the waiting queue: a root-only closure of 100,000
-    // paths is planned at once, and a second copy of it would be its largest cost.
+    // One buffer from here to the waiting queue (the path infos' own is freed as this
+    // loop ends): a root-only closure of 100,000 paths is planned at once, and a second
+    // copy of it, ordered, was its largest cost.
     let mut new: Vec<Waiting> = Vec::with_capacity(infos.len());
     let mut watches = HashMap::new();
     for info in infos {
@@ -204,6 +205,10 @@ pub(super) fn spawn_closure(
         .planned_bytes
         .fetch_add(new.iter().map(|w| w.info.nar_size).sum(), Relaxed);
     if tasks.waiting.is_empty() {
+        // Sized for every path planned; most may have been in flight or present.
+        if new.len() < new.capacity() / 2 {
+            new.shrink_to_fit();
+        }
         tasks.waiting = VecDeque::from(new);
     } else {
         tasks.waiting.extend(new);

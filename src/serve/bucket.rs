@@ -53,7 +53,7 @@ impl Bucket {
                 }
                 // Held from before the read: never longer than HOT_TTL after it.
                 let asked = Instant::now();
-                match read_small(dir.join(&rel)).await? {
+                match read_small(dir.to_path_buf(), dir.join(&rel)).await? {
                     Small::Missing => return Ok(None),
                     Small::Read(file) => {
                         let found = file.found(want);
@@ -63,7 +63,7 @@ impl Bucket {
                     Small::Big => {}
                 }
             }
-            return local_file(dir.join(&rel), want).await;
+            return local_file(dir.to_path_buf(), dir.join(&rel), want).await;
         }
         let (range, head) = match want {
             Want::Head => (None, true),
@@ -157,10 +157,12 @@ impl Hot {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let held = &mut *held;
         if held.bytes + file.data.len() > HOT_BYTES {
-            // Full: what is out of date goes, and if that is not enough, everything
-            // (it is all read again within a second anyway).
+            // Full: what is out of date goes, and if more than half would be left,
+            // everything (it is all read again within a second anyway): each sweep
+            // frees at least half the budget, so sweeps stay rare however busy the
+            // last second was.
             held.files.retain(|_, (at, _)| at.elapsed() < self.ttl);
-            if held.bytes_of() + file.data.len() > HOT_BYTES {
+            if held.bytes_of() + file.data.len() > HOT_BYTES / 2 {
                 held.files.clear();
             }
             held.bytes = held.bytes_of();
@@ -186,11 +188,11 @@ enum Small {
 }
 
 /// A file of a local folder cache read whole, in one blocking call, if it is small.
-async fn read_small(path: std::path::PathBuf) -> Result<Small, Error> {
+async fn read_small(root: std::path::PathBuf, path: std::path::PathBuf) -> Result<Small, Error> {
     use std::io::Read;
     let shown = path.display().to_string();
     tokio::task::spawn_blocking(move || -> std::io::Result<Small> {
-        let Some(mut file) = open_in_folder(&path)? else {
+        let Some(mut file) = open_in_folder(&root, &path)? else {
             return Ok(Small::Missing);
         };
         let meta = file.metadata()?;
@@ -213,22 +215,39 @@ async fn read_small(path: std::path::PathBuf) -> Result<Small, Error> {
     .map_err(|e| Error::Other(format!("cannot read {shown}: {e}")))
 }
 
-/// Opens a file of a folder cache, None when there is none. A symbolic link in its
-/// place is not followed (served as missing: it is no file of the cache, and may
-/// point anywhere on the machine), and a FIFO or device does not block the open
-/// (the caller serves regular files only). Folders on the way are followed, so
-/// `nar/` may be a link to another disk.
-fn open_in_folder(path: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
+/// Opens a file of a folder cache (`root`), None when there is none. A symbolic link
+/// in its place is followed only when it leads to a file inside the folder (a cache
+/// deduplicated with links); one that leads out of it is served as missing, as it
+/// may point anywhere on the machine. A FIFO or device does not block the open (the
+/// caller serves regular files only).
+fn open_in_folder(
+    root: &std::path::Path,
+    path: &std::path::Path,
+) -> std::io::Result<Option<std::fs::File>> {
     use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new()
+    let open = |p: &std::path::Path| match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(path)
+        .open(p)
     {
         Ok(f) => Ok(Some(f)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => Ok(None),
         Err(e) => Err(e),
+    };
+    match open(path) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            let (Ok(target), Ok(root)) = (path.canonicalize(), root.canonicalize()) else {
+                return Ok(None);
+            };
+            if !target.starts_with(&root) {
+                return Ok(None);
+            }
+            match open(&target) {
+                Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => Ok(None),
+                other => other,
+            }
+        }
+        other => other,
     }
 }
 
@@ -247,11 +266,15 @@ fn file_etag(meta: &std::fs::Metadata) -> String {
 /// A file of a local folder cache: open, stat and (when small) read in one blocking
 /// call, where object_store's local store takes one hand-off to the blocking pool per
 /// step (narinfo latency under load is mostly those hand-offs).
-async fn local_file(path: std::path::PathBuf, want: Want) -> Result<Option<Found>, Error> {
+async fn local_file(
+    root: std::path::PathBuf,
+    path: std::path::PathBuf,
+    want: Want,
+) -> Result<Option<Found>, Error> {
     use std::io::{Read, Seek};
     let shown = path.display().to_string();
     let opened = tokio::task::spawn_blocking(move || -> std::io::Result<Option<_>> {
-        let Some(mut file) = open_in_folder(&path)? else {
+        let Some(mut file) = open_in_folder(&root, &path)? else {
             return Ok(None);
         };
         let meta = file.metadata()?;
