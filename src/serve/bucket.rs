@@ -162,10 +162,11 @@ impl Hot {
             // frees at least half the budget, so sweeps stay rare however busy the
             // last second was.
             held.files.retain(|_, (at, _)| at.elapsed() < self.ttl);
-            if held.bytes_of() + file.data.len() > HOT_BYTES / 2 {
-                held.files.clear();
-            }
             held.bytes = held.bytes_of();
+            if held.bytes + file.data.len() > HOT_BYTES / 2 {
+                held.files.clear();
+                held.bytes = 0;
+            }
         }
         held.bytes += file.data.len();
         if let Some((_, old)) = held.files.insert(name, (at, file)) {
@@ -192,13 +193,9 @@ async fn read_small(root: std::path::PathBuf, path: std::path::PathBuf) -> Resul
     use std::io::Read;
     let shown = path.display().to_string();
     tokio::task::spawn_blocking(move || -> std::io::Result<Small> {
-        let Some(mut file) = open_in_folder(&root, &path)? else {
+        let Some((mut file, meta)) = open_in_folder(&root, &path)? else {
             return Ok(Small::Missing);
         };
-        let meta = file.metadata()?;
-        if !meta.is_file() {
-            return Ok(Small::Missing);
-        }
         if meta.len() > HOT_FILE {
             return Ok(Small::Big);
         }
@@ -215,15 +212,15 @@ async fn read_small(root: std::path::PathBuf, path: std::path::PathBuf) -> Resul
     .map_err(|e| Error::Other(format!("cannot read {shown}: {e}")))
 }
 
-/// Opens a file of a folder cache (`root`), None when there is none. A symbolic link
-/// in its place is followed only when it leads to a file inside the folder (a cache
-/// deduplicated with links); one that leads out of it is served as missing, as it
-/// may point anywhere on the machine. A FIFO or device does not block the open (the
-/// caller serves regular files only).
+/// Opens a regular file of a folder cache (`root`), with its metadata; None when there
+/// is none. A symbolic link in its place is followed only when it leads to a file
+/// inside the folder (a cache deduplicated with links); one that leads out of it is
+/// served as missing, as it may point anywhere on the machine. A FIFO or device is
+/// missing too, and does not block the open.
 fn open_in_folder(
     root: &std::path::Path,
     path: &std::path::Path,
-) -> std::io::Result<Option<std::fs::File>> {
+) -> std::io::Result<Option<(std::fs::File, std::fs::Metadata)>> {
     use std::os::unix::fs::OpenOptionsExt;
     let open = |p: &std::path::Path| match std::fs::OpenOptions::new()
         .read(true)
@@ -234,7 +231,7 @@ fn open_in_folder(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     };
-    match open(path) {
+    let file = match open(path) {
         Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
             let (Ok(target), Ok(root)) = (path.canonicalize(), root.canonicalize()) else {
                 return Ok(None);
@@ -243,12 +240,17 @@ fn open_in_folder(
                 return Ok(None);
             }
             match open(&target) {
-                Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => Ok(None),
-                other => other,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => return Ok(None),
+                other => other?,
             }
         }
-        other => other,
-    }
+        other => other?,
+    };
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    let meta = file.metadata()?;
+    Ok(meta.is_file().then_some((file, meta)))
 }
 
 /// A folder file's ETag: changes when the file is replaced (inode), written (mtime)
@@ -274,13 +276,9 @@ async fn local_file(
     use std::io::{Read, Seek};
     let shown = path.display().to_string();
     let opened = tokio::task::spawn_blocking(move || -> std::io::Result<Option<_>> {
-        let Some(mut file) = open_in_folder(&root, &path)? else {
+        let Some((mut file, meta)) = open_in_folder(&root, &path)? else {
             return Ok(None);
         };
-        let meta = file.metadata()?;
-        if !meta.is_file() {
-            return Ok(None);
-        }
         let size = meta.len();
         let range = match want {
             Want::Head => None,
