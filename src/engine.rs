@@ -54,6 +54,7 @@ use crate::hash::Sha256;
 use crate::nar;
 use crate::nar_listing::NarListing;
 use crate::xz;
+use crate::zstd_frame::FrameCompressor;
 
 /// Uncompressed bytes per zstd frame (and per chunk when not compressing).
 const ZSTD_FRAME: usize = 4 << 20;
@@ -493,7 +494,7 @@ impl Drop for NarStream {
 struct Worker {
     frames_tx: Sender<Frame>,
     frames_rx: Receiver<Frame>,
-    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    zstd: Option<(i32, FrameCompressor)>,
     xz: Option<(u32, xz::BlockCompressor)>,
     /// Frame buffers, full length, ready to be filled again.
     spare: Vec<Vec<u8>>,
@@ -568,13 +569,11 @@ impl Worker {
         match codec {
             Codec::Zstd(level) => {
                 if self.zstd.as_ref().map(|(l, _)| *l) != Some(level) {
-                    self.zstd = Some((level, zstd::bulk::Compressor::new(level)?));
+                    self.zstd = Some((level, FrameCompressor::new(level)?));
                 }
                 let (_, c) = self.zstd.as_mut().expect("just set");
                 self.scratch.clear();
-                self.scratch
-                    .reserve(zstd::zstd_safe::compress_bound(data.len()));
-                c.compress_to_buffer(data, &mut self.scratch)?;
+                c.compress(data, &mut self.scratch)?;
                 // A frame that filled at least half its buffer travels on in it (the
                 // thread takes another); a smaller one is copied out at its exact size,
                 // so that what travels never holds more than twice its bytes.

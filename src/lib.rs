@@ -6,7 +6,8 @@
 //!   files), [`realisation`] (`.doi` files), [`pipe`] (line framing), [`http_auth`]
 //!   (credentials for HTTP caches), [`parts`] (multipart part sizes); [`key_file`] reads
 //!   secret keys for the binaries
-//! - formats for compressed NARs: [`xz`] (one stream of independently compressed blocks)
+//! - formats for compressed NARs: [`xz`] (one stream of independently compressed blocks),
+//!   [`zstd_frame`] (whole zstd frames; narpipe's only `unsafe` code)
 //! - adapters: [`compress`]; [`engine`] (makes compressed NARs on a pool of plain threads)
 //! - IO edges, independent of each other: [`resolve`] (input → store path), [`nix`]
 //!   (runs the Nix CLI; [`build_log`] reads its log directory), [`cache`] (the binary
@@ -57,3 +58,4 @@ pub mod upstream;
 pub mod verify;
 pub mod webdav;
 pub mod xz;
+pub mod zstd_frame;
