@@ -2,8 +2,8 @@
 //! pre-splitter kept cheap at the fast levels.
 //!
 //! zstd 1.5.7 added a pre-splitter that looks for a better place to end each 128 KiB
-//! block. At level 3 (Nix's default, strategy `dfast`) it picks its middle setting,
-//! which on the benchmark corpus (its 929 MB of NARs one after another, cut into 4 MiB
+//! block. Its settings 2 to 6 cost ever more CPU (1 is off, 0 lets zstd choose by
+//! strategy); at level 3 (Nix's default, strategy `dfast`) zstd picks 3, which on the benchmark corpus (its 929 MB of NARs one after another, cut into 4 MiB
 //! frames) took about a fifth of
 //! the compression time for 0.5 % smaller output: 2.46 s against 1.99 s, 595.4 MB
 //! against 597.5 MB with its cheapest setting (598.4 MB with none; Nix's libzstd 1.5.4,
@@ -12,8 +12,11 @@
 //! on, where the user asked for ratio over speed, zstd's own choice stands.
 //!
 //! The parameter (`ZSTD_c_blockSplitterLevel`) has no setter in `zstd-safe`, hence a
-//! context of our own through `zstd-sys`: the only `unsafe` code in narpipe, four
-//! calls into libzstd.
+//! context of our own through `zstd-sys`: the only `unsafe` code in narpipe, a few
+//! calls into libzstd. It is experimental, so its number may differ in other zstd
+//! versions: it is set only on the 1.5 releases from 1.5.7 on (the bundled one is
+//! 1.5.7; a system libzstd linked through pkg-config may be another), and elsewhere
+//! zstd's own choice stands.
 //!
 //! ```
 //! use narpipe::zstd_frame::FrameCompressor;
@@ -36,8 +39,18 @@ use zstd_sys::{ZSTD_CCtx, ZSTD_cParameter};
 
 /// Levels up to this one get the cheapest pre-splitter.
 const FAST_LEVELS: i32 = 4;
-/// `ZSTD_c_blockSplitterLevel`'s cheapest setting that still splits (1 means never).
+/// `ZSTD_c_blockSplitterLevel` (zstd.h: 1017 in 1.5.7), named as zstd-sys names it.
+const BLOCK_SPLITTER_LEVEL: ZSTD_cParameter = ZSTD_cParameter::ZSTD_c_experimentalParam20;
+/// Its cheapest setting that still splits (1 means never).
 const CHEAPEST_SPLITTER: i32 = 2;
+/// The zstd versions (`ZSTD_versionNumber`) where [`BLOCK_SPLITTER_LEVEL`] is that.
+const SPLITTER_VERSIONS: std::ops::Range<u32> = 10507..10600;
+
+/// Whether the linked libzstd has the pre-splitter under [`BLOCK_SPLITTER_LEVEL`].
+fn has_splitter() -> bool {
+    // SAFETY: no arguments.
+    SPLITTER_VERSIONS.contains(&unsafe { zstd_sys::ZSTD_versionNumber() })
+}
 
 /// A zstd compression context, kept from frame to frame.
 pub struct FrameCompressor {
@@ -55,11 +68,8 @@ impl FrameCompressor {
             .ok_or_else(|| io::Error::other("zstd could not make a compression context"))?;
         let compressor = FrameCompressor { ctx };
         compressor.set(ZSTD_cParameter::ZSTD_c_compressionLevel, level)?;
-        if level <= FAST_LEVELS {
-            compressor.set(
-                ZSTD_cParameter::ZSTD_c_experimentalParam20,
-                CHEAPEST_SPLITTER,
-            )?;
+        if level <= FAST_LEVELS && has_splitter() {
+            compressor.set(BLOCK_SPLITTER_LEVEL, CHEAPEST_SPLITTER)?;
         }
         Ok(compressor)
     }
@@ -72,8 +82,8 @@ impl FrameCompressor {
 
     /// Compresses `src` as one frame (with its size in the header), appended to `dst`.
     pub fn compress(&mut self, src: &[u8], dst: &mut Vec<u8>) -> io::Result<()> {
-        // SAFETY: a pure function of its argument.
-        dst.reserve(unsafe { zstd_sys::ZSTD_compressBound(src.len()) });
+        // SAFETY: a pure function of its argument (an error code when `src` is too big).
+        dst.reserve(check(unsafe { zstd_sys::ZSTD_compressBound(src.len()) })?);
         let room = dst.spare_capacity_mut();
         // SAFETY: `ctx` is live and ours alone (`&mut self`); zstd writes at most
         // `room.len()` bytes at `room` and reads `src.len()` bytes at `src`.
@@ -101,10 +111,11 @@ impl Drop for FrameCompressor {
 
 /// zstd's result: a size, or an error code turned into its message.
 fn check(code: usize) -> io::Result<usize> {
-    // SAFETY: both take any value; the name is a static C string.
+    // SAFETY: takes any value.
     if unsafe { zstd_sys::ZSTD_isError(code) } == 0 {
         return Ok(code);
     }
+    // SAFETY: takes any value and returns a static, NUL-terminated C string.
     let name = unsafe { CStr::from_ptr(zstd_sys::ZSTD_getErrorName(code)) };
     Err(io::Error::other(format!(
         "zstd: {}",
@@ -175,23 +186,55 @@ mod tests {
 
     #[test]
     fn fast_levels_get_the_cheapest_splitter_and_the_others_zstds_choice() {
-        let splitter = ZSTD_cParameter::ZSTD_c_experimentalParam20;
+        // The bundled zstd, and the parameter's number in its zstd.h.
+        // SAFETY: no arguments.
+        assert_eq!(unsafe { zstd_sys::ZSTD_versionNumber() }, 10507);
+        assert!(has_splitter());
+        assert_eq!(BLOCK_SPLITTER_LEVEL as i32, 1017);
+        let data = text(1 << 20);
         for (level, want) in [(-5, 2), (1, 2), (3, 2), (4, 2), (5, 0), (19, 0)] {
-            let compressor = FrameCompressor::new(level).unwrap();
-            assert_eq!(get(&compressor, splitter), want, "level {level}");
-            assert_eq!(
-                get(&compressor, ZSTD_cParameter::ZSTD_c_compressionLevel),
-                level
-            );
+            let mut compressor = FrameCompressor::new(level).unwrap();
+            for _ in 0..2 {
+                assert_eq!(
+                    get(&compressor, BLOCK_SPLITTER_LEVEL),
+                    want,
+                    "level {level}"
+                );
+                assert_eq!(
+                    get(&compressor, ZSTD_cParameter::ZSTD_c_compressionLevel),
+                    level
+                );
+                // Kept from frame to frame.
+                compressor.compress(&data, &mut Vec::new()).unwrap();
+            }
         }
+    }
+
+    #[test]
+    fn incompressible_frames_fit_after_what_the_buffer_holds() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let data: Vec<u8> = std::iter::repeat_with(|| rng.u8(..))
+            .take(4 << 20)
+            .collect();
+        let mut compressor = FrameCompressor::new(3).unwrap();
+        let mut file = vec![1u8; 1000];
+        file.shrink_to_fit();
+        compressor.compress(&data, &mut file).unwrap();
+        compressor.compress(&data[..5000], &mut file).unwrap();
+        assert!(
+            file.len() > 1000 + data.len() + 5000,
+            "stored, not compressed"
+        );
+        assert_eq!(&file[..1000], &[1u8; 1000][..]);
+        let mut both = data.clone();
+        both.extend_from_slice(&data[..5000]);
+        assert_eq!(zstd::stream::decode_all(&file[1000..]).unwrap(), both);
     }
 
     #[test]
     fn a_value_zstd_rejects_is_an_error_with_its_message() {
         let compressor = FrameCompressor::new(3).unwrap();
-        let err = compressor
-            .set(ZSTD_cParameter::ZSTD_c_experimentalParam20, 99)
-            .unwrap_err();
+        let err = compressor.set(BLOCK_SPLITTER_LEVEL, 99).unwrap_err();
         assert!(err.to_string().starts_with("zstd: "), "{err}");
     }
 }
