@@ -1263,12 +1263,19 @@ struct Swept {
 }
 
 /// Removes the leftovers (see [`is_leftover`]) in a local folder's top directory and
-/// its `nar/` that were last modified at least `min_age` before `now`.
+/// its `nar/`, `log/` and `realisations/` that were last modified at least `min_age`
+/// before `now`.
 fn sweep(dir: &std::path::Path, min_age: Duration, now: SystemTime) -> Swept {
     let mut swept = Swept::default();
-    for (sub, in_nar) in [(dir.to_path_buf(), false), (dir.join("nar"), true)] {
+    let subs = [
+        (dir.to_path_buf(), false),
+        (dir.join("nar"), true),
+        (dir.join("log"), true),
+        (dir.join("realisations"), true),
+    ];
+    for (sub, in_nar) in subs {
         let Ok(entries) = std::fs::read_dir(&sub) else {
-            continue; // no nar/ yet; an unreadable folder failed the start-up check
+            continue; // not made yet; an unreadable folder failed the start-up check
         };
         for entry in entries.flatten() {
             let name = entry.file_name();
@@ -1304,11 +1311,12 @@ fn sweep(dir: &std::path::Path, min_age: Duration, now: SystemTime) -> Swept {
 }
 
 /// Whether a file named `name` in a local folder's top directory (`in_nar` false) or
-/// in its `nar/` is what a narpipe upload leaves when it is killed mid-write:
-/// object_store's staging file `<object>#<N>` of a narinfo, nix-cache-info or the write
-/// check (top) or of any NAR (`nar/`; object_store refuses such names for objects, so
-/// no cache holds one), or a multipart NAR completed and not yet renamed,
-/// `nar/tmp-<uuid>.part`.
+/// in one of its folders that hold only what narpipe (or Nix) names, `nar/`, `log/`
+/// and `realisations/` (`in_nar` true), is what a narpipe upload leaves when it is
+/// killed mid-write: object_store's staging file `<object>#<N>` of a narinfo, `.ls`
+/// listing, nix-cache-info or the write check (top) or of any object there
+/// (object_store refuses such names for objects, so no cache holds one), or a multipart
+/// NAR completed and not yet renamed, `nar/tmp-<uuid>.part`.
 fn is_leftover(in_nar: bool, name: &str) -> bool {
     let staged = name
         .rsplit_once('#')
@@ -1318,7 +1326,10 @@ fn is_leftover(in_nar: bool, name: &str) -> bool {
         .map(|(base, _)| base);
     if !in_nar {
         return staged.is_some_and(|base| {
-            base.ends_with(".narinfo") || base == "nix-cache-info" || base == WRITE_CHECK
+            base.ends_with(".narinfo")
+                || base.ends_with(".ls")
+                || base == "nix-cache-info"
+                || base == WRITE_CHECK
         });
     }
     staged.is_some()
@@ -1558,7 +1569,9 @@ mod tests {
             (false, format!("{narinfo}#1")),
             (false, "nix-cache-info#12".to_string()),
             (false, format!("{WRITE_CHECK}#3")),
+            (false, format!("{}.ls#4", "0".repeat(32))),
             (true, format!("{}.nar.zst#1", "1".repeat(52))),
+            (true, "abc-hello.drv#1".to_string()),
             (true, "anything.nar.bz2#0".to_string()),
             (true, tmp.clone()),
             (true, format!("{tmp}#2")),
@@ -1585,18 +1598,27 @@ mod tests {
     fn sweep_removes_only_stale_leftovers() {
         let dir = tempfile::tempdir().unwrap();
         let nar = dir.path().join("nar");
-        std::fs::create_dir_all(&nar).unwrap();
+        let log = dir.path().join("log");
+        let realisations = dir.path().join("realisations");
+        for d in [&nar, &log, &realisations] {
+            std::fs::create_dir_all(d).unwrap();
+        }
         let narinfo = format!("{}.narinfo", "0".repeat(32));
         let tmp = format!("{TMP_NAR_PREFIX}{}{TMP_NAR_SUFFIX}", uuid::Uuid::new_v4());
         let leftovers = [
             dir.path().join(format!("{narinfo}#1")),
+            dir.path().join(format!("{}.ls#2", "0".repeat(32))),
             nar.join(format!("{tmp}#1")),
             nar.join(&tmp),
+            log.join("abc-hello.drv#1"),
+            realisations.join("sha256:ab!out.doi#3"),
         ];
         let kept = [
             dir.path().join(&narinfo),
             dir.path().join("notes#1"),
             nar.join("x.nar.zst"),
+            log.join("abc-hello.drv"),
+            realisations.join("sha256:ab!out.doi"),
         ];
         for f in leftovers.iter().chain(&kept) {
             std::fs::write(f, b"x").unwrap();
