@@ -14,23 +14,12 @@ use nix::sys::signal::Signal;
 /// ~210 paths: 200 leaves of assorted sizes, 10 groups over them, one root.
 fn crash_closure_expr(tag: &str) -> String {
     let word = unique(tag);
-    format!(
-        r#"let
-  mk = name: size: deps: derivation {{
-    inherit name deps;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    PATH = "/usr/bin:/bin";
-    args = [ "-c" ''
-      mkdir -p $out; head -c ${{toString size}} /dev/urandom > $out/blob
-      for d in $deps; do echo $d >> $out/deps; done
-    '' ];
-  }};
-  leaves = builtins.genList (i: mk "{word}-leaf-${{toString i}}" (1000 + 791 * i * i / 100) []) 200;
+    blob_expr(&format!(
+        r#"  leaves = builtins.genList (i: mk "{word}-leaf-${{toString i}}" (1000 + 791 * i * i / 100) []) 200;
   group = g: mk "{word}-group-${{toString g}}" 100 (builtins.genList (i: builtins.elemAt leaves (g * 20 + i)) 20);
 in mk "{word}-root" 100 (builtins.genList group 10)
 "#
-    )
+    ))
 }
 
 /// The roots the state dir's queue still holds, read as `upload status` does (while
@@ -680,23 +669,12 @@ fn a_folder_cache_is_on_disk_before_a_narinfo_names_it() {
     let word = unique("fsync");
     // Small NARs (one put) and one of 12 MiB of random bytes (a multipart upload,
     // then a rename), with references.
-    let expr = format!(
-        r#"let
-  mk = name: size: deps: derivation {{
-    inherit name deps;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    PATH = "/usr/bin:/bin";
-    args = [ "-c" ''
-      mkdir -p $out; head -c ${{toString size}} /dev/urandom > $out/blob
-      for d in $deps; do echo $d >> $out/deps; done
-    '' ];
-  }};
-  a = mk "{word}-a" 100 [];
+    let expr = blob_expr(&format!(
+        r#"  a = mk "{word}-a" 100 [];
   big = mk "{word}-big" 12582912 [ a ];
 in mk "{word}-root" 1000 [ a big ]
 "#
-    );
+    ));
     let root = build_expr(tmp.path(), "fsync", &expr);
     let cache = tmp.path().join("cache");
     let trace = tmp.path().join("trace");

@@ -20,23 +20,12 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 /// dependency order; the root's NAR is over 8 MiB compressed (multipart path).
 fn wide_closure_expr(tag: &str) -> String {
     let word = unique(tag);
-    format!(
-        r#"let
-  mk = name: size: deps: derivation {{
-    inherit name deps;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    PATH = "/usr/bin:/bin";
-    args = [ "-c" ''
-      mkdir -p $out; head -c ${{toString size}} /dev/urandom > $out/blob
-      for d in $deps; do echo $d >> $out/deps; done
-    '' ];
-  }};
-  leaves = builtins.genList (i: mk "{word}-leaf-${{toString i}}" (if i == 0 then 3000000 else 1000 * i) []) 12;
+    blob_expr(&format!(
+        r#"  leaves = builtins.genList (i: mk "{word}-leaf-${{toString i}}" (if i == 0 then 3000000 else 1000 * i) []) 12;
   mids = builtins.genList (i: mk "{word}-mid-${{toString i}}" 200 leaves) 4;
 in mk "{word}-root" 9000000 mids
 "#
-    )
+    ))
 }
 
 #[test]

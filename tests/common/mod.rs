@@ -87,6 +87,26 @@ in mk "{word}-root" [ left right ]
     )
 }
 
+/// A Nix expression: `mk name size deps` (a path of `size` random bytes that refers to
+/// `deps`) and `body`, which uses it (`x = mk …; in mk …`).
+pub fn blob_expr(body: &str) -> String {
+    format!(
+        r#"let
+  mk = name: size: deps: derivation {{
+    inherit name deps;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    args = [ "-c" ''
+      mkdir -p $out; head -c ${{toString size}} /dev/urandom > $out/blob
+      for d in $deps; do echo $d >> $out/deps; done
+    '' ];
+  }};
+{body}
+"#
+    )
+}
+
 pub fn closure_of(path: &str) -> Vec<String> {
     run_ok(nix("nix-store").args(["-qR", path]))
         .lines()
