@@ -652,6 +652,67 @@ fn a_second_client_is_served_from_the_cache_dir_without_asking_the_bucket() {
     );
 }
 
+#[test]
+fn clients_asking_for_the_same_object_at_once_cost_the_bucket_one_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = keygen(tmp.path(), "serve-flights");
+    let s3 = Seaweed::start();
+    // Every GET held for a while, so that the clients' requests overlap.
+    let counting = S3Proxy::start(&s3, &["--slow-gets", "0.5"]);
+    let root = build_closure(tmp.path(), "serve-flights", 0, 300_000);
+    upload_to(
+        &mut s3.upload_cmd(),
+        &keys.secret,
+        &s3.url("flights", "pre"),
+        &closure_of(&root),
+    );
+    let s = Served::start(
+        tmp.path(),
+        serve_cmd(&counting.url("flights", "pre"))
+            .arg("--cache-dir")
+            .arg(tmp.path().join("cache-dir"))
+            .env("AWS_ACCESS_KEY_ID", S3_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+            .env_remove("AWS_PROFILE"),
+    );
+    let at_once = |path: &str| -> Vec<Reply> {
+        std::thread::scope(|scope| {
+            let asked: Vec<_> = (0..8).map(|_| scope.spawn(|| s.get(path))).collect();
+            asked.into_iter().map(|a| a.join().unwrap()).collect()
+        })
+    };
+    let asked_for = |name: &str| {
+        counting
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with(name))
+            .count()
+    };
+    let narinfo = format!("{}.narinfo", hash_of(&root));
+    let replies = at_once(&format!("/{narinfo}"));
+    assert!(replies
+        .iter()
+        .all(|r| r.status == 200 && r.body == replies[0].body));
+    assert_eq!(asked_for(&narinfo), 1, "{:?}", counting.requests());
+    let info: narpipe::narinfo::NarInfo = String::from_utf8(replies[0].body.clone())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let replies = at_once(&format!("/{}", info.url));
+    assert!(replies
+        .iter()
+        .all(|r| r.status == 200 && r.body == replies[0].body));
+    assert_eq!(replies[0].body.len() as u64, info.file_size.unwrap());
+    assert_eq!(asked_for(&info.url), 1, "{:?}", counting.requests());
+    // A missing one too: one 404 from the bucket, remembered for the others.
+    let missing = "00000000000000000000000000000000.narinfo";
+    assert!(at_once(&format!("/{missing}"))
+        .iter()
+        .all(|r| r.status == 404));
+    assert_eq!(asked_for(missing), 1);
+    assert_substitutes_from(&s.url(), &root, &keys.public, tmp.path());
+}
+
 /// The page at `url` as headless Chromium (Debian's) renders it: its DOM after load.
 fn browse(url: &str, profile: &Path) -> String {
     let out = Command::new("chromium")

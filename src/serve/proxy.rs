@@ -11,6 +11,11 @@
 //! A 404 is remembered in memory for `--negative-ttl` (a path uploaded meanwhile shows
 //! up after that). An object is written to disk as it streams to the first client and
 //! kept only once it arrived whole; HEADs and ranges of objects not held pass through.
+//! Requests for an object that another request is fetching whole wait for that fetch
+//! (at most [`FLIGHT_WAIT`]) and are then answered from disk, so that a fleet asking
+//! for the same closure at once costs the bucket one request per object: what nginx's
+//! `proxy_cache_lock` does. A fetch that ends without the object on disk (a 404 aside)
+//! lets them go to the bucket themselves.
 //! A file's modification time is the backend's Last-Modified; its change time, when it
 //! was fetched. Names are the routes' (see [`super::route`]): nothing outside the
 //! directory is ever written.
@@ -26,6 +31,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::watch;
 
 use super::bucket::Bucket;
 use super::lru::Lru;
@@ -34,6 +40,9 @@ use super::{range, Body, Counters, Error, Found, Part, Want};
 
 /// 404s remembered at most.
 const MISSING_MAX: usize = 100_000;
+/// How long a request waits for another one's fetch of the same object before it asks
+/// the bucket itself (nginx's `proxy_cache_lock_timeout` is 5 s too).
+pub const FLIGHT_WAIT: Duration = Duration::from_secs(5);
 const TMP: &str = ".narpipe-tmp";
 /// Made in a cache dir that serve took over: only a dir holding it has anything of
 /// serve's removed from it.
@@ -53,7 +62,31 @@ pub struct Proxy {
     cfg: Config,
     lru: Arc<Mutex<Lru>>,
     missing: Mutex<HashMap<String, Instant>>,
+    flights: Arc<Flights>,
     counters: Arc<Counters>,
+}
+
+/// The objects being fetched whole, each with what its waiters watch (see [`Flight`]).
+type Flights = Mutex<HashMap<String, watch::Receiver<()>>>;
+
+/// A fetch of a whole object under way: while it lives, other requests for the object
+/// wait (see [`Proxy::get`]). Dropped once the object is on disk, or when the fetch
+/// ends without it, it lets them go.
+struct Flight {
+    rel: String,
+    flights: Arc<Flights>,
+    /// Dropped with the flight: its receivers see that as a change.
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        // Only the flight that put it there removes an entry.
+        self.flights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.rel);
+    }
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -124,6 +157,7 @@ impl Proxy {
             cfg,
             lru: Arc::new(Mutex::new(lru)),
             missing: Mutex::new(HashMap::new()),
+            flights: Arc::default(),
             counters,
         })
     }
@@ -150,6 +184,22 @@ impl Proxy {
             self.counters.hits.fetch_add(1, Relaxed);
             return Ok(Some(found));
         }
+        let flight = match self.take_off(&rel, want) {
+            Ok(flight) => flight,
+            Err(mut landing) => {
+                // Another request is fetching it: wait for that, then look again.
+                let _ = tokio::time::timeout(FLIGHT_WAIT, landing.changed()).await;
+                if self.known_missing(&rel) {
+                    self.counters.hits.fetch_add(1, Relaxed);
+                    return Ok(None);
+                }
+                if let Some(found) = self.held(&rel, reusable_for, want).await? {
+                    self.counters.hits.fetch_add(1, Relaxed);
+                    return Ok(Some(found));
+                }
+                None
+            }
+        };
         self.counters.misses.fetch_add(1, Relaxed);
         let Some(found) = self.bucket.get(route, want).await? else {
             self.remember_missing(rel);
@@ -184,6 +234,7 @@ impl Proxy {
                     file: None,
                     written: 0,
                     failed: false,
+                    flight,
                 };
                 Found {
                     part: Part::All(fill.tee(counted(body))),
@@ -199,6 +250,26 @@ impl Proxy {
                 ..found
             },
             part => Found { part, ..found },
+        }))
+    }
+
+    /// A [`Flight`] for a whole object no other request is fetching (None for a HEAD or
+    /// a range: they go to the bucket as they are), or what to watch for the fetch
+    /// under way.
+    fn take_off(&self, rel: &str, want: Want) -> Result<Option<Flight>, watch::Receiver<()>> {
+        let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(landing) = flights.get(rel) {
+            return Err(landing.clone());
+        }
+        if want != Want::All {
+            return Ok(None);
+        }
+        let (done, landing) = watch::channel(());
+        flights.insert(rel.to_string(), landing);
+        Ok(Some(Flight {
+            rel: rel.to_string(),
+            flights: self.flights.clone(),
+            _done: done,
         }))
     }
 
@@ -322,6 +393,8 @@ struct Fill {
     written: u64,
     /// Writing failed: the object still goes to the client, not to disk.
     failed: bool,
+    /// Held until the object is on disk (or this fill ends without it).
+    flight: Option<Flight>,
 }
 
 impl Fill {
@@ -416,6 +489,8 @@ impl Fill {
             let evicted = lru.insert(&self.rel, self.size);
             (evicted, lru.total())
         };
+        // Held now: whoever waited for it reads it from disk.
+        self.flight = None;
         self.counters.cache_bytes.store(total, Relaxed);
         if !evicted.is_empty() {
             let dir = self.dir.clone();
@@ -464,5 +539,51 @@ mod tests {
         let fresh = dir.path().join("fresh");
         assert!(Proxy::open(bucket(), cfg(&fresh), Arc::default()).is_ok());
         assert!(Proxy::open(bucket(), cfg(&fresh), Arc::default()).is_ok());
+    }
+
+    fn in_flight(proxy: &Proxy) -> usize {
+        proxy.flights.lock().unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn a_flight_ends_with_the_object_on_disk_or_with_its_fetch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let source = tmp.path().join("source");
+        std::fs::create_dir(&source).unwrap();
+        let name = format!("{}.narinfo", "1".repeat(32));
+        std::fs::write(source.join(&name), vec![b'x'; 2_000_000]).unwrap();
+        let bucket = Bucket::new(crate::cache::Cache::open(source.to_str().unwrap()).unwrap());
+        let cfg = Config {
+            dir: tmp.path().join("cache-dir"),
+            max_bytes: 4 << 20,
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(60),
+        };
+        let proxy = Proxy::open(bucket, cfg, Arc::default()).unwrap();
+        let route = Route::parse(&format!("/{name}")).unwrap();
+        let body = |found: Option<Found>| match found.unwrap().part {
+            Part::All(body) => body,
+            _ => panic!("not the whole object"),
+        };
+        // Cut short: the flight ends with it, and nothing is kept.
+        let mut cut = body(proxy.get(&route, Want::All).await.unwrap());
+        assert_eq!(in_flight(&proxy), 1);
+        // Meanwhile a HEAD waits for it (it would get the answer from disk).
+        assert!(proxy.take_off(&name, Want::Head).is_err());
+        cut.next().await.unwrap().unwrap();
+        drop(cut);
+        assert_eq!(in_flight(&proxy), 0);
+        assert!(proxy.held(&name, None, Want::Head).await.unwrap().is_none());
+        // Read whole: on disk before the flight ends.
+        let whole = body(proxy.get(&route, Want::All).await.unwrap());
+        let bytes: Vec<Bytes> = whole.map(|b| b.unwrap()).collect().await;
+        assert_eq!(bytes.iter().map(Bytes::len).sum::<usize>(), 2_000_000);
+        assert_eq!(in_flight(&proxy), 0);
+        assert!(proxy.held(&name, None, Want::Head).await.unwrap().is_some());
+        // A 404 ends it too; a HEAD or a range never takes off.
+        let missing = Route::parse(&format!("/{}.narinfo", "2".repeat(32))).unwrap();
+        assert!(proxy.get(&missing, Want::All).await.unwrap().is_none());
+        assert_eq!(in_flight(&proxy), 0);
+        assert!(matches!(proxy.take_off(&name, Want::Head), Ok(None)));
     }
 }

@@ -8,12 +8,15 @@ like Amazon S3 where the test server does not.
   --throttle SECONDS   from the first NAR write (a PUT or POST under /nar/) on, answer
                        every request with 429 Too Many Requests for SECONDS;
   --retry-after N      with `Retry-After: N` (seconds).
+  --slow-gets SECONDS  hold every GET for SECONDS before passing it on (a slow bucket:
+                       requests for the same object overlap).
 
 Everything else is passed on unchanged (signatures included: the Host header is kept).
 Each request is logged to LOG as one JSON object a line: method, path, query,
 copy_source, status, bytes (request body), start and end (seconds since the epoch).
 
 usage: s3_proxy.py LISTEN_PORT UPSTREAM_PORT LOG [--copy-limit N] [--throttle S --retry-after N]
+                   [--slow-gets S]
 
 The tests run it as that program (tests/common/servers.rs, S3Proxy). It is also a
 module: bench/requests.py runs a `Proxy` in a thread of its own and reads its counts
@@ -35,8 +38,10 @@ class Proxy(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, port, upstream, log=None, copy_limit=None, throttle=None, retry_after=None):
+    def __init__(self, port, upstream, log=None, copy_limit=None, throttle=None, retry_after=None,
+                 slow_gets=None):
         super().__init__(("127.0.0.1", port), Handler)
+        self.slow_gets = slow_gets
         self.upstream = upstream
         self.copy_limit = copy_limit
         self.throttle = throttle
@@ -121,6 +126,8 @@ class Handler(BaseHTTPRequestHandler):
                     % proxy.copy_limit).encode()
             status = 400
         else:
+            if proxy.slow_gets and self.command == "GET":
+                time.sleep(proxy.slow_gets)
             conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream, timeout=300)
             try:
                 conn.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
@@ -163,8 +170,10 @@ def main():
     ap.add_argument("--copy-limit", type=int)
     ap.add_argument("--throttle", type=float)
     ap.add_argument("--retry-after", type=int)
+    ap.add_argument("--slow-gets", type=float)
     a = ap.parse_args()
-    Proxy(a.port, a.upstream, a.log, a.copy_limit, a.throttle, a.retry_after).serve_forever()
+    Proxy(a.port, a.upstream, a.log, a.copy_limit, a.throttle, a.retry_after,
+          a.slow_gets).serve_forever()
 
 
 if __name__ == "__main__":
