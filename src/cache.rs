@@ -474,8 +474,10 @@ impl Cache {
     /// retries.
     pub async fn prepare(&self, store_dir: &str, priority: u32) -> Result<(), Error> {
         if let Some(dir) = &self.local_dir {
-            tokio::fs::create_dir_all(dir)
+            let made = dir.clone();
+            tokio::task::spawn_blocking(move || create_dir_durably(&made))
                 .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
                 .map_err(|e| Error::Setup {
                     url: self.url.clone(),
                     reason: format!("cannot create {}: {e}", dir.display()),
@@ -1251,6 +1253,30 @@ fn local_store(dir: &std::path::Path) -> Result<Arc<dyn ObjectStore>, String> {
         .with_automatic_cleanup(false)
         .with_fsync(true);
     Ok(Arc::new(store))
+}
+
+/// Creates `dir` and the folders above it that are missing, each fsync'd into its
+/// parent: a power cut must not lose the folder a cache's files are in.
+fn create_dir_durably(dir: &std::path::Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.exists() {
+        missing.push(at);
+        match at.parent() {
+            Some(parent) => at = parent,
+            None => break,
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    for made in missing {
+        let parent = match made.parent() {
+            Some(p) if p.as_os_str().is_empty() => std::path::Path::new("."),
+            Some(p) => p,
+            None => continue,
+        };
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// What [`sweep`] did.

@@ -702,6 +702,14 @@ in mk "{word}-root" 1000 [ a big ]
     assert_substitutes(&cache, &root, &keys.public, tmp.path());
     let calls = traced_calls(&std::fs::read_to_string(&trace).unwrap());
     let cache = cache.canonicalize().unwrap();
+    // The cache folder was made by upload: it is in its parent for good.
+    let parent = cache.parent().unwrap().to_str().unwrap();
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.name == "fsync" && c.paths.first().map(String::as_str) == Some(parent)),
+        "{parent} was not fsync'd after the cache folder was made in it"
+    );
     let mut checked = 0;
     for path in closure_of(&root) {
         let narinfo = narinfo_path(&cache, &path);

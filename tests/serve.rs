@@ -666,11 +666,18 @@ fn clients_asking_for_the_same_object_at_once_cost_the_bucket_one_request() {
         &s3.url("flights", "pre"),
         &closure_of(&root),
     );
+    // Under strace, to see that what is kept is fsync'd before it has its name.
+    let trace = tmp.path().join("trace");
+    let cache_dir = tmp.path().join("cache-dir");
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-y", "-qq", "-e", "trace=fsync,rename", "-o"])
+        .arg(&trace)
+        .arg(SERVE)
+        .arg(counting.url("flights", "pre"));
     let s = Served::start(
         tmp.path(),
-        serve_cmd(&counting.url("flights", "pre"))
-            .arg("--cache-dir")
-            .arg(tmp.path().join("cache-dir"))
+        cmd.arg("--cache-dir")
+            .arg(&cache_dir)
             .env("AWS_ACCESS_KEY_ID", S3_KEY)
             .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
             .env_remove("AWS_PROFILE"),
@@ -704,6 +711,27 @@ fn clients_asking_for_the_same_object_at_once_cost_the_bucket_one_request() {
         .all(|r| r.status == 200 && r.body == replies[0].body));
     assert_eq!(replies[0].body.len() as u64, info.file_size.unwrap());
     assert_eq!(asked_for(&info.url), 1, "{:?}", counting.requests());
+    let kept = cache_dir.canonicalize().unwrap().join(&info.url);
+    let traced = std::fs::read_to_string(&trace).unwrap();
+    let renamed = traced
+        .lines()
+        .position(|l| l.contains("rename(") && l.contains(&format!(", \"{}\"", kept.display())))
+        .unwrap_or_else(|| panic!("no rename to {}: {traced}", kept.display()));
+    let staged = traced
+        .lines()
+        .nth(renamed)
+        .unwrap()
+        .split('"')
+        .nth(1)
+        .unwrap();
+    assert!(
+        traced
+            .lines()
+            .take(renamed)
+            .any(|l| l.contains("fsync(") && l.contains(&format!("<{staged}>"))),
+        "{staged} was not fsync'd before it was renamed to {}: {traced}",
+        kept.display()
+    );
     // A missing one too: one 404 from the bucket, remembered for the others.
     let missing = "00000000000000000000000000000000.narinfo";
     assert!(at_once(&format!("/{missing}"))

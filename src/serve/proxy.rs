@@ -11,14 +11,16 @@
 //! A 404 is remembered in memory for `--negative-ttl` (a path uploaded meanwhile shows
 //! up after that). An object is written to disk as it streams to the first client and
 //! kept only once it arrived whole; HEADs and ranges of objects not held pass through.
-//! Requests for an object that another request is fetching whole wait for that fetch
+//! Requests for a whole object that another request is fetching wait for that fetch
 //! (at most [`FLIGHT_WAIT`]) and are then answered from disk, so that a fleet asking
 //! for the same closure at once costs the bucket one request per object: what nginx's
-//! `proxy_cache_lock` does. A fetch that ends without the object on disk (a 404 aside)
-//! lets them go to the bucket themselves.
+//! `proxy_cache_lock` does. When that fetch ends without the object on disk (the
+//! client left, the backend or the disk failed; a 404 is remembered), one of them
+//! fetches it in its turn. HEADs and ranges never wait.
 //! A file's modification time is the backend's Last-Modified; its change time, when it
 //! was fetched. Names are the routes' (see [`super::route`]): nothing outside the
-//! directory is ever written.
+//! directory is ever written. An object is fsync'd before it is renamed into place, so
+//! that what a power cut leaves there (and the next start takes over) is whole.
 
 use std::collections::HashMap;
 use std::io::SeekFrom;
@@ -172,32 +174,40 @@ impl Proxy {
 
     pub async fn get(&self, route: &Route, want: Want) -> Result<Option<Found>, Error> {
         let rel = route.object();
-        if self.known_missing(&rel) {
-            self.counters.hits.fetch_add(1, Relaxed);
-            return Ok(None);
-        }
         let reusable_for = match route {
             Route::Nar { .. } => None,
             _ => Some(self.cfg.ttl),
         };
-        if let Some(found) = self.held(&rel, reusable_for, want).await? {
-            self.counters.hits.fetch_add(1, Relaxed);
-            return Ok(Some(found));
-        }
-        let flight = match self.take_off(&rel, want) {
-            Ok(flight) => flight,
-            Err(mut landing) => {
-                // Another request is fetching it: wait for that, then look again.
-                let _ = tokio::time::timeout(FLIGHT_WAIT, landing.changed()).await;
-                if self.known_missing(&rel) {
-                    self.counters.hits.fetch_add(1, Relaxed);
-                    return Ok(None);
+        // Whole objects that will be kept take a flight, or wait for the one under way
+        // (nothing to wait for if a narinfo is never reused).
+        let flies = want == Want::All && reusable_for != Some(Duration::ZERO);
+        let mut deadline = None;
+        let flight = loop {
+            if self.known_missing(&rel) {
+                self.counters.hits.fetch_add(1, Relaxed);
+                return Ok(None);
+            }
+            if let Some(found) = self.held(&rel, reusable_for, want).await? {
+                self.counters.hits.fetch_add(1, Relaxed);
+                return Ok(Some(found));
+            }
+            if !flies {
+                break None;
+            }
+            match self.take_off(&rel) {
+                Ok(flight) => break Some(flight),
+                Err(mut landing) => {
+                    // Another request is fetching it: wait for that, then look again
+                    // (and, if it ended without the object, one waiter takes off).
+                    let until =
+                        *deadline.get_or_insert_with(|| tokio::time::Instant::now() + FLIGHT_WAIT);
+                    if tokio::time::timeout_at(until, landing.changed())
+                        .await
+                        .is_err()
+                    {
+                        break None; // waited long enough: fetch it alongside
+                    }
                 }
-                if let Some(found) = self.held(&rel, reusable_for, want).await? {
-                    self.counters.hits.fetch_add(1, Relaxed);
-                    return Ok(Some(found));
-                }
-                None
             }
         };
         self.counters.misses.fetch_add(1, Relaxed);
@@ -253,24 +263,20 @@ impl Proxy {
         }))
     }
 
-    /// A [`Flight`] for a whole object no other request is fetching (None for a HEAD or
-    /// a range: they go to the bucket as they are), or what to watch for the fetch
-    /// under way.
-    fn take_off(&self, rel: &str, want: Want) -> Result<Option<Flight>, watch::Receiver<()>> {
+    /// A [`Flight`] for a whole object no other request is fetching, or what to watch
+    /// for the fetch under way.
+    fn take_off(&self, rel: &str) -> Result<Flight, watch::Receiver<()>> {
         let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(landing) = flights.get(rel) {
             return Err(landing.clone());
         }
-        if want != Want::All {
-            return Ok(None);
-        }
         let (done, landing) = watch::channel(());
         flights.insert(rel.to_string(), landing);
-        Ok(Some(Flight {
+        Ok(Flight {
             rel: rel.to_string(),
             flights: self.flights.clone(),
             _done: done,
-        }))
+        })
     }
 
     fn known_missing(&self, rel: &str) -> bool {
@@ -452,6 +458,8 @@ impl Fill {
             self.tmp.display()
         );
         self.failed = true;
+        // Not to be kept: whoever waits for it fetches it.
+        self.flight = None;
     }
 
     /// Puts the complete object in place and makes room for it.
@@ -468,12 +476,14 @@ impl Fill {
         drop(file);
         let (tmp, dest, modified) = (self.tmp.clone(), self.dest.clone(), self.last_modified);
         let placed = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let file = std::fs::File::options().write(true).open(&tmp)?;
             if let Some(t) = modified {
-                std::fs::File::options()
-                    .write(true)
-                    .open(&tmp)?
-                    .set_modified(t)?;
+                file.set_modified(t)?;
             }
+            // Whole on disk before it has its name: after a power cut the directory,
+            // which is taken over as it is at start, holds no short object.
+            file.sync_all()?;
+            drop(file);
             if let Some(parent) = dest.parent() {
                 std::fs::create_dir_all(parent)?;
             }
@@ -545,45 +555,152 @@ mod tests {
         proxy.flights.lock().unwrap().len()
     }
 
-    #[tokio::test]
-    async fn a_flight_ends_with_the_object_on_disk_or_with_its_fetch() {
-        let tmp = tempfile::tempdir().unwrap();
-        let source = tmp.path().join("source");
+    /// A proxy over a folder holding one 2 MB narinfo (`name`), and its counters.
+    fn proxied(tmp: &Path, ttl: Duration) -> (Arc<Proxy>, Arc<Counters>, String) {
+        let source = tmp.join("source");
         std::fs::create_dir(&source).unwrap();
         let name = format!("{}.narinfo", "1".repeat(32));
         std::fs::write(source.join(&name), vec![b'x'; 2_000_000]).unwrap();
         let bucket = Bucket::new(crate::cache::Cache::open(source.to_str().unwrap()).unwrap());
         let cfg = Config {
-            dir: tmp.path().join("cache-dir"),
+            dir: tmp.join("cache-dir"),
             max_bytes: 4 << 20,
-            ttl: Duration::from_secs(60),
+            ttl,
             negative_ttl: Duration::from_secs(60),
         };
-        let proxy = Proxy::open(bucket, cfg, Arc::default()).unwrap();
-        let route = Route::parse(&format!("/{name}")).unwrap();
-        let body = |found: Option<Found>| match found.unwrap().part {
+        let counters = Arc::new(Counters::default());
+        let proxy = Proxy::open(bucket, cfg, counters.clone()).unwrap();
+        (Arc::new(proxy), counters, name)
+    }
+
+    fn body(found: Option<Found>) -> Body {
+        match found.expect("found").part {
             Part::All(body) => body,
             _ => panic!("not the whole object"),
-        };
-        // Cut short: the flight ends with it, and nothing is kept.
-        let mut cut = body(proxy.get(&route, Want::All).await.unwrap());
+        }
+    }
+
+    async fn read_all(body: Body) -> usize {
+        body.map(|b| b.unwrap().len())
+            .collect::<Vec<_>>()
+            .await
+            .iter()
+            .sum()
+    }
+
+    /// Lets spawned requests run until they wait (the clock is paused: it moves only
+    /// when every task waits, and not while a file is read or written).
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_answered_from_disk_as_soon_as_the_fetch_lands() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (proxy, counters, name) = proxied(tmp.path(), Duration::from_secs(60));
+        let route = Route::parse(&format!("/{name}")).unwrap();
+        let t0 = tokio::time::Instant::now();
+        let first = body(proxy.get(&route, Want::All).await.unwrap());
         assert_eq!(in_flight(&proxy), 1);
-        // Meanwhile a HEAD waits for it (it would get the answer from disk).
-        assert!(proxy.take_off(&name, Want::Head).is_err());
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let (proxy, route) = (proxy.clone(), route.clone());
+                tokio::spawn(async move {
+                    read_all(body(proxy.get(&route, Want::All).await.unwrap())).await
+                })
+            })
+            .collect();
+        // A HEAD does not wait: it asks the bucket.
+        let head = proxy.get(&route, Want::Head).await.unwrap().unwrap();
+        assert!(matches!(head.part, Part::Head));
+        settle().await;
+        assert!(waiters.iter().all(|w| !w.is_finished()));
+        // Every byte read, and the stream kept (hyper stops polling at Content-Length):
+        // the flight lands with the object on disk, not when the stream goes.
+        let mut first = first;
+        let mut got = 0;
+        while got < 2_000_000 {
+            got += first.next().await.unwrap().unwrap().len();
+        }
+        for w in waiters {
+            assert_eq!(w.await.unwrap(), 2_000_000);
+        }
+        assert!(
+            t0.elapsed() < FLIGHT_WAIT,
+            "the waiters were let go only by the timeout"
+        );
+        assert_eq!(
+            counters.misses.load(Relaxed),
+            2,
+            "the first GET and the HEAD"
+        );
+        assert_eq!(counters.hits.load(Relaxed), 3);
+        assert_eq!(in_flight(&proxy), 0);
+        drop(first);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_cut_short_hands_the_flight_to_one_waiter() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (proxy, counters, name) = proxied(tmp.path(), Duration::from_secs(60));
+        let route = Route::parse(&format!("/{name}")).unwrap();
+        let t0 = tokio::time::Instant::now();
+        let mut cut = body(proxy.get(&route, Want::All).await.unwrap());
         cut.next().await.unwrap().unwrap();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let (proxy, route) = (proxy.clone(), route.clone());
+                tokio::spawn(async move {
+                    read_all(body(proxy.get(&route, Want::All).await.unwrap())).await
+                })
+            })
+            .collect();
+        settle().await;
+        assert!(waiters.iter().all(|w| !w.is_finished()));
         drop(cut);
+        for w in waiters {
+            assert_eq!(w.await.unwrap(), 2_000_000);
+        }
+        assert!(
+            t0.elapsed() < FLIGHT_WAIT,
+            "the waiters were let go only by the timeout"
+        );
+        assert_eq!(
+            counters.misses.load(Relaxed),
+            2,
+            "the cut fetch and one waiter's"
+        );
+        assert_eq!(counters.hits.load(Relaxed), 2);
         assert_eq!(in_flight(&proxy), 0);
-        assert!(proxy.held(&name, None, Want::Head).await.unwrap().is_none());
-        // Read whole: on disk before the flight ends.
-        let whole = body(proxy.get(&route, Want::All).await.unwrap());
-        let bytes: Vec<Bytes> = whole.map(|b| b.unwrap()).collect().await;
-        assert_eq!(bytes.iter().map(Bytes::len).sum::<usize>(), 2_000_000);
-        assert_eq!(in_flight(&proxy), 0);
-        assert!(proxy.held(&name, None, Want::Head).await.unwrap().is_some());
-        // A 404 ends it too; a HEAD or a range never takes off.
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_fetches_alongside_after_the_wait_and_404s_and_ttl_0_do_not_fly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (proxy, counters, name) = proxied(tmp.path(), Duration::from_secs(60));
+        let route = Route::parse(&format!("/{name}")).unwrap();
+        // A first client that reads nothing: the waiter gives up on it after FLIGHT_WAIT.
+        let _stalled = body(proxy.get(&route, Want::All).await.unwrap());
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(
+            read_all(body(proxy.get(&route, Want::All).await.unwrap())).await,
+            2_000_000
+        );
+        assert!(t0.elapsed() >= FLIGHT_WAIT);
+        assert_eq!(counters.misses.load(Relaxed), 2);
+        // A 404 lands its flight at once, remembered.
         let missing = Route::parse(&format!("/{}.narinfo", "2".repeat(32))).unwrap();
         assert!(proxy.get(&missing, Want::All).await.unwrap().is_none());
+        assert_eq!(in_flight(&proxy), 1, "only the stalled one");
+        drop(_stalled);
         assert_eq!(in_flight(&proxy), 0);
-        assert!(matches!(proxy.take_off(&name, Want::Head), Ok(None)));
+        // Nothing reused, nothing to wait for.
+        let tmp = tempfile::tempdir().unwrap();
+        let (proxy, _, name) = proxied(tmp.path(), Duration::ZERO);
+        let route = Route::parse(&format!("/{name}")).unwrap();
+        let _held = body(proxy.get(&route, Want::All).await.unwrap());
+        assert_eq!(in_flight(&proxy), 0);
     }
 }
