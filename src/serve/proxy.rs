@@ -596,6 +596,31 @@ mod tests {
         }
     }
 
+    /// Three requests for the whole object, on tasks of their own: each gives its size.
+    fn spawn_waiters(proxy: &Arc<Proxy>, route: &Route) -> Vec<tokio::task::JoinHandle<usize>> {
+        (0..3)
+            .map(|_| {
+                let (proxy, route) = (proxy.clone(), route.clone());
+                tokio::spawn(async move {
+                    read_all(body(proxy.get(&route, Want::All).await.unwrap())).await
+                })
+            })
+            .collect()
+    }
+
+    async fn all_whole_before_the_timeout(
+        waiters: Vec<tokio::task::JoinHandle<usize>>,
+        t0: tokio::time::Instant,
+    ) {
+        for w in waiters {
+            assert_eq!(w.await.unwrap(), 2_000_000);
+        }
+        assert!(
+            t0.elapsed() < FLIGHT_WAIT,
+            "the waiters were let go only by the timeout"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn waiters_are_answered_from_disk_as_soon_as_the_fetch_lands() {
         let tmp = tempfile::tempdir().unwrap();
@@ -604,14 +629,7 @@ mod tests {
         let t0 = tokio::time::Instant::now();
         let first = body(proxy.get(&route, Want::All).await.unwrap());
         assert_eq!(in_flight(&proxy), 1);
-        let waiters: Vec<_> = (0..3)
-            .map(|_| {
-                let (proxy, route) = (proxy.clone(), route.clone());
-                tokio::spawn(async move {
-                    read_all(body(proxy.get(&route, Want::All).await.unwrap())).await
-                })
-            })
-            .collect();
+        let waiters = spawn_waiters(&proxy, &route);
         // A HEAD does not wait: it asks the bucket.
         let head = proxy.get(&route, Want::Head).await.unwrap().unwrap();
         assert!(matches!(head.part, Part::Head));
@@ -624,13 +642,7 @@ mod tests {
         while got < 2_000_000 {
             got += first.next().await.unwrap().unwrap().len();
         }
-        for w in waiters {
-            assert_eq!(w.await.unwrap(), 2_000_000);
-        }
-        assert!(
-            t0.elapsed() < FLIGHT_WAIT,
-            "the waiters were let go only by the timeout"
-        );
+        all_whole_before_the_timeout(waiters, t0).await;
         assert_eq!(
             counters.misses.load(Relaxed),
             2,
@@ -649,24 +661,11 @@ mod tests {
         let t0 = tokio::time::Instant::now();
         let mut cut = body(proxy.get(&route, Want::All).await.unwrap());
         cut.next().await.unwrap().unwrap();
-        let waiters: Vec<_> = (0..3)
-            .map(|_| {
-                let (proxy, route) = (proxy.clone(), route.clone());
-                tokio::spawn(async move {
-                    read_all(body(proxy.get(&route, Want::All).await.unwrap())).await
-                })
-            })
-            .collect();
+        let waiters = spawn_waiters(&proxy, &route);
         settle().await;
         assert!(waiters.iter().all(|w| !w.is_finished()));
         drop(cut);
-        for w in waiters {
-            assert_eq!(w.await.unwrap(), 2_000_000);
-        }
-        assert!(
-            t0.elapsed() < FLIGHT_WAIT,
-            "the waiters were let go only by the timeout"
-        );
+        all_whole_before_the_timeout(waiters, t0).await;
         assert_eq!(
             counters.misses.load(Relaxed),
             2,
