@@ -27,11 +27,15 @@ their ratio, the target and whether it is met:
     beside jobs × the xz level-6 encoder's memory
   - `send` latency over 1000 calls to a running upload daemon, and end-to-end
     latency of the daemon: send -> narinfo visible, small paths
+Above the table, a calibration line, measured at the start and at the end: SHA-256 and
+cached-file read speeds, the work both tools share. On the benchmark machines they drift
+during a day, and the ratios with them; compare runs with it in mind.
 The table is printed and written to --out. MB means 10^6 bytes.
 Expects release binaries in target/release and the zstd CLI (bench/run.sh sees to both).
 """
 import argparse
 import atexit
+import hashlib
 import os
 import platform
 import re
@@ -555,6 +559,31 @@ def machine_line():
     return "machine: %d cores (%s), %s; %s" % (os.cpu_count(), cpu, platform.platform(), sh(["nix", "--version"]).strip())
 
 
+def calibrate(tmp):
+    """This machine's speed at the work both tools do, for comparing runs: SHA-256
+    (OpenSSL, through hashlib) and reads of a cached file in 64 KiB calls (what `nix
+    copy` reads with), best of 3. On the benchmark machines both drift during a day,
+    and the ratios with them."""
+    buf = os.urandom(64 << 20)
+    sha = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        hashlib.sha256(buf).digest()
+        sha.append(len(buf) / (time.perf_counter() - t0) / 1e9)
+    path = os.path.join(tmp, "calibrate")
+    with open(path, "wb") as f:
+        f.write(buf)
+    reads = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with open(path, "rb", buffering=0) as f:
+            while f.read(64 << 10):
+                pass
+        reads.append(len(buf) / (time.perf_counter() - t0) / 1e9)
+    os.unlink(path)
+    return "sha256 %.2f GB/s, 64 KiB reads %.2f GB/s" % (max(sha), max(reads))
+
+
 def default_tmp():
     """tmpfs (/dev/shm) when it has 8 GiB free and the machine 8 GiB of memory
     available (a run's caches take about 6 GB with the corpus), else the system's
@@ -599,6 +628,7 @@ def main():
     print("corpus: %s, %d paths, %.0f MB" % (root, len(paths), closure_mb), file=sys.stderr)
     warm(listing)
 
+    calibrated = calibrate(tmp)
     b = Bench(a, tmp, root, listing, a.big_mb)
     jobs = os.cpu_count()  # upload's default --jobs
     enc_mib, enc_src = xz_encoder_mib()
@@ -626,6 +656,7 @@ def main():
     lines = [
         "narpipe benchmark, %s" % time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         machine_line(),
+        "calibration, at the start and at the end: %s; %s" % (calibrated, calibrate(tmp)),
         "corpus: %d paths, %.0f MB of NAR; medians of %d alternating rounds (xz: %s); caches in %s; MB = 10^6 bytes" % (
             len(paths), closure_mb, a.rounds, "skipped" if a.skip_xz else "1 round", a.tmp),
         "",
