@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::strace::{named_after_sync, traced_calls, Call};
 use common::*;
 use nix::sys::signal::Signal;
 
@@ -553,113 +554,21 @@ fn a_damaged_queue_is_reported_set_aside_and_the_upload_still_runs() {
     assert!(queued(&state).is_empty());
 }
 
-/// One syscall of an `strace -f -y` log: where it started and ended in the log (line
-/// numbers: a call that was interrupted by another thread's has two lines), and the
-/// paths it names (an fd's path as `-y` shows it).
-#[derive(Debug)]
-struct Call {
-    name: String,
-    start: usize,
-    end: usize,
-    paths: Vec<String>,
-}
-
-/// The successful calls of an `strace -f -y` log, joining `<unfinished ...>` with
-/// `<... resumed>`.
-fn traced_calls(log: &str) -> Vec<Call> {
-    let mut pending: std::collections::HashMap<&str, (usize, String)> = Default::default();
-    let mut calls = Vec::new();
-    for (i, line) in log.lines().enumerate() {
-        let Some((pid, rest)) = line.split_once(' ') else {
-            continue;
-        };
-        let rest = rest.trim_start();
-        let (start, text) = if let Some(head) = rest.strip_suffix(" <unfinished ...>") {
-            pending.insert(pid, (i, head.to_string()));
-            continue;
-        } else if rest.starts_with("<... ") {
-            let Some((s, head)) = pending.remove(pid) else {
-                continue;
-            };
-            let tail = rest.split_once("resumed>").map_or("", |(_, t)| t);
-            (s, format!("{head}{tail}"))
-        } else {
-            (i, rest.to_string())
-        };
-        let Some((name, args)) = text.split_once('(') else {
-            continue;
-        };
-        if !text.ends_with("= 0") {
-            continue;
-        }
-        // Quoted paths (rename, link) or fd paths (`7</dir/file>`).
-        let mut paths = Vec::new();
-        for (n, piece) in args.split('"').enumerate() {
-            if n % 2 == 1 {
-                paths.push(piece.to_string());
-            }
-        }
-        if let Some((_, fd)) = args.split_once('<') {
-            if let Some((p, _)) = fd.split_once('>') {
-                paths.push(p.to_string());
-            }
-        }
-        calls.push(Call {
-            name: name.to_string(),
-            start,
-            end: i,
-            paths,
-        });
-    }
-    calls
-}
-
-/// What made `file` (under its final name): the rename or link to it, the fsync of its
-/// data before that (under any name it had on the way), and the fsync of its directory
-/// after it. Panics, naming the file, when one is missing.
+/// What made `file` (under its final name): the rename or link to it (after the fsync
+/// of its data, see [`named_after_sync`]) and the fsync of its directory after it.
+/// Panics, naming the file, when one is missing.
 fn made_durably<'a>(calls: &'a [Call], file: &str) -> (&'a Call, &'a Call) {
-    let named = |c: &Call, to: &str| {
-        (c.name.starts_with("rename") || c.name.starts_with("link"))
-            && c.paths.get(1).map(String::as_str) == Some(to)
-    };
-    let last = calls
-        .iter()
-        .rposition(|c| named(c, file))
-        .unwrap_or_else(|| panic!("{file} was never renamed or linked into place"));
-    // Back along the names it had, to an fsync of its data before the renames.
-    let (mut name, mut before) = (calls[last].paths[0].clone(), calls[last].start);
-    let synced = loop {
-        if calls[..last]
-            .iter()
-            .any(|c| c.name == "fsync" && c.paths.first() == Some(&name) && c.end < before)
-        {
-            break true;
-        }
-        match calls
-            .iter()
-            .rposition(|c| named(c, &name) && c.end < before)
-        {
-            Some(k) => {
-                name = calls[k].paths[0].clone();
-                before = calls[k].start;
-            }
-            None => break false,
-        }
-    };
-    assert!(
-        synced,
-        "{file}: its data was not fsync'd before it got its name"
-    );
+    let named = named_after_sync(calls, file);
     let dir = Path::new(file).parent().unwrap().to_str().unwrap();
     let dir_sync = calls
         .iter()
         .find(|c| {
             c.name == "fsync"
                 && c.paths.first().map(String::as_str) == Some(dir)
-                && c.start > calls[last].end
+                && c.start > named.end
         })
         .unwrap_or_else(|| panic!("{dir} was not fsync'd after {file} got its name"));
-    (&calls[last], dir_sync)
+    (named, dir_sync)
 }
 
 #[test]

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::servers::{FakeGcs, S3Proxy, Seaweed, S3_KEY, S3_SECRET};
+use common::strace::{named_after_sync, traced_calls};
 use common::*;
 
 const SERVE: &str = env!("CARGO_BIN_EXE_serve");
@@ -712,26 +713,8 @@ fn clients_asking_for_the_same_object_at_once_cost_the_bucket_one_request() {
     assert_eq!(replies[0].body.len() as u64, info.file_size.unwrap());
     assert_eq!(asked_for(&info.url), 1, "{:?}", counting.requests());
     let kept = cache_dir.canonicalize().unwrap().join(&info.url);
-    let traced = std::fs::read_to_string(&trace).unwrap();
-    let renamed = traced
-        .lines()
-        .position(|l| l.contains("rename(") && l.contains(&format!(", \"{}\"", kept.display())))
-        .unwrap_or_else(|| panic!("no rename to {}: {traced}", kept.display()));
-    let staged = traced
-        .lines()
-        .nth(renamed)
-        .unwrap()
-        .split('"')
-        .nth(1)
-        .unwrap();
-    assert!(
-        traced
-            .lines()
-            .take(renamed)
-            .any(|l| l.contains("fsync(") && l.contains(&format!("<{staged}>"))),
-        "{staged} was not fsync'd before it was renamed to {}: {traced}",
-        kept.display()
-    );
+    let calls = traced_calls(&std::fs::read_to_string(&trace).unwrap());
+    named_after_sync(&calls, kept.to_str().unwrap());
     // A missing one too: one 404 from the bucket, remembered for the others.
     let missing = "00000000000000000000000000000000.narinfo";
     assert!(at_once(&format!("/{missing}"))
