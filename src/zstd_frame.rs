@@ -3,11 +3,11 @@
 //!
 //! zstd 1.5.7 added a pre-splitter that looks for a better place to end each 128 KiB
 //! block. Its settings 2 to 6 cost ever more CPU (1 is off, 0 lets zstd choose by
-//! strategy); at level 3 (Nix's default, strategy `dfast`) zstd picks 3, which on the benchmark corpus (its 929 MB of NARs one after another, cut into 4 MiB
-//! frames) took about a fifth of
-//! the compression time for 0.5 % smaller output: 2.46 s against 1.99 s, 595.4 MB
-//! against 597.5 MB with its cheapest setting (598.4 MB with none; Nix's libzstd 1.5.4,
-//! which has no pre-splitter, wrote 598.7 MB). At levels up to 4 this module asks for
+//! strategy); at level 3 (Nix's default, strategy `dfast`) zstd picks 3. On the
+//! benchmark corpus (its 929 MB of NARs one after another, cut into 4 MiB frames) that
+//! took about a fifth of the compression time for 0.5 % smaller output: 2.46 s against
+//! 1.99 s, 595.4 MB against 597.5 MB with its cheapest setting (598.4 MB with none;
+//! Nix's libzstd 1.5.4, which has no pre-splitter, wrote 598.7 MB). At levels up to 4 this module asks for
 //! the cheapest setting, which is also what zstd picks at levels 1 and 2; from level 5
 //! on, where the user asked for ratio over speed, zstd's own choice stands.
 //!
