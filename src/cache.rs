@@ -1299,13 +1299,13 @@ fn sweep(dir: &std::path::Path, min_age: Duration, now: SystemTime) -> Swept {
         (dir.join("log"), true),
         (dir.join("realisations"), true),
     ];
-    for (sub, in_nar) in subs {
+    for (sub, in_sub) in subs {
         let Ok(entries) = std::fs::read_dir(&sub) else {
             continue; // not made yet; an unreadable folder failed the start-up check
         };
         for entry in entries.flatten() {
             let name = entry.file_name();
-            if !name.to_str().is_some_and(|n| is_leftover(in_nar, n)) {
+            if !name.to_str().is_some_and(|n| is_leftover(in_sub, n)) {
                 continue;
             }
             let path = entry.path();
@@ -1336,21 +1336,21 @@ fn sweep(dir: &std::path::Path, min_age: Duration, now: SystemTime) -> Swept {
     swept
 }
 
-/// Whether a file named `name` in a local folder's top directory (`in_nar` false) or
+/// Whether a file named `name` in a local folder's top directory (`in_sub` false) or
 /// in one of its folders that hold only what narpipe (or Nix) names, `nar/`, `log/`
-/// and `realisations/` (`in_nar` true), is what a narpipe upload leaves when it is
+/// and `realisations/` (`in_sub` true), is what a narpipe upload leaves when it is
 /// killed mid-write: object_store's staging file `<object>#<N>` of a narinfo, `.ls`
 /// listing, nix-cache-info or the write check (top) or of any object there
 /// (object_store refuses such names for objects, so no cache holds one), or a multipart
 /// NAR completed and not yet renamed, `nar/tmp-<uuid>.part`.
-fn is_leftover(in_nar: bool, name: &str) -> bool {
+fn is_leftover(in_sub: bool, name: &str) -> bool {
     let staged = name
         .rsplit_once('#')
         .filter(|(base, n)| {
             !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
         })
         .map(|(base, _)| base);
-    if !in_nar {
+    if !in_sub {
         return staged.is_some_and(|base| {
             base.ends_with(".narinfo")
                 || base.ends_with(".ls")
@@ -1591,7 +1591,7 @@ mod tests {
     fn leftovers_are_staging_files_of_our_objects_and_unrenamed_nars() {
         let tmp = format!("{TMP_NAR_PREFIX}{}{TMP_NAR_SUFFIX}", uuid::Uuid::new_v4());
         let narinfo = format!("{}.narinfo", "0".repeat(32));
-        for (in_nar, name) in [
+        for (in_sub, name) in [
             (false, format!("{narinfo}#1")),
             (false, "nix-cache-info#12".to_string()),
             (false, format!("{WRITE_CHECK}#3")),
@@ -1602,9 +1602,12 @@ mod tests {
             (true, tmp.clone()),
             (true, format!("{tmp}#2")),
         ] {
-            assert!(is_leftover(in_nar, &name), "{name} (in nar/: {in_nar})");
+            assert!(
+                is_leftover(in_sub, &name),
+                "{name} (in a subfolder: {in_sub})"
+            );
         }
-        for (in_nar, name) in [
+        for (in_sub, name) in [
             (false, narinfo.clone()),
             (false, "nix-cache-info".to_string()),
             (false, "notes#1".to_string()),
@@ -1616,7 +1619,10 @@ mod tests {
             (true, "tmp-not-a-uuid.part".to_string()),
             (true, format!("{tmp}.nar")),
         ] {
-            assert!(!is_leftover(in_nar, &name), "{name} (in nar/: {in_nar})");
+            assert!(
+                !is_leftover(in_sub, &name),
+                "{name} (in a subfolder: {in_sub})"
+            );
         }
     }
 
