@@ -559,6 +559,13 @@ def machine_line():
     return "machine: %d cores (%s), %s; %s" % (os.cpu_count(), cpu, platform.platform(), sh(["nix", "--version"]).strip())
 
 
+def calibrated(tmp):
+    """`calibrate` in a process of its own: its 64 MiB would raise this process's peak
+    RSS, which Linux counts into the peak RSS of every child started after it (a child
+    inherits its parent's high-water mark until exec), and so into every RSS row."""
+    return sh([sys.executable, os.path.abspath(__file__), "--calibrate", tmp]).strip()
+
+
 def calibrate(tmp):
     """This machine's speed at the work both tools do, for comparing runs: SHA-256
     (OpenSSL, through hashlib) and reads of a cached file in 64 KiB calls (what `nix
@@ -603,6 +610,9 @@ def default_tmp():
 
 
 def main():
+    if sys.argv[1:2] == ["--calibrate"]:  # see calibrated()
+        print(calibrate(sys.argv[2]))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", help="closure to push (default: build the corpus)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating pairs per measure (not xz: 1)")
@@ -628,7 +638,7 @@ def main():
     print("corpus: %s, %d paths, %.0f MB" % (root, len(paths), closure_mb), file=sys.stderr)
     warm(listing)
 
-    calibrated = calibrate(tmp)
+    at_start = calibrated(tmp)
     b = Bench(a, tmp, root, listing, a.big_mb)
     jobs = os.cpu_count()  # upload's default --jobs
     enc_mib, enc_src = xz_encoder_mib()
@@ -656,7 +666,7 @@ def main():
     lines = [
         "narpipe benchmark, %s" % time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         machine_line(),
-        "calibration, at the start and at the end: %s; %s" % (calibrated, calibrate(tmp)),
+        "calibration, at the start and at the end: %s; %s" % (at_start, calibrated(tmp)),
         "corpus: %d paths, %.0f MB of NAR; medians of %d alternating rounds (xz: %s); caches in %s; MB = 10^6 bytes" % (
             len(paths), closure_mb, a.rounds, "skipped" if a.skip_xz else "1 round", a.tmp),
         "",
