@@ -20,10 +20,26 @@ pub fn nix(program: &str) -> Command {
     c
 }
 
+/// Runs `cmd` and returns its stdout; panics with its stderr if it fails.
+///
+/// Nix 2.8 without a daemon sometimes fails at once with "SQLite database
+/// '/nix/var/nix/db/db.sqlite' is busy" when other Nix processes open the store at the
+/// same moment (seen in `nix-store --generate-binary-cache-key`, which opens the store
+/// it does not use): it failed before doing anything, so it is run again, a few times.
 pub fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut attempt = 1;
+    let out = loop {
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        let busy = String::from_utf8_lossy(&out.stderr).contains("' is busy");
+        if out.status.success() || !busy || attempt == 5 {
+            break out;
+        }
+        eprintln!("{cmd:?}: the Nix database was busy; running it again");
+        std::thread::sleep(Duration::from_millis(200 * attempt));
+        attempt += 1;
+    };
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
