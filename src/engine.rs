@@ -27,7 +27,10 @@
 //! no compression) travels on in that buffer, without a copy; the buffer comes back to
 //! the pool's threads once its bytes are written, to be filled again instead of fresh
 //! pages from the kernel. The last frame of a NAR, or its only one, is compressed by
-//! its producer: nothing to hand to another thread and wait for.
+//! its producer: nothing to hand to another thread and wait for. A producer left
+//! waiting for frames that other threads are still compressing (an xz block takes
+//! seconds) takes queued work meanwhile, so that a new NAR does not wait for a free
+//! thread while this one idles.
 //!
 //! [`Engine::run`] puts other CPU work on the same threads.
 //!
@@ -379,6 +382,7 @@ impl Engine {
         let buffers = Buffers::new(threads);
         for i in 0..threads {
             let mut worker = Worker {
+                jobs: jobs_rx.clone(),
                 frames_tx: frames_tx.clone(),
                 frames_rx: frames_rx.clone(),
                 zstd: None,
@@ -388,10 +392,9 @@ impl Engine {
                 buffers: buffers.clone(),
                 threads,
             };
-            let jobs_rx = jobs_rx.clone();
             std::thread::Builder::new()
                 .name(format!("narpipe-nar-{i}"))
-                .spawn(move || worker.run(jobs_rx))?;
+                .spawn(move || worker.run())?;
         }
         Ok(Engine {
             jobs: jobs_tx,
@@ -492,6 +495,7 @@ impl Drop for NarStream {
 
 /// A pool thread with its contexts, reused from NAR to NAR.
 struct Worker {
+    jobs: Receiver<Work>,
     frames_tx: Sender<Frame>,
     frames_rx: Receiver<Frame>,
     zstd: Option<(i32, FrameCompressor)>,
@@ -506,7 +510,8 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(&mut self, jobs: Receiver<Work>) {
+    fn run(&mut self) {
+        let jobs = self.jobs.clone();
         loop {
             // Finish frames already cut before starting a new NAR: less memory held.
             match self.frames_rx.try_recv() {
@@ -522,12 +527,18 @@ impl Worker {
                     Ok(frame) => self.guarded(|w| w.help(frame)),
                     Err(_) => return,
                 },
-                recv(jobs) -> job => match job {
-                    Ok(Work::Nar(job)) => self.guarded(|w| w.produce(job)),
-                    Ok(Work::Call(f)) => self.guarded(|_| f()),
+                recv(jobs) -> work => match work {
+                    Ok(work) => self.work(work),
                     Err(_) => return,
                 },
             }
+        }
+    }
+
+    fn work(&mut self, work: Work) {
+        match work {
+            Work::Nar(job) => self.guarded(|w| w.produce(job)),
+            Work::Call(f) => self.guarded(|_| f()),
         }
     }
 
@@ -794,7 +805,18 @@ impl Producer<'_> {
     /// Waits until at most `left` of the frames cut are not sent yet, compressing
     /// queued frames (any NAR's) meanwhile, and sending this NAR's frames when they
     /// wait for room in the stream.
+    ///
+    /// The last wait (`left` 0: the NAR is cut and its last frame compressed) waits only
+    /// for frames other threads are compressing, which for xz takes seconds; meanwhile
+    /// this thread also takes queued work, a new NAR whose permit a finished one gave
+    /// back, rather than leave a core idle. This NAR's end waits until that work is
+    /// done; its frames still go out as they are compressed.
     fn wait_until_sent(&mut self, left: u64) -> Result<(), Failure> {
+        let jobs = if left == 0 {
+            self.worker.jobs.clone()
+        } else {
+            channel::never()
+        };
         loop {
             {
                 let st = self.outbox.lock();
@@ -808,11 +830,21 @@ impl Producer<'_> {
             if self.outbox.send_due(true) {
                 continue;
             }
+            // Queued frames first, as in Worker::run.
+            if let Ok(f) = self.worker.frames_rx.try_recv() {
+                self.worker.help(f);
+                continue;
+            }
             channel::select! {
                 recv(self.wake) -> _ => {}
                 recv(self.worker.frames_rx) -> f => {
                     if let Ok(f) = f {
                         self.worker.help(f);
+                    }
+                }
+                recv(jobs) -> work => {
+                    if let Ok(work) = work {
+                        self.worker.work(work);
                     }
                 }
             }
@@ -1180,6 +1212,60 @@ mod tests {
         .await
         .expect("the cancelled NAR released its thread");
         assert_eq!(d.nar_size, nar.len() as u64);
+    }
+
+    /// While a producer waits for a block another thread is compressing, it takes the
+    /// work queued behind it, instead of leaving it to wait for a free thread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_producer_waiting_for_a_helper_takes_queued_work() {
+        let dir = tempfile::tempdir().unwrap();
+        // xz level 6 cuts 16 MiB blocks: the other thread takes the first, and the
+        // producer compresses the last, a quarter as big (random bytes: no shortcut).
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let bytes: Vec<u8> = (0..20 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let file = dir.path().join("random");
+        std::fs::write(&file, &bytes).unwrap();
+        let engine = Engine::new(2).unwrap();
+        let mut s = engine
+            .nar(file, Compression::Xz, None, false)
+            .await
+            .unwrap();
+        let Next::Data(header) = s.next().await.unwrap() else {
+            panic!("no header first")
+        };
+        // By now the producer has cut the first block and the other thread has it.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        // The second permit is free: this waits only for a thread to take it.
+        engine.run(|| ()).await.unwrap();
+        // It ran before the first block was done: the producer took it while it
+        // waited. (Had it waited for a free thread, the block would have gone out
+        // before the thread that compressed it came free.)
+        assert!(
+            matches!(s.rx.try_recv(), Err(mpsc::error::TryRecvError::Empty)),
+            "the queued work waited for the first block"
+        );
+        let mut out = header.to_vec();
+        let digest = loop {
+            match s.next().await.unwrap() {
+                Next::Data(b) => out.extend_from_slice(&b),
+                Next::End(d, _) => break d,
+            }
+        };
+        let mut nar = Vec::new();
+        nar::dump(&dir.path().join("random"), &mut nar).unwrap();
+        check_digest(&nar, &out, &digest);
+        let mut back = Vec::new();
+        liblzma::read::XzDecoder::new(&out[..])
+            .read_to_end(&mut back)
+            .unwrap();
+        assert_eq!(back, nar);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
