@@ -29,8 +29,8 @@
 //! pages from the kernel. The last frame of a NAR, or its only one, is compressed by
 //! its producer: nothing to hand to another thread and wait for. A producer left
 //! waiting for frames that other threads are still compressing (an xz block takes
-//! seconds) takes queued work meanwhile, so that a new NAR does not wait for a free
-//! thread while this one idles.
+//! seconds) makes queued NARs known to fit in one frame meanwhile, so that they do not
+//! wait for a free thread while this one idles (see [`Engine::nar`]).
 //!
 //! [`Engine::run`] puts other CPU work on the same threads.
 //!
@@ -137,6 +137,14 @@ impl Codec {
             Compression::Zstd => Codec::Zstd(level.unwrap_or(3)),
             Compression::Xz => Codec::Xz(xz_level(level)),
             Compression::None => Codec::None,
+        }
+    }
+
+    /// Bytes of NAR per frame.
+    fn frame_size(self) -> usize {
+        match self {
+            Codec::Xz(level) => xz::block_size(level),
+            Codec::Zstd(_) | Codec::None => ZSTD_FRAME,
         }
     }
 }
@@ -370,6 +378,9 @@ impl Drop for Lent {
 /// The pool. Dropping it lets the threads end once their current work is done.
 pub struct Engine {
     jobs: Sender<Work>,
+    /// NARs known to fit in one frame: a producer waiting at the end of its NAR makes
+    /// these meanwhile (see [`Producer::wait_until_sent`]).
+    small: Sender<Work>,
     permits: Arc<Semaphore>,
 }
 
@@ -378,11 +389,14 @@ impl Engine {
     pub fn new(threads: usize) -> io::Result<Engine> {
         let threads = threads.max(1);
         let (jobs_tx, jobs_rx) = channel::bounded::<Work>(threads);
+        let (small_tx, small_rx) = channel::bounded::<Work>(threads);
         let (frames_tx, frames_rx) = channel::bounded::<Frame>(threads);
         let buffers = Buffers::new(threads);
         for i in 0..threads {
             let mut worker = Worker {
                 jobs: jobs_rx.clone(),
+                small: small_rx.clone(),
+                nested: false,
                 frames_tx: frames_tx.clone(),
                 frames_rx: frames_rx.clone(),
                 zstd: None,
@@ -398,18 +412,25 @@ impl Engine {
         }
         Ok(Engine {
             jobs: jobs_tx,
+            small: small_tx,
             permits: Arc::new(Semaphore::new(threads)),
         })
     }
 
     /// Starts making the NAR of `path` (and, if `listing`, its listing); waits while
     /// every thread has a NAR of its own.
+    ///
+    /// `nar_size`, when known (the store's database has it), lets a NAR that fits in
+    /// one frame be made by a thread that waits at the end of another NAR for frames
+    /// other threads compress: it never hands a frame on, nor fills its stream (at most
+    /// four pieces), so the NAR it interrupts is held up for one frame's work at most.
     pub async fn nar(
         &self,
         path: PathBuf,
         compression: Compression,
         level: Option<i32>,
         listing: bool,
+        nar_size: Option<u64>,
     ) -> Result<NarStream, Error> {
         let permit = self
             .permits
@@ -421,18 +442,21 @@ impl Engine {
         let control = Arc::new(Control {
             cancelled: AtomicBool::new(false),
         });
+        let codec = Codec::new(compression, level);
         let job = Job {
             path,
-            codec: Codec::new(compression, level),
+            codec,
             listing,
             control: control.clone(),
             out: tx,
             _permit: permit,
         };
-        // Never blocks: the queue holds as many jobs as there are permits.
-        self.jobs
-            .try_send(Work::Nar(job))
-            .map_err(|_| Error::Stopped)?;
+        let queue = match nar_size {
+            Some(size) if size <= codec.frame_size() as u64 => &self.small,
+            _ => &self.jobs,
+        };
+        // Never blocks: each queue holds as many jobs as there are permits.
+        queue.try_send(Work::Nar(job)).map_err(|_| Error::Stopped)?;
         Ok(NarStream { rx, control })
     }
 
@@ -496,6 +520,10 @@ impl Drop for NarStream {
 /// A pool thread with its contexts, reused from NAR to NAR.
 struct Worker {
     jobs: Receiver<Work>,
+    /// NARs known to fit in one frame (see [`Engine::nar`]).
+    small: Receiver<Work>,
+    /// Making a NAR inside another's last wait: no more nesting then.
+    nested: bool,
     frames_tx: Sender<Frame>,
     frames_rx: Receiver<Frame>,
     zstd: Option<(i32, FrameCompressor)>,
@@ -512,6 +540,7 @@ struct Worker {
 impl Worker {
     fn run(&mut self) {
         let jobs = self.jobs.clone();
+        let small = self.small.clone();
         loop {
             // Finish frames already cut before starting a new NAR: less memory held.
             match self.frames_rx.try_recv() {
@@ -528,6 +557,10 @@ impl Worker {
                     Err(_) => return,
                 },
                 recv(jobs) -> work => match work {
+                    Ok(work) => self.work(work),
+                    Err(_) => return,
+                },
+                recv(small) -> work => match work {
                     Ok(work) => self.work(work),
                     Err(_) => return,
                 },
@@ -658,10 +691,7 @@ impl Worker {
         if job.control.cancelled() {
             return;
         }
-        let size = match job.codec {
-            Codec::Xz(level) => xz::block_size(level),
-            Codec::Zstd(_) | Codec::None => ZSTD_FRAME,
-        };
+        let size = job.codec.frame_size();
         let buf = self.frame_buffer(size);
         let (wake_tx, wake_rx) = channel::bounded(1);
         let outbox = Arc::new(Outbox {
@@ -752,6 +782,9 @@ impl Producer<'_> {
                 None => Failure::Failed(Error::Archive(e)),
             });
         }
+        // Every frame cut: the buffer is free for whatever this thread does meanwhile.
+        let buf = std::mem::take(&mut self.buf);
+        self.worker.keep_spare(buf);
         // Every frame sent.
         self.wait_until_sent(0)?;
         let (mut file_hasher, mut file_size, records) = {
@@ -806,14 +839,16 @@ impl Producer<'_> {
     /// queued frames (any NAR's) meanwhile, and sending this NAR's frames when they
     /// wait for room in the stream.
     ///
-    /// The last wait (`left` 0: the NAR is cut and its last frame compressed) waits only
-    /// for frames other threads are compressing, which for xz takes seconds; meanwhile
-    /// this thread also takes queued work, a new NAR whose permit a finished one gave
-    /// back, rather than leave a core idle. This NAR's end waits until that work is
-    /// done; its frames still go out as they are compressed.
+    /// The last wait (`left` 0: the NAR is cut and its last frame compressed) is for
+    /// frames other threads are compressing, an xz block for seconds. Meanwhile this
+    /// thread also makes queued NARs known to fit in one frame (see [`Engine::nar`]),
+    /// rather than leave a core idle while they wait for a free thread; not from inside
+    /// one of those. Each holds this NAR's end up for one frame's work at most, and
+    /// this NAR's frames that come back compressed go out meanwhile while its stream
+    /// has room.
     fn wait_until_sent(&mut self, left: u64) -> Result<(), Failure> {
-        let jobs = if left == 0 {
-            self.worker.jobs.clone()
+        let mut small = if left == 0 && !self.worker.nested {
+            self.worker.small.clone()
         } else {
             channel::never()
         };
@@ -842,11 +877,15 @@ impl Producer<'_> {
                         self.worker.help(f);
                     }
                 }
-                recv(jobs) -> work => {
-                    if let Ok(work) = work {
+                recv(small) -> work => match work {
+                    Ok(work) => {
+                        self.worker.nested = true;
                         self.worker.work(work);
+                        self.worker.nested = false;
                     }
-                }
+                    // The engine is gone: stop looking (a closed channel is always ready).
+                    Err(_) => small = channel::never(),
+                },
             }
         }
     }
@@ -973,7 +1012,7 @@ mod tests {
     }
 
     async fn collect(engine: &Engine, path: PathBuf, c: Compression) -> (Vec<u8>, NarDigest) {
-        let mut s = engine.nar(path, c, None, false).await.unwrap();
+        let mut s = engine.nar(path, c, None, false, None).await.unwrap();
         let mut out = Vec::new();
         loop {
             match s.next().await.unwrap() {
@@ -1043,7 +1082,7 @@ mod tests {
         let (root, nar) = tree(dir.path(), 9);
         let engine = Engine::new(2).unwrap();
         let mut s = engine
-            .nar(root, Compression::Xz, Some(0), false)
+            .nar(root, Compression::Xz, Some(0), false, None)
             .await
             .unwrap();
         let mut file = Vec::new();
@@ -1074,7 +1113,7 @@ mod tests {
         let (root, nar) = tree(dir.path(), 9);
         let engine = Engine::new(2).unwrap();
         let mut s = engine
-            .nar(root.clone(), Compression::Zstd, None, true)
+            .nar(root.clone(), Compression::Zstd, None, true, None)
             .await
             .unwrap();
         let listing = loop {
@@ -1098,7 +1137,7 @@ mod tests {
     }
 
     async fn pieces(engine: &Engine, path: PathBuf, c: Compression) -> (Vec<Bytes>, NarDigest) {
-        let mut s = engine.nar(path, c, None, false).await.unwrap();
+        let mut s = engine.nar(path, c, None, false, None).await.unwrap();
         let mut out = Vec::new();
         loop {
             match s.next().await.unwrap() {
@@ -1155,7 +1194,10 @@ mod tests {
         let (root, nar) = tree(dir.path(), 30);
         let engine = Engine::new(3).unwrap();
         for c in [Compression::Zstd, Compression::None] {
-            let mut s = engine.nar(root.clone(), c, None, false).await.unwrap();
+            let mut s = engine
+                .nar(root.clone(), c, None, false, None)
+                .await
+                .unwrap();
             let mut file = Vec::new();
             let d = loop {
                 match s.next().await.unwrap() {
@@ -1198,7 +1240,7 @@ mod tests {
         let (root, nar) = tree(dir.path(), 12);
         let engine = Engine::new(1).unwrap();
         let mut s = engine
-            .nar(root.clone(), Compression::Xz, None, false)
+            .nar(root.clone(), Compression::Xz, None, false, None)
             .await
             .unwrap();
         // Take the first piece (the stream header), then walk away mid-NAR.
@@ -1214,15 +1256,17 @@ mod tests {
         assert_eq!(d.nar_size, nar.len() as u64);
     }
 
-    /// While a producer waits for a block another thread is compressing, it takes the
-    /// work queued behind it, instead of leaving it to wait for a free thread.
+    /// While a producer waits for a block another thread is compressing, it makes a
+    /// queued NAR known to fit in one frame, instead of leaving it to wait for a free
+    /// thread; a NAR of unknown size, or bigger, waits.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_producer_waiting_for_a_helper_takes_queued_work() {
+    async fn a_producer_waiting_for_a_helper_makes_small_nars_meanwhile() {
         let dir = tempfile::tempdir().unwrap();
         // xz level 6 cuts 16 MiB blocks: the other thread takes the first, and the
-        // producer compresses the last, a quarter as big (random bytes: no shortcut).
+        // producer compresses the last, of 1 MiB (random bytes: no shortcut), long
+        // after the other thread has woken up and taken the first.
         let mut x = 0x2545_f491_4f6c_dd1du64;
-        let bytes: Vec<u8> = (0..20 << 20)
+        let bytes: Vec<u8> = (0..17 << 20)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -1230,26 +1274,44 @@ mod tests {
                 x as u8
             })
             .collect();
-        let file = dir.path().join("random");
-        std::fs::write(&file, &bytes).unwrap();
+        let big = dir.path().join("random");
+        std::fs::write(&big, &bytes).unwrap();
+        let small = dir.path().join("small");
+        std::fs::write(&small, b"hello").unwrap();
+        let mut small_nar = Vec::new();
+        nar::dump(&small, &mut small_nar).unwrap();
+        let small_size = Some(small_nar.len() as u64);
+
         let engine = Engine::new(2).unwrap();
         let mut s = engine
-            .nar(file, Compression::Xz, None, false)
+            .nar(big.clone(), Compression::Xz, None, false, None)
             .await
             .unwrap();
         let Next::Data(header) = s.next().await.unwrap() else {
             panic!("no header first")
         };
-        // By now the producer has cut the first block and the other thread has it.
+        // By now the producer has cut the first block, the other thread has it, and
+        // the producer waits for it.
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        // The second permit is free: this waits only for a thread to take it.
-        engine.run(|| ()).await.unwrap();
-        // It ran before the first block was done: the producer took it while it
-        // waited. (Had it waited for a free thread, the block would have gone out
-        // before the thread that compressed it came free.)
+        // The second permit is free: this waits only for a thread to make it.
+        let mut t = engine
+            .nar(small.clone(), Compression::Xz, None, false, small_size)
+            .await
+            .unwrap();
+        let mut small_file = Vec::new();
+        let small_digest = loop {
+            match t.next().await.unwrap() {
+                Next::Data(b) => small_file.extend_from_slice(&b),
+                Next::End(d, _) => break d,
+            }
+        };
+        check_digest(&small_nar, &small_file, &small_digest);
+        // It was made before the first block was done: the waiting producer made it.
+        // (Had it waited for a free thread, the block would have gone out before the
+        // thread that compressed it came free.)
         assert!(
             matches!(s.rx.try_recv(), Err(mpsc::error::TryRecvError::Empty)),
-            "the queued work waited for the first block"
+            "the small NAR waited for the first block"
         );
         let mut out = header.to_vec();
         let digest = loop {
@@ -1259,13 +1321,27 @@ mod tests {
             }
         };
         let mut nar = Vec::new();
-        nar::dump(&dir.path().join("random"), &mut nar).unwrap();
+        nar::dump(&big, &mut nar).unwrap();
         check_digest(&nar, &out, &digest);
         let mut back = Vec::new();
         liblzma::read::XzDecoder::new(&out[..])
             .read_to_end(&mut back)
             .unwrap();
         assert_eq!(back, nar);
+
+        // Without its size, the same small NAR waits for a free thread.
+        let mut s = engine
+            .nar(big, Compression::Xz, None, false, None)
+            .await
+            .unwrap();
+        s.next().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let (_, d) = collect(&engine, small, Compression::Xz).await;
+        assert_eq!(d.nar_size, small_nar.len() as u64);
+        assert!(
+            s.rx.try_recv().is_ok(),
+            "a NAR of unknown size was made inside another's wait"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1291,6 +1367,7 @@ mod tests {
                 Compression::Zstd,
                 None,
                 false,
+                None,
             )
             .await
             .unwrap();

@@ -68,7 +68,13 @@ pub(super) async fn upload_nar(
         cause,
     };
     let mut nar = engine
-        .nar(PathBuf::from(&path_text), compression, level, listing)
+        .nar(
+            PathBuf::from(&path_text),
+            compression,
+            level,
+            listing,
+            Some(info.nar_size),
+        )
         .await
         .map_err(failed)?;
     let shared = !others.is_empty();

@@ -336,7 +336,7 @@ impl LocalStore {
         };
         let mut stream = self
             .engine
-            .nar(self.path_buf(info), Compression::None, None, true)
+            .nar(self.path_buf(info), Compression::None, None, true, None)
             .await
             .map_err(engine_err)?;
         loop {
