@@ -1013,7 +1013,11 @@ mod tests {
 
     async fn collect(engine: &Engine, path: PathBuf, c: Compression) -> (Vec<u8>, NarDigest) {
         let mut s = engine.nar(path, c, None, false, None).await.unwrap();
-        let mut out = Vec::new();
+        drain(&mut s, Vec::new()).await
+    }
+
+    /// The rest of `s`'s file, after `out`, and its digest.
+    async fn drain(s: &mut NarStream, mut out: Vec<u8>) -> (Vec<u8>, NarDigest) {
         loop {
             match s.next().await.unwrap() {
                 Next::Data(b) => out.extend_from_slice(&b),
@@ -1085,13 +1089,7 @@ mod tests {
             .nar(root, Compression::Xz, Some(0), false, None)
             .await
             .unwrap();
-        let mut file = Vec::new();
-        let d = loop {
-            match s.next().await.unwrap() {
-                Next::Data(b) => file.extend_from_slice(&b),
-                Next::End(d, _) => break d,
-            }
-        };
+        let (file, d) = drain(&mut s, Vec::new()).await;
         check_digest(&nar, &file, &d);
         // A plain (not concatenated) decoder reads all of it: one stream.
         let mut back = Vec::new();
@@ -1263,10 +1261,10 @@ mod tests {
     async fn a_producer_waiting_for_a_helper_makes_small_nars_meanwhile() {
         let dir = tempfile::tempdir().unwrap();
         // xz level 6 cuts 16 MiB blocks: the other thread takes the first, and the
-        // producer compresses the last, of 1 MiB (random bytes: no shortcut), long
+        // producer compresses the last, of 4 MiB (random bytes: no shortcut), long
         // after the other thread has woken up and taken the first.
         let mut x = 0x2545_f491_4f6c_dd1du64;
-        let bytes: Vec<u8> = (0..17 << 20)
+        let bytes: Vec<u8> = (0..20 << 20)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -1298,13 +1296,7 @@ mod tests {
             .nar(small.clone(), Compression::Xz, None, false, small_size)
             .await
             .unwrap();
-        let mut small_file = Vec::new();
-        let small_digest = loop {
-            match t.next().await.unwrap() {
-                Next::Data(b) => small_file.extend_from_slice(&b),
-                Next::End(d, _) => break d,
-            }
-        };
+        let (small_file, small_digest) = drain(&mut t, Vec::new()).await;
         check_digest(&small_nar, &small_file, &small_digest);
         // It was made before the first block was done: the waiting producer made it.
         // (Had it waited for a free thread, the block would have gone out before the
@@ -1313,13 +1305,7 @@ mod tests {
             matches!(s.rx.try_recv(), Err(mpsc::error::TryRecvError::Empty)),
             "the small NAR waited for the first block"
         );
-        let mut out = header.to_vec();
-        let digest = loop {
-            match s.next().await.unwrap() {
-                Next::Data(b) => out.extend_from_slice(&b),
-                Next::End(d, _) => break d,
-            }
-        };
+        let (out, digest) = drain(&mut s, header.to_vec()).await;
         let mut nar = Vec::new();
         nar::dump(&big, &mut nar).unwrap();
         check_digest(&nar, &out, &digest);
