@@ -394,7 +394,6 @@ impl Engine {
         let buffers = Buffers::new(threads);
         for i in 0..threads {
             let mut worker = Worker {
-                jobs: jobs_rx.clone(),
                 small: small_rx.clone(),
                 nested: false,
                 frames_tx: frames_tx.clone(),
@@ -406,9 +405,10 @@ impl Engine {
                 buffers: buffers.clone(),
                 threads,
             };
+            let jobs_rx = jobs_rx.clone();
             std::thread::Builder::new()
                 .name(format!("narpipe-nar-{i}"))
-                .spawn(move || worker.run())?;
+                .spawn(move || worker.run(jobs_rx))?;
         }
         Ok(Engine {
             jobs: jobs_tx,
@@ -519,7 +519,6 @@ impl Drop for NarStream {
 
 /// A pool thread with its contexts, reused from NAR to NAR.
 struct Worker {
-    jobs: Receiver<Work>,
     /// NARs known to fit in one frame (see [`Engine::nar`]).
     small: Receiver<Work>,
     /// Making a NAR inside another's last wait: no more nesting then.
@@ -538,8 +537,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(&mut self) {
-        let jobs = self.jobs.clone();
+    fn run(&mut self, jobs: Receiver<Work>) {
         let small = self.small.clone();
         loop {
             // Finish frames already cut before starting a new NAR: less memory held.
